@@ -65,3 +65,87 @@ def load_split(root: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"{root}: {images.shape[0]} images but {labels.shape[0]} labels in {split}")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+class FashionMNISTLoader:
+    """Batches of normalised [B, 1, 28, 28] images and int64 labels, already on `device`.
+
+    Train order is a permutation seeded by (seed, epoch), so an epoch can be replayed exactly
+    (the basis for resuming mid-epoch); under DDP each rank takes every world_size-th sample.
+    Train augmentation: a random shift of up to `pad` pixels and a horizontal flip.
+    """
+
+    num_classes = len(CLASS_NAMES)
+    class_names = list(CLASS_NAMES)
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
+                 train: bool, seed: int = 0, device: torch.device | str = "cpu", pad: int = 2,
+                 hflip: float = 0.5, rank: int = 0, world_size: int = 1,
+                 channels_last: bool = False):
+        self.images = ((images.to(device, torch.float32) / 255.0 - MEAN) / STD).unsqueeze(1)
+        self.labels = labels.to(device)
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.pad, self.hflip = (pad, hflip) if train else (0, 0.0)
+        self.rank, self.world_size = rank, world_size
+        self.channels_last = channels_last
+        self.epoch = 0
+        self.resolution = images.shape[-1]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> torch.Tensor:
+        n = self.labels.shape[0]
+        if not self.train:
+            return torch.arange(n)[self.rank :: self.world_size]
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(n, generator=gen)[self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        n = len(range(self.rank, self.labels.shape[0], self.world_size))
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def __iter__(self):
+        order = self._indices()
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 1)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size].to(self.labels.device)
+            x = self.images[idx]
+            if self.train:
+                x = self._augment(x, gen)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels[idx]
+
+    def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        batch, _, h, w = x.shape
+        if self.pad > 0:  # shift: pad with the background value, then crop at random offsets
+            background = (0.0 - MEAN) / STD
+            padded = torch.nn.functional.pad(x, [self.pad] * 4, value=background)
+            dy, dx = (torch.randint(0, 2 * self.pad + 1, (2, batch), generator=gen)
+                      .to(x.device))
+            rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]
+            cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]
+            x = padded[torch.arange(batch, device=x.device)[:, None, None], 0, rows, cols].unsqueeze(1)
+        if self.hflip > 0:
+            flip = (torch.rand(batch, generator=gen) < self.hflip).to(x.device)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x
+
+
+def build_fashion_mnist_loaders(cfg, *, batch_size: int, eval_batch_size: int, seed: int,
+                                device, rank: int = 0, world_size: int = 1,
+                                channels_last: bool = False):
+    """Train and test loaders for a recipe's `data:` section (dataset: fashion_mnist)."""
+    train_x, train_y = load_split(cfg.root, "train")
+    test_x, test_y = load_split(cfg.root, "test")
+    if cfg.train_subset:
+        train_x, train_y = train_x[: cfg.train_subset], train_y[: cfg.train_subset]
+    if cfg.eval_subset:
+        test_x, test_y = test_x[: cfg.eval_subset], test_y[: cfg.eval_subset]
+    common = dict(seed=seed, device=device, rank=rank, world_size=world_size,
+                  channels_last=channels_last)
+    train = FashionMNISTLoader(train_x, train_y, batch_size=batch_size, train=True,
+                               pad=cfg.pad, hflip=cfg.hflip, **common)
+    test = FashionMNISTLoader(test_x, test_y, batch_size=eval_batch_size, train=False, **common)
+    return train, test

@@ -1,0 +1,398 @@
+"""The training loop. `train(recipe)` builds everything with timm's own factories, then trains
+and evaluates epoch by epoch, writing TensorBoard events, summary.csv and atomic checkpoints.
+
+Read top to bottom: set-up (device, model, data, optimizer, schedule, loss), resume, the epoch
+loop (train_one_epoch, evaluate, log, checkpoint), and the final summary.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, random_seed, unwrap_model
+
+from . import checkpoint as ckpt
+from .clipping import clip_gradients, clip_parameters
+from .data import build_loaders
+from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from .models import build_model
+from .recipe import Recipe
+from .runlog import Progress, RunLog
+from .transform import logit_stats, wrap_loss
+
+AMP_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must hold besides module states to continue exactly."""
+    epoch: int = 0  # the next epoch to run
+    num_updates: int = 0  # optimizer steps so far (the TensorBoard x axis)
+    best_top1: float = -1.0
+    best_epoch: int = -1
+    history: list = field(default_factory=list)  # one summary row per finished epoch
+
+
+def run_dir_for(recipe: Recipe) -> Path:
+    name = recipe.log.experiment or Path(recipe.source or "run").stem
+    return Path(recipe.log.output) / name
+
+
+def train(recipe: Recipe, run_dir: Path | None = None) -> dict:
+    run_dir = Path(run_dir) if run_dir else run_dir_for(recipe)
+    cfg = recipe.train
+    device = _pick_device(cfg.device)
+    dist_info = init_distributed(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    random_seed(cfg.seed, dist_info.rank)
+
+    # --- model, data, optimizer, schedule, loss: all from timm's factories ---------------
+    model = build_model(recipe.model).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_loader, eval_loader = build_loaders(
+        recipe.data, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
+        seed=cfg.seed, device=device, dist_info=dist_info, channels_last=cfg.channels_last)
+    _check_num_classes(recipe, train_loader)
+    ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
+    optimizer = _build_optimizer(recipe, model)
+    updates_per_epoch = max(1, len(train_loader) // cfg.grad_accum_steps)
+    scheduler = _build_scheduler(recipe, optimizer, updates_per_epoch)
+    mixup, train_loss_fn = _build_train_loss(recipe)
+    amp_dtype = AMP_DTYPES[cfg.amp_dtype]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+
+    state = TrainState()
+    resume_from = _resume_path(recipe, run_dir)
+    if resume_from:
+        state = _load_checkpoint(resume_from, model, optimizer, scheduler, scaler, ema)
+        print(f"resumed from {resume_from} at epoch {state.epoch}", flush=True)
+
+    train_model = model
+    if cfg.torchcompile:
+        train_model = torch.compile(train_model)
+    if dist_info.enabled:
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
+
+    log = RunLog(run_dir, recipe, enabled=dist_info.is_main)
+    ctx = EpochContext(recipe, train_model, optimizer, scheduler, scaler, train_loss_fn,
+                       mixup, ema, device, amp_dtype, dist_info, log,
+                       clip_parameters(model, recipe.clip.clip_mode, recipe.clip.exclude_head))
+    if state.epoch >= cfg.epochs:
+        print(f"{run_dir}: already trained for {cfg.epochs} epochs", flush=True)
+
+    # --- the epoch loop --------------------------------------------------------------------
+    for epoch in range(state.epoch, cfg.epochs):
+        train_loader.set_epoch(epoch)
+        train_stats = train_one_epoch(ctx, train_loader, epoch, state)
+        eval_stats = evaluate(model, eval_loader, device, amp_dtype, cfg.tta_flip)
+        log.scalars({f"eval/{k}": v for k, v in eval_stats.items()}, state.num_updates)
+        if ema is not None:
+            ema_stats = evaluate(ema.module, eval_loader, device, amp_dtype, cfg.tta_flip)
+            log.scalars({f"eval_ema/{k}": v for k, v in ema_stats.items()}, state.num_updates)
+        row = {"epoch": epoch, "train_loss": train_stats["loss"], "train_top1": train_stats["top1"],
+               "eval_loss": eval_stats["loss"], "eval_top1": eval_stats["top1"],
+               "eval_top5": eval_stats["top5"], "lr": optimizer.param_groups[0]["lr"],
+               "img_per_sec": train_stats["img_per_sec"],
+               "data_wait_frac": train_stats["data_wait_frac"],
+               "epoch_seconds": train_stats["seconds"]}
+        log.scalars({"epoch/train_loss": row["train_loss"], "epoch/train_top1": row["train_top1"],
+                     "epoch/number": epoch + 1}, state.num_updates)
+        log.epoch_summary(row)
+        state.history.append(row)
+        if dist_info.is_main:
+            print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
+                  f"top1 {row['train_top1']:.2f} | test loss {row['eval_loss']:.4f} "
+                  f"top1 {row['eval_top1']:.2f} top5 {row['eval_top5']:.2f} | "
+                  f"{row['img_per_sec']:.0f} img/s", flush=True)
+        state.epoch = epoch + 1
+        is_best = eval_stats["top1"] > state.best_top1
+        if is_best:
+            state.best_top1, state.best_epoch = eval_stats["top1"], epoch
+        if recipe.log.checkpoint and dist_info.is_main:
+            _save_checkpoint(run_dir, recipe, state, model, optimizer, scheduler, scaler, ema,
+                             is_best)
+        barrier()
+
+    summary = _final_summary(recipe, state, run_dir)
+    log.hparams(recipe, {"final_top1": summary["final_test_top1"],
+                         "best_top1": summary["best_test_top1"]})
+    log.final(summary)
+    log.close()
+    return summary
+
+
+@dataclass
+class EpochContext:
+    recipe: Recipe
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    loss_fn: nn.Module
+    mixup: Mixup | None
+    ema: ModelEmaV3 | None
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    dist_info: DistInfo
+    log: RunLog
+    clip_params: list
+
+
+def train_one_epoch(ctx: EpochContext, loader, epoch: int, state: TrainState) -> dict:
+    recipe, model, optimizer = ctx.recipe, ctx.model, ctx.optimizer
+    accum = recipe.train.grad_accum_steps
+    log_every = recipe.log.log_interval
+    model.train()
+    totals = dict(loss=0.0, correct=0.0, seen=0, wait=0.0)
+    window = dict(loss=0.0, correct=0.0, seen=0, start=time.perf_counter(), wait=0.0)
+    progress = Progress(len(loader), f"epoch {epoch + 1}/{recipe.train.epochs}",
+                        enabled=ctx.dist_info.is_main, every=log_every)
+    epoch_start = tick = time.perf_counter()
+    last_micro_step = (len(loader) // accum) * accum - 1
+    for micro_step, (images, labels) in enumerate(loader):
+        if micro_step > last_micro_step:
+            break  # a partial accumulation group at the end of the epoch is dropped
+        data_wait = time.perf_counter() - tick
+        targets = labels
+        if ctx.mixup is not None:
+            images, targets = ctx.mixup(images, labels)
+        is_update = (micro_step + 1) % accum == 0
+        sync = contextlib.nullcontext() if is_update or not ctx.dist_info.enabled else model.no_sync()
+        with sync:
+            with _autocast(ctx.device, ctx.amp_dtype):
+                logits = model(images)
+                loss = ctx.loss_fn(logits, targets)
+            ctx.scaler.scale(loss / accum).backward()
+
+        batch = labels.shape[0]
+        correct = (logits.detach().argmax(-1) == labels).sum().item()  # vs. the unmixed labels
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss is {loss_value} at epoch {epoch}, step {micro_step}")
+        for acc in (totals, window):
+            acc["loss"] += loss_value * batch
+            acc["correct"] += correct
+            acc["seen"] += batch
+            acc["wait"] += data_wait
+
+        if is_update:
+            measure = recipe.log.diagnostics and (state.num_updates + 1) % log_every == 0
+            ctx.scaler.unscale_(optimizer)
+            clip_stats = clip_gradients(ctx.clip_params, recipe.clip.clip_mode,
+                                        recipe.clip.clip_grad, measure=measure)
+            ctx.scaler.step(optimizer)
+            ctx.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            state.num_updates += 1
+            if ctx.ema is not None:
+                ctx.ema.update(unwrap_model(model), step=state.num_updates)
+            ctx.scheduler.step_update(num_updates=state.num_updates)
+            if state.num_updates % log_every == 0:
+                scalars = _window_scalars(window, optimizer, ctx.dist_info.world_size)
+                if measure:
+                    scalars.update(clip_stats)
+                    stats = logit_stats(logits, recipe.pgt.alpha if recipe.pgt.enabled else 1.0)
+                    scalars.update({f"pgt/{k}": v for k, v in stats.items()})
+                ctx.log.scalars(scalars, state.num_updates)
+                window.update(loss=0.0, correct=0.0, seen=0, start=time.perf_counter(), wait=0.0)
+        progress.update({"loss": f"{loss_value:.3f}",
+                         "top1": f"{100 * totals['correct'] / totals['seen']:.1f}"})
+        tick = time.perf_counter()
+    progress.close()
+
+    seconds = time.perf_counter() - epoch_start
+    loss_sum, correct, seen = all_reduce_sum(
+        [totals["loss"], totals["correct"], float(totals["seen"])], ctx.device)
+    return {"loss": loss_sum / max(seen, 1), "top1": 100 * correct / max(seen, 1),
+            "img_per_sec": seen / seconds, "data_wait_frac": totals["wait"] / seconds,
+            "seconds": seconds}
+
+
+def _window_scalars(window: dict, optimizer, world_size: int) -> dict[str, float]:
+    elapsed = max(time.perf_counter() - window["start"], 1e-9)
+    seen = max(window["seen"], 1)
+    return {"train/loss": window["loss"] / seen, "train/top1": 100 * window["correct"] / seen,
+            "train/lr": optimizer.param_groups[0]["lr"],
+            "perf/img_per_sec": window["seen"] * world_size / elapsed,
+            "perf/data_wait_frac": window["wait"] / elapsed}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device, amp_dtype, tta_flip: bool = False) -> dict:
+    """Test loss, top-1 and top-5 (%), summed over ranks; with tta_flip the logits of each
+    image and its mirror image are averaged."""
+    model.eval()
+    loss_sum = top1 = top5 = seen = 0.0
+    for images, labels in loader:
+        with _autocast(device, amp_dtype):
+            logits = model(images)
+            if tta_flip:
+                logits = (logits + model(images.flip(-1))) / 2
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        hits = top == labels[:, None]
+        top1 += hits[:, 0].sum().item()
+        top5 += hits.any(dim=-1).sum().item()
+        seen += labels.shape[0]
+    loss_sum, top1, top5, seen = all_reduce_sum([loss_sum, top1, top5, seen], device)
+    return {"loss": loss_sum / seen, "top1": 100 * top1 / seen, "top5": 100 * top5 / seen}
+
+
+# --- set-up helpers ------------------------------------------------------------------------
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is cuda but no CUDA device is visible")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _check_num_classes(recipe: Recipe, loader) -> None:
+    if loader.num_classes != recipe.model.num_classes:
+        raise ValueError(f"{recipe.source}: model.num_classes is {recipe.model.num_classes} but "
+                         f"the data has {loader.num_classes} classes")
+
+
+def _build_optimizer(recipe: Recipe, model: nn.Module):
+    o = recipe.optim
+    extra = {}
+    if o.opt_eps is not None:
+        extra["eps"] = o.opt_eps
+    if o.opt_betas is not None:
+        extra["betas"] = tuple(o.opt_betas)
+    return create_optimizer_v2(model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay,
+                               momentum=o.momentum, filter_bias_and_bn=o.filter_bias_and_bn,
+                               **extra)
+
+
+def _build_scheduler(recipe: Recipe, optimizer, updates_per_epoch: int):
+    s = recipe.sched
+    if s.sched == "none":
+        return _ConstantSchedule()
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=s.sched, num_epochs=recipe.train.epochs, decay_epochs=s.decay_epochs,
+        decay_milestones=s.decay_milestones, cooldown_epochs=s.cooldown_epochs,
+        decay_rate=s.decay_rate, min_lr=s.min_lr, warmup_lr=s.warmup_lr,
+        warmup_epochs=s.warmup_epochs, decay_fn=s.decay_fn if s.sched == "wsd" else None,
+        step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+    scheduler.step_update(num_updates=0)  # the warm-up learning rate from the first step
+    return scheduler
+
+
+class _ConstantSchedule:
+    def step_update(self, num_updates: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _build_train_loss(recipe: Recipe):
+    """timm's train.py choice of loss, then the PGT wrap: the two lines a timm user adds."""
+    l, num_classes = recipe.loss, recipe.model.num_classes
+    mixup = None
+    if l.mixup > 0 or l.cutmix > 0:
+        mixup = Mixup(mixup_alpha=l.mixup, cutmix_alpha=l.cutmix, prob=l.mixup_prob,
+                      switch_prob=l.mixup_switch_prob, mode=l.mixup_mode,
+                      label_smoothing=l.smoothing, num_classes=num_classes)
+        loss_fn = SoftTargetCrossEntropy()
+    elif l.smoothing > 0:
+        loss_fn = LabelSmoothingCrossEntropy(smoothing=l.smoothing)
+    else:
+        loss_fn = nn.CrossEntropyLoss()
+    if recipe.pgt.enabled:
+        loss_fn = wrap_loss(loss_fn, recipe.pgt.alpha)
+    return mixup, loss_fn
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+def _resume_path(recipe: Recipe, run_dir: Path) -> Path | None:
+    resume = recipe.log.resume
+    if resume == "none":
+        return None
+    if resume == "auto":
+        last = run_dir / "last.pth"
+        return last if last.exists() else None
+    path = Path(resume)
+    if not path.exists():
+        raise FileNotFoundError(f"{recipe.source}: log.resume: checkpoint {path} does not exist")
+    return path
+
+
+def _save_checkpoint(run_dir, recipe, state, model, optimizer, scheduler, scaler, ema,
+                     is_best) -> None:
+    payload = {
+        "model": unwrap_model(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "ema": ema.module.state_dict() if ema is not None else None,
+        "state": {"epoch": state.epoch, "num_updates": state.num_updates,
+                  "best_top1": state.best_top1, "best_epoch": state.best_epoch,
+                  "history": state.history},
+        "rng": ckpt.rng_state(),
+        "recipe_digest": recipe.digest(),
+    }
+    ckpt.save_atomic(payload, run_dir / "last.pth")
+    if is_best:
+        ckpt.save_atomic({"model": payload["model"], "ema": payload["ema"],
+                          "state": payload["state"], "recipe_digest": payload["recipe_digest"]},
+                         run_dir / "best.pth")
+
+
+def _load_checkpoint(path, model, optimizer, scheduler, scaler, ema) -> TrainState:
+    payload = ckpt.load(path)
+    unwrap_model(model).load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    scaler.load_state_dict(payload["scaler"])
+    if ema is not None and payload["ema"] is not None:
+        ema.module.load_state_dict(payload["ema"])
+    ckpt.restore_rng_state(payload["rng"])
+    state = TrainState(**payload["state"])
+    scheduler.step_update(num_updates=state.num_updates)
+    return state
+
+
+def _final_summary(recipe: Recipe, state: TrainState, run_dir: Path) -> dict:
+    history = state.history
+    last = history[-1] if history else {}
+    return {
+        "run_dir": str(run_dir), "recipe": recipe.source, "digest": recipe.digest(),
+        "epochs": state.epoch, "updates": state.num_updates,
+        "final_test_top1": last.get("eval_top1", float("nan")),
+        "best_test_top1": state.best_top1, "best_epoch": state.best_epoch + 1,
+        "final_train_top1": last.get("train_top1", float("nan")),
+        "final_train_loss": last.get("train_loss", float("nan")),
+        "mean_img_per_sec": (sum(r["img_per_sec"] for r in history) / len(history)
+                             if history else float("nan")),
+        "train_seconds": sum(r["epoch_seconds"] for r in history),
+        "paper": recipe.paper,
+    }

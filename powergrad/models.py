@@ -1,0 +1,36 @@
+"""timm model creation with the suite's options: BN-free ResNets, a small-image stem, GPAS."""
+from __future__ import annotations
+
+import timm
+import torch.nn as nn
+
+from .recipe import ModelConfig
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    kwargs = dict(cfg.kwargs)
+    if cfg.norm == "none":
+        # The PGT paper's BN-free network. norm_layer=None would silently give BatchNorm back.
+        kwargs["norm_layer"] = nn.Identity
+    model = timm.create_model(cfg.model, pretrained=False, num_classes=cfg.num_classes,
+                              in_chans=cfg.in_chans, drop_rate=cfg.drop_rate,
+                              drop_path_rate=cfg.drop_path, **kwargs)
+    if cfg.stem == "small":
+        _use_small_stem(model, cfg.in_chans, cfg.stem_stride)
+    if cfg.gpas.enabled or cfg.gpas.variant != "pre":
+        from .gpas import apply_gpas
+        g = cfg.gpas
+        apply_gpas(model, variant=g.variant, gate=g.gate if g.enabled else None,
+                   learnable=g.learnable, init=g.init, stop_gradient=g.stop_gradient)
+    return model
+
+
+def _use_small_stem(model: nn.Module, in_chans: int, stride: int) -> None:
+    """Replace a timm ResNet's 7x7/2 conv + max-pool stem by one 3x3 conv, for 28-64 px
+    inputs (the usual CIFAR adaptation); at stride 1 the first stage sees the full image."""
+    conv = getattr(model, "conv1", None)
+    if not isinstance(conv, nn.Conv2d) or not hasattr(model, "maxpool"):
+        raise ValueError(f"stem: small needs a timm ResNet with the default stem, "
+                         f"got {type(model).__name__}")
+    model.conv1 = nn.Conv2d(in_chans, conv.out_channels, 3, stride=stride, padding=1, bias=False)
+    model.maxpool = nn.Identity()

@@ -1,0 +1,380 @@
+"""Recipes: one YAML file per run, validated before any work starts.
+
+A recipe may name a parent with `extends: other.yaml` (a path relative to the file); the child
+overrides the parent key by key, so paper variants differ only in what changes. Command-line
+overrides use dotted keys: `optim.lr=0.2 pgt.alpha=0.25`. Leaf keys are named after timm's
+train.py arguments where one exists (opt, lr, sched, warmup_epochs, smoothing, mixup,
+clip_grad, clip_mode, model_ema, grad_accum_steps, ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .data.config import DataConfig
+
+
+@dataclass
+class GPASConfig:
+    enabled: bool = False
+    variant: str = "pre"  # pre | sandwich | deepnorm | lns (see powergrad/gpas.py)
+    gate: str = "block"  # block: one gate per block for both adds (official) | add
+    learnable: bool = True
+    init: float = 0.0
+    stop_gradient: bool = True  # False only for the paper's ablation
+
+
+@dataclass
+class ModelConfig:
+    model: str = "resnet18"  # any timm model name
+    num_classes: int = 10
+    in_chans: int = 3
+    drop_rate: float = 0.0  # timm --drop
+    drop_path: float = 0.0  # timm --drop-path
+    norm: str = "batch"  # batch | none (nn.Identity: the PGT paper's BN-free ResNet)
+    stem: str = "default"  # default | small: 3x3 stem conv at `stem_stride`, no max-pool
+    stem_stride: int = 1
+    kwargs: dict = field(default_factory=dict)  # more timm.create_model keyword arguments
+    gpas: GPASConfig = field(default_factory=GPASConfig)
+
+
+@dataclass
+class OptimConfig:
+    opt: str = "sgd"  # timm create_optimizer_v2 name; 'sgd' is Nesterov SGD
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    filter_bias_and_bn: bool = True  # no weight decay on 1-D parameters (bias, norm)
+    opt_eps: float | None = None
+    opt_betas: tuple[float, float] | None = None
+
+
+@dataclass
+class SchedConfig:
+    sched: str = "cosine"  # timm create_scheduler_v2: cosine | step | multistep | wsd | ...
+    warmup_epochs: float = 0.0
+    warmup_lr: float = 1e-5
+    min_lr: float = 0.0
+    cooldown_epochs: int = 0
+    decay_epochs: float = 30.0  # step
+    decay_milestones: list[int] = field(default_factory=lambda: [30, 60, 90])  # multistep
+    decay_rate: float = 0.1
+    decay_fn: str = "linear"  # wsd's decay shape, ffcv-imagenet's triangular schedule
+
+
+@dataclass
+class LossConfig:
+    smoothing: float = 0.0  # label smoothing
+    mixup: float = 0.0  # mixup alpha, timm --mixup
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+
+
+@dataclass
+class PGTConfig:
+    enabled: bool = False
+    alpha: float = 1.0  # 1 = ordinary gradient; the paper uses 0.05 - 0.3 (0.92 once)
+
+
+@dataclass
+class ClipConfig:
+    clip_mode: str = "none"  # none | norm | value | agc
+    clip_grad: float = 0.01  # max norm, max value, or AGC's clip factor
+    exclude_head: bool = True  # AGC skips the classifier, as timm's train.py and the paper
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 256  # per process
+    eval_batch_size: int = 1000
+    grad_accum_steps: int = 1
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp_dtype: str = "float32"  # float32 | bfloat16 | float16 (float16 uses a GradScaler)
+    channels_last: bool = False
+    torchcompile: bool = False
+    model_ema: bool = False
+    model_ema_decay: float = 0.9998
+    tta_flip: bool = False  # evaluate on the mean of the image's and its mirror's logits
+    threads: int | None = None  # torch CPU threads; null = torch's default
+
+
+@dataclass
+class LogConfig:
+    output: str = "runs"  # the run lands in output/experiment
+    experiment: str | None = None  # default: the recipe file's name
+    log_interval: int = 50  # optimizer steps between scalar logs
+    diagnostics: bool = True  # PGT logit stats, clipping stats (and GPAS probes)
+    resume: str = "auto"  # auto: continue from last.pth if present | none | a checkpoint path
+    checkpoint: bool = True
+
+
+@dataclass
+class Recipe:
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    pgt: PGTConfig = field(default_factory=PGTConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    # The paper's reported numbers for this row, shown beside measured ones by `compare`,
+    # e.g. {source: "PGT Table 1", train_top1: 79.68, test_top1: 77.216}.
+    paper: dict = field(default_factory=dict)
+    source: str = ""  # the file it was loaded from (set by load_recipe)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """A short hash of the resolved settings (not of where they came from)."""
+        settings = {k: v for k, v in self.to_dict().items() if k not in ("source", "description")}
+        settings["log"] = {k: v for k, v in settings["log"].items() if k != "resume"}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# Choices checked before a run starts, so a typo fails in a second and not after an epoch.
+CHOICES = {
+    "model.norm": ("batch", "none"),
+    "model.stem": ("default", "small"),
+    "model.gpas.variant": ("pre", "sandwich", "deepnorm", "lns"),
+    "model.gpas.gate": ("block", "add"),
+    "data.dataset": ("fashion_mnist", "imagefolder"),
+    "data.loader": ("auto", "ffcv", "torchvision"),
+    "loss.mixup_mode": ("batch", "pair", "elem"),
+    "clip.clip_mode": ("none", "norm", "value", "agc"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.amp_dtype": ("float32", "bfloat16", "float16"),
+    "sched.sched": ("cosine", "tanh", "step", "multistep", "plateau", "poly", "wsd", "none"),
+}
+RANGES = {  # key: (low, high), inclusive
+    "pgt.alpha": (0.0, 1.0),
+    "loss.smoothing": (0.0, 0.999),
+    "loss.mixup_prob": (0.0, 1.0),
+    "data.hflip": (0.0, 1.0),
+    "data.crop_pct": (0.01, 1.0),
+    "train.epochs": (1, None),
+    "train.batch_size": (1, None),
+    "train.eval_batch_size": (1, None),
+    "train.grad_accum_steps": (1, None),
+    "model.num_classes": (1, None),
+    "optim.lr": (0.0, None),
+    "optim.weight_decay": (0.0, None),
+}
+
+
+class RecipeError(ValueError):
+    """A recipe problem, naming the file, the key, the value and what was expected."""
+
+    def __init__(self, file: str, key: str, message: str):
+        self.file, self.key = file, key
+        super().__init__(f"{file}: {key}: {message}" if key else f"{file}: {message}")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe file (following `extends:`), apply `key=value` overrides, validate."""
+    path = Path(path)
+    tree, origins = _load_tree(path, chain=())
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        _set_dotted(tree, key, value, file=str(path))
+        origins[key] = f"command line ({item})"
+    recipe = _build(Recipe, tree, prefix="", origins=origins, default_file=str(path))
+    recipe.source = str(path)
+    _check_semantics(recipe, origins, str(path))
+    return recipe
+
+
+def _load_tree(path: Path, chain: tuple) -> tuple[dict, dict]:
+    if not path.is_file():
+        where = f" (extended by {chain[-1]})" if chain else ""
+        raise RecipeError(str(path), "", f"recipe file not found{where}")
+    if path.resolve() in chain:
+        raise RecipeError(str(path), "extends", "circular extends: "
+                          + " -> ".join(str(p) for p in chain + (path,)))
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(str(path), "", f"not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise RecipeError(str(path), "", f"expected a mapping of sections, got {type(tree).__name__}")
+    parent_name = tree.pop("extends", None)
+    base, origins = ({}, {})
+    if parent_name is not None:
+        if not isinstance(parent_name, str):
+            raise RecipeError(str(path), "extends", f"expected a file path, got {parent_name!r}")
+        base, origins = _load_tree(path.parent / parent_name, chain + (path.resolve(),))
+    _merge(base, tree, origins, str(path), prefix="")
+    return base, origins
+
+
+def _merge(base: dict, child: dict, origins: dict, file: str, prefix: str) -> None:
+    for key, value in child.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and not _is_free_form(dotted):
+            _merge(base[key], value, origins, file, dotted + ".")
+        else:
+            base[key] = value
+            origins[dotted] = file
+            for sub in _leaf_keys(value, dotted):
+                origins[sub] = file
+
+
+def _leaf_keys(value, prefix: str):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield f"{prefix}.{k}"
+            yield from _leaf_keys(v, f"{prefix}.{k}")
+
+
+def _is_free_form(dotted: str) -> bool:
+    return dotted in ("model.kwargs", "data.extra", "paper")
+
+
+def _parse_override(item: str) -> tuple[str, object]:
+    if "=" not in item:
+        raise RecipeError("command line", item, "expected key=value (e.g. optim.lr=0.2)")
+    key, raw = item.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        return key.strip(), raw
+
+
+def _set_dotted(tree: dict, key: str, value, file: str) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(file, key, f"{part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls, tree, prefix: str, origins: dict, default_file: str):
+    """Turn a nested dict into the dataclass `cls`, checking every key and type."""
+    if not isinstance(tree, dict):
+        raise RecipeError(origins.get(prefix.rstrip("."), default_file), prefix.rstrip("."),
+                          f"expected a section (mapping), got {tree!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
+    values = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        file = origins.get(dotted, default_file)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+            raise RecipeError(file, dotted, f"unknown key (valid: {', '.join(names)}){hint}")
+        hint_type = hints[key]
+        if dataclasses.is_dataclass(hint_type):
+            values[key] = _build(hint_type, value, dotted + ".", origins, default_file)
+        else:
+            values[key] = _coerce(value, hint_type, file, dotted)
+    return cls(**values)
+
+
+def _coerce(value, hint, file: str, key: str):
+    """Check `value` against a type hint (int, float, bool, str, X | None, list, tuple, dict)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], file, key)
+    expected = _describe(hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (list, tuple) and isinstance(value, (list, tuple)):
+        if origin is tuple and args and args[-1] is not Ellipsis and len(value) != len(args):
+            raise RecipeError(file, key, f"expected {expected}, got {value!r}")
+        items = [_coerce(v, args[0] if args else object, file, key) for v in value]
+        return tuple(items) if origin is tuple else items
+    elif hint is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+    elif hint is object:
+        return value
+    raise RecipeError(file, key, f"expected {expected}, got {value!r}")
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (list, tuple):
+        return f"a list of {len(args) if origin is tuple else 'any number of'} {_describe(args[0])}s"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            dict: "a mapping"}.get(hint, str(hint))
+
+
+def _get_dotted(recipe: Recipe, key: str):
+    node = recipe
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _check_semantics(recipe: Recipe, origins: dict, default_file: str) -> None:
+    def fail(key: str, message: str):
+        raise RecipeError(origins.get(key, default_file), key, message)
+
+    for key, allowed in CHOICES.items():
+        value = _get_dotted(recipe, key)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            fail(key, f"got {value!r}, expected one of {', '.join(allowed)}{hint}")
+    for key, (low, high) in RANGES.items():
+        value = _get_dotted(recipe, key)
+        if value < low or (high is not None and value > high):
+            bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+            fail(key, f"got {value!r}, expected a value in {bound}")
+    import timm  # imported here: recipe loading stays fast until a model name must be checked
+    if not timm.is_model(recipe.model.model):
+        close = difflib.get_close_matches(recipe.model.model, timm.list_models(), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        fail("model.model", f"{recipe.model.model!r} is not a timm model{hint}")
+    if recipe.model.gpas.enabled and recipe.model.norm == "none":
+        fail("model.norm", "norm: none is for ResNets; GPAS models keep their LayerNorms")
+    data = recipe.data
+    if data.dataset == "imagefolder" and not (data.train_beton or data.train_dir):
+        fail("data.train_dir", "dataset imagefolder needs train_dir (ImageFolder) or train_beton (ffcv)")
+    if (data.min_res is None) != (data.max_res is None):
+        fail("data.min_res", "set both min_res and max_res for progressive resizing, or neither")
+
+
+def dump_recipe(recipe: Recipe, path: Path) -> None:
+    path.write_text(yaml.safe_dump(_plain(recipe.to_dict()), sort_keys=False))
+
+
+def _plain(value):
+    """Tuples to lists, so the saved YAML loads back with yaml.safe_load."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

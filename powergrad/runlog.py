@@ -1,0 +1,108 @@
+"""What a run writes besides checkpoints: TensorBoard events, timm-style summary.csv, the
+resolved recipe, a final JSON summary, and console progress. Only rank 0 writes."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+from .recipe import Recipe, _plain, dump_recipe
+
+# timm's summary.csv columns first (epoch, train_loss, eval_loss, eval_top1, eval_top5, lr),
+# then the ones timm does not write.
+SUMMARY_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr",
+                   "train_top1", "img_per_sec", "data_wait_frac", "epoch_seconds"]
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, recipe: Recipe, enabled: bool = True):
+        self.run_dir, self.enabled = Path(run_dir), enabled
+        self.writer = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_recipe(recipe, self.run_dir / "recipe.yaml")
+        self.writer = SummaryWriter(log_dir=str(self.run_dir))
+        text = yaml.safe_dump(_plain(recipe.to_dict()), sort_keys=False)
+        self.writer.add_text("recipe", f"digest {recipe.digest()}\n\n```yaml\n{text}\n```", 0)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+
+    def epoch_summary(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        path = self.run_dir / "summary.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            out = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+            if new:
+                out.writeheader()
+            out.writerow(row)
+
+    def hparams(self, recipe: Recipe, metrics: dict[str, float]) -> None:
+        """Flat recipe values beside the final metrics, for TensorBoard's HPARAMS tab."""
+        if not self.writer:
+            return
+        flat = {}
+        for section, values in recipe.to_dict().items():
+            if isinstance(values, dict) and section != "paper":
+                for key, value in _flatten(values, section):
+                    flat[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+        flat["digest"] = recipe.digest()
+        self.writer.add_hparams(flat, {f"hparam/{k}": v for k, v in metrics.items()},
+                                run_name=".")
+
+    def final(self, summary: dict) -> None:
+        if self.enabled:
+            (self.run_dir / "final.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+def _flatten(values: dict, prefix: str):
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}.{key}")
+        else:
+            yield f"{prefix}.{key}", value
+
+
+class Progress:
+    """A tqdm bar with rate and ETA on a terminal; plain log lines every `every` steps when
+    output goes to a file or CI."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True, every: int = 50):
+        self.interactive = enabled and sys.stderr.isatty()
+        self.enabled, self.every, self.total, self.desc = enabled, every, total, desc
+        self.count, self.start = 0, time.perf_counter()
+        self.bar = tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True,
+                        leave=True) if self.interactive else None
+
+    def update(self, postfix: dict[str, str]) -> None:
+        self.count += 1
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(1)
+        elif self.enabled and (self.count % self.every == 0 or self.count == self.total):
+            elapsed = time.perf_counter() - self.start
+            rate = self.count / elapsed if elapsed > 0 else 0.0
+            eta = (self.total - self.count) / rate if rate > 0 else 0.0
+            items = " ".join(f"{k} {v}" for k, v in postfix.items())
+            print(f"{self.desc} {self.count}/{self.total} {items} "
+                  f"[{rate:.1f} batch/s, eta {eta:.0f}s]", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,41 @@
+"""`powergrad train RECIPE.yaml [RECIPE.yaml ...] [key=value ...]`: validate every recipe first,
+then train them one after the other, optionally ending with a comparison table and plot."""
+from __future__ import annotations
+
+import sys
+
+from .recipe import RecipeError, load_recipe
+
+
+def split_items(items: list[str]) -> tuple[list[str], list[str]]:
+    recipes = [i for i in items if "=" not in i]
+    overrides = [i for i in items if "=" in i]
+    return recipes, overrides
+
+
+def main(items: list[str], compare_name: str | None = None) -> int:
+    paths, overrides = split_items(items)
+    if not paths:
+        print("powergrad train: name at least one recipe file", file=sys.stderr)
+        return 2
+    try:  # every recipe is checked before any training starts
+        recipes = [load_recipe(p, overrides) for p in paths]
+    except RecipeError as err:
+        print(f"recipe error: {err}", file=sys.stderr)
+        return 2
+    from .engine import run_dir_for, train
+
+    run_dirs = []
+    for recipe in recipes:
+        print(f"== {recipe.source} -> {run_dir_for(recipe)}", flush=True)
+        summary = train(recipe)
+        run_dirs.append(summary["run_dir"])
+        print(f"== {recipe.source}: final test top-1 {summary['final_test_top1']:.2f} %, "
+              f"best {summary['best_test_top1']:.2f} % (epoch {summary['best_epoch']}), "
+              f"{summary['train_seconds']:.0f} s", flush=True)
+    if compare_name:
+        from .compare import main as compare_main
+        return compare_main(run_dirs, out=f"results/{compare_name}",
+                            command="powergrad train " + " ".join(items)
+                            + f" --compare {compare_name}")
+    return 0
