@@ -279,7 +279,7 @@ def _build(cls, tree, prefix: str, origins: dict, default_file: str):
         file = origins.get(dotted, default_file)
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             raise RecipeError(file, dotted, f"unknown key (valid: {', '.join(names)}){hint}")
         hint_type = hints[key]
         if dataclasses.is_dataclass(hint_type):
@@ -326,9 +326,13 @@ def _coerce(value, hint, file: str, key: str):
 def _describe(hint) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (list, tuple):
-        return f"a list of {len(args) if origin is tuple else 'any number of'} {_describe(args[0])}s"
+        count = len(args) if origin is tuple else "any number of"
+        return f"a list of {count} {_PLURAL.get(args[0], 'values')}"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
             dict: "a mapping"}.get(hint, str(hint))
+
+
+_PLURAL = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
 
 
 def _get_dotted(recipe: Recipe, key: str):
@@ -368,7 +372,10 @@ def _check_semantics(recipe: Recipe, origins: dict, default_file: str) -> None:
 
 
 def dump_recipe(recipe: Recipe, path: Path) -> None:
-    path.write_text(yaml.safe_dump(_plain(recipe.to_dict()), sort_keys=False))
+    """Save the resolved recipe (no `extends`), loadable again with load_recipe."""
+    tree = _plain(recipe.to_dict())
+    tree.pop("source")
+    path.write_text(f"# resolved from {recipe.source}\n" + yaml.safe_dump(tree, sort_keys=False))
 
 
 def _plain(value):

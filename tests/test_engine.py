@@ -1,0 +1,160 @@
+"""The engine on a small slice of real Fashion-MNIST: event files, summary, resume, compare,
+and the real TensorBoard server reading the run back over HTTP."""
+import csv
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from powergrad import checkpoint as ckpt
+from powergrad import engine
+from powergrad.compare import markdown_table, read_scalars, summarize
+from powergrad.recipe import load_recipe
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "fashion_mnist"
+TINY = ["model.kwargs.channels=[8, 16, 32, 64]", "data.train_subset=512",
+        "data.eval_subset=300", "train.batch_size=64", "train.eval_batch_size=150",
+        "train.epochs=2", "log.log_interval=2", "train.channels_last=false"]
+
+
+def tiny_recipe(tmp_path, name="resnet_pgt.yaml", extra=()):
+    return load_recipe(RECIPES / name, TINY + [f"log.output={tmp_path}", *extra])
+
+
+def read_summary(run_dir):
+    with open(run_dir / "summary.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def pgt_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("runs")
+    recipe = load_recipe(RECIPES / "nobn_agc_pgt.yaml", TINY + [f"log.output={tmp}"])
+    summary = engine.train(recipe)
+    return Path(summary["run_dir"]), summary
+
+
+def test_run_writes_event_files_that_read_back(pgt_run):
+    run_dir, summary = pgt_run
+    scalars = read_scalars(run_dir)
+    rows = read_summary(run_dir)
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    # eval scalars in the events are the ones in summary.csv and final.json
+    assert [v for _, v in scalars["eval/top1"]] == pytest.approx([float(r["eval_top1"]) for r in rows])
+    assert summary["final_test_top1"] == pytest.approx(float(rows[-1]["eval_top1"]))
+    assert json.loads((run_dir / "final.json").read_text())["updates"] == 16  # 2 x 512 // 64
+    steps = [s for s, _ in scalars["train/loss"]]
+    assert steps == list(range(2, 17, 2))  # every log_interval optimizer steps
+    for tag in ("train/top1", "train/lr", "perf/img_per_sec", "perf/data_wait_frac",
+                "clip/grad_norm_before", "clip/grad_norm_after", "clip/agc_clipped_frac",
+                "pgt/logit_norm", "pgt/entropy_p", "pgt/entropy_p_alpha", "eval/top5"):
+        assert tag in scalars, tag
+    # PGT at alpha 0.25 flattens p: its entropy is larger than that of p
+    assert all(a > p for (_, a), (_, p) in zip(scalars["pgt/entropy_p_alpha"], scalars["pgt/entropy_p"]))
+    assert (run_dir / "recipe.yaml").exists() and (run_dir / "last.pth").exists()
+    assert load_recipe(run_dir / "recipe.yaml").digest() == summary["digest"]
+
+
+def test_checkpoint_loads_with_weights_only(pgt_run):
+    run_dir, _ = pgt_run
+    payload = torch.load(run_dir / "last.pth", weights_only=True)
+    assert payload["state"]["epoch"] == 2 and payload["state"]["num_updates"] == 16
+    assert "fc.weight" in payload["model"]
+
+
+def test_compare_table_matches_event_files(pgt_run):
+    run_dir, _ = pgt_run
+    row = summarize(run_dir)
+    scalars = read_scalars(run_dir)
+    assert row["final_test_top1"] == scalars["eval/top1"][-1][1]
+    assert row["final_train_loss"] == scalars["epoch/train_loss"][-1][1]
+    table = markdown_table([row], target=0.0)
+    assert f"| {run_dir.name} | {row['final_test_top1']:.2f} | " in table
+    assert "| 1 (8) |" in table  # the target 0 % is reached at the first eval: epoch 1, step 8
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    straight = engine.train(tiny_recipe(tmp_path / "a"))
+    state_a = ckpt.load(Path(straight["run_dir"]) / "last.pth")
+
+    real_epoch = engine.train_one_epoch
+    calls = []
+
+    def killed_in_second_epoch(ctx, loader, epoch, state):
+        calls.append(epoch)
+        if epoch == 1:
+            raise KeyboardInterrupt  # like a kill after the first epoch's checkpoint
+        return real_epoch(ctx, loader, epoch, state)
+
+    monkeypatch.setattr(engine, "train_one_epoch", killed_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(tiny_recipe(tmp_path / "b"))
+    monkeypatch.setattr(engine, "train_one_epoch", real_epoch)
+    resumed = engine.train(tiny_recipe(tmp_path / "b"))
+    state_b = ckpt.load(Path(resumed["run_dir"]) / "last.pth")
+
+    assert calls == [0, 1]
+    assert state_b["state"]["num_updates"] == state_a["state"]["num_updates"] == 16
+    # the schedule went on where it stopped, and training is bit-for-bit the same
+    lr_a = read_scalars(straight["run_dir"])["train/lr"]
+    lr_b = read_scalars(resumed["run_dir"])["train/lr"]
+    assert lr_b == lr_a
+    for key, value in state_a["model"].items():
+        assert torch.equal(value, state_b["model"][key]), key
+    rows_a, rows_b = read_summary(Path(straight["run_dir"])), read_summary(Path(resumed["run_dir"]))
+    assert rows_b[-1]["eval_top1"] == rows_a[-1]["eval_top1"]
+
+
+def test_finished_run_is_not_trained_again(pgt_run, capsys):
+    run_dir, summary = pgt_run
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    again = engine.train(recipe, run_dir=run_dir)
+    assert again["updates"] == summary["updates"]
+    assert "already trained" in capsys.readouterr().out
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url, timeout=60.0):
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.loads(response.read())
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_tensorboard_server_serves_the_scalars(pgt_run):
+    run_dir, _ = pgt_run
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(run_dir), "--host", "127.0.0.1",
+         "--port", str(port), "--load_fast", "false", "--reload_interval", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}/data/plugin/scalars"
+        tags = {}
+        deadline = time.time() + 60
+        while "eval/top1" not in tags.get(".", {}) and time.time() < deadline:
+            tags = get_json(f"{base}/tags")
+            time.sleep(0.5)
+        points = get_json(f"{base}/scalars?run=.&tag=eval/top1")
+        values = [p[2] for p in points]
+        expected = [float(r["eval_top1"]) for r in read_summary(run_dir)]
+        assert values == pytest.approx(expected, rel=1e-6)
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
