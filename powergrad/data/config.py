@@ -35,8 +35,10 @@ class DataConfig:
     max_res: int | None = None
     start_ramp: int = 0
     end_ramp: int = 0
-    os_cache: bool = False  # ffcv: let the OS page cache hold the file (many-GPU nodes)
-    in_memory: bool = True  # ffcv: read the whole file into memory
+    # ffcv: True reads the file through the OS page cache (ffcv-imagenet's in_memory=1, for
+    # nodes whose memory holds the data set); False lets ffcv page it itself, which also
+    # allows its QUASI_RANDOM order on one process.
+    os_cache: bool = True
     # Fashion-MNIST augmentation: random shift by up to `pad` pixels and horizontal flip.
     pad: int = 2
     # Use only the first N train / eval examples (smoke tests, quick studies); null = all.

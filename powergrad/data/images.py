@@ -1,0 +1,117 @@
+"""ImageNet-style data: pick the ffcv or the torchvision loader for a recipe's `data:` section,
+check the data before training starts, and build the train and eval loaders.
+
+Both loaders yield (float32 images [B, 3, H, W] normalised with cfg.mean/std, int64 labels
+[B]) on the training device and expose len(), num_classes and class_names; the train loader
+also has set_epoch(epoch) and `resolution` (see device_batches.py).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .config import DataConfig
+from .device_batches import ImageBatches, TrainImageBatches
+from .imagefolder_checks import ImageDataError, scan_image_folder, verify_sample
+
+TrainLoader = TrainImageBatches
+EvalLoader = ImageBatches
+LOADERS = ("auto", "ffcv", "torchvision")
+
+
+def ffcv_import_error() -> str | None:
+    """None when ffcv imports, else why not (it is an optional, compiled dependency)."""
+    try:
+        import ffcv.loader  # noqa: F401
+    except Exception as e:  # ImportError, or a broken native build
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def choose_loader(cfg: DataConfig) -> str:
+    """'ffcv' or 'torchvision' for cfg.loader, with a clear error when the choice cannot work."""
+    if cfg.loader not in LOADERS:
+        raise ValueError(f"data.loader must be one of {LOADERS}, got {cfg.loader!r}")
+    betons_set = bool(cfg.train_beton and cfg.val_beton)
+    dirs_set = bool(cfg.train_dir and cfg.val_dir)
+    if cfg.loader == "ffcv":
+        if not betons_set:
+            raise ValueError("data.loader is 'ffcv' but data.train_beton and data.val_beton "
+                             "are not both set (write them with tools/write_ffcv.py)")
+        if (why := ffcv_import_error()) is not None:
+            raise ImportError(f"data.loader is 'ffcv' but ffcv does not import ({why}); "
+                              "install it with `pip install powergrad[ffcv]`")
+        return "ffcv"
+    if cfg.loader == "torchvision":
+        if not dirs_set:
+            raise ValueError("data.loader is 'torchvision' but data.train_dir and "
+                             "data.val_dir are not both set")
+        return "torchvision"
+    if betons_set:
+        why = ffcv_import_error()
+        if why is None:
+            return "ffcv"
+        reason = f"ffcv does not import ({why})"
+    else:
+        reason = "data.train_beton/val_beton are not set"
+    if not dirs_set:
+        raise ValueError(f"data.loader is 'auto' but {reason} and data.train_dir/val_dir "
+                         "are not both set: nothing to load")
+    warnings.warn(f"data.loader auto: using torchvision on {cfg.train_dir} because {reason}",
+                  stacklevel=3)
+    return "torchvision"
+
+
+def _check_image_folder(root: str, num_classes: int | None) -> list[str]:
+    classes, samples = scan_image_folder(root)
+    verify_sample(samples)
+    if num_classes is not None and num_classes != len(classes):
+        raise ImageDataError(f"{root}: holds {len(classes)} class folders but "
+                             f"data.num_classes is {num_classes}")
+    return classes
+
+
+def _check_same_classes(train_classes: list[str], val_classes: list[str], train_src: str,
+                        val_src: str) -> None:
+    if train_classes != val_classes:
+        only = sorted(set(train_classes) ^ set(val_classes))[:5]
+        raise ImageDataError(f"{val_src}: its {len(val_classes)} classes differ from the "
+                             f"{len(train_classes)} of {train_src} (e.g. {only})")
+
+
+def build_image_loaders(cfg: DataConfig, *, batch_size: int, eval_batch_size: int, seed: int,
+                        device: torch.device, distributed: bool = False,
+                        channels_last: bool = False) -> tuple[TrainLoader, EvalLoader]:
+    """Check the data named by cfg, then build (train loader, eval loader).
+
+    Train: RandomResizedCrop(cfg.scale, cfg.ratio) at the epoch's resolution, horizontal flip
+    with probability cfg.hflip, shuffled by seed + epoch, drop_last. Eval: centre crop at ratio
+    cfg.crop_pct to cfg.val_img_size (default img_size), in file order, every sample. With
+    distributed=True each rank reads its share (rank and world size from torch.distributed).
+    """
+    backend = choose_loader(cfg)
+    common = dict(device=device, distributed=distributed, channels_last=channels_last)
+    if backend == "ffcv":
+        from .beton_meta import read_beton_info
+        from .ffcv_loaders import FfcvEvalLoader, FfcvTrainLoader
+
+        train_info = read_beton_info(cfg.train_beton, cfg.num_classes)
+        val_info = read_beton_info(cfg.val_beton, cfg.num_classes)
+        _check_same_classes(train_info.class_names, val_info.class_names, cfg.train_beton,
+                            cfg.val_beton)
+        train = FfcvTrainLoader(train_info, cfg, batch_size=batch_size, seed=seed, **common)
+        val = FfcvEvalLoader(val_info, cfg, batch_size=eval_batch_size, **common)
+    else:
+        from .torchvision_loaders import TorchvisionEvalLoader, TorchvisionTrainLoader
+
+        train_classes = _check_image_folder(cfg.train_dir, cfg.num_classes)
+        val_classes = _check_image_folder(cfg.val_dir, cfg.num_classes)
+        _check_same_classes(train_classes, val_classes, cfg.train_dir, cfg.val_dir)
+        train = TorchvisionTrainLoader(cfg.train_dir, cfg, batch_size=batch_size, seed=seed,
+                                       **common)
+        val = TorchvisionEvalLoader(cfg.val_dir, cfg, batch_size=eval_batch_size, **common)
+    if len(train) == 0:
+        raise ValueError(f"train batch size {batch_size} exceeds the "
+                         f"{cfg.train_subset or 'available'} training images: no full batch")
+    return train, val

@@ -1,0 +1,70 @@
+"""torchvision loaders for ImageFolder trees (the fallback when ffcv or .beton files are
+missing), with the same augmentation as the ffcv loaders, wrapped in ImageBatches.
+
+Workers decode with PIL and return uint8 tensors; normalisation happens on the target device
+(device_batches.ImageBatches). Workers are not persistent, so each epoch's workers see that
+epoch's crop size. Evaluation resizes the shorter side to res / crop_pct and crops the centre
+(timm's and torchvision's convention); ffcv crops first and then resizes, an equivalent crop
+up to rounding.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
+from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
+
+from .device_batches import ImageBatches, TrainImageBatches
+
+
+def _subset(dataset, n: int | None):
+    return dataset if n is None else Subset(dataset, range(min(n, len(dataset))))
+
+
+class TorchvisionTrainLoader(TrainImageBatches):
+    def __init__(self, root: str, cfg, *, batch_size: int, seed: int, device: torch.device,
+                 distributed: bool, channels_last: bool):
+        device = torch.device(device)
+        super().__init__(None, cfg=cfg, seed=seed, device=device, channels_last=channels_last,
+                         class_names=[])
+        res = self.resolution
+        self.crop = T.RandomResizedCrop(res, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio))
+        dataset = ImageFolder(root, transform=T.Compose(
+            [self.crop, T.RandomHorizontalFlip(cfg.hflip), T.PILToTensor()]))
+        self.class_names = dataset.classes
+        dataset = _subset(dataset, cfg.train_subset)
+        self.generator = torch.Generator()
+        if distributed:  # rank and world size from torch.distributed
+            self.sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
+        else:
+            self.sampler = RandomSampler(dataset, generator=self.generator)
+        # The generator also seeds the workers, so augmentations replay with the order.
+        self.batches = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
+                                  num_workers=cfg.workers, drop_last=True,
+                                  generator=self.generator, pin_memory=device.type == "cuda")
+        self.set_epoch(0)
+
+    def _apply_epoch(self, epoch: int, resolution: int) -> None:
+        self.crop.size = (resolution, resolution)
+        self.generator.manual_seed(self.seed + epoch)
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)  # its order is drawn from seed + epoch
+
+
+class TorchvisionEvalLoader(ImageBatches):
+    def __init__(self, root: str, cfg, *, batch_size: int, device: torch.device,
+                 distributed: bool, channels_last: bool):
+        device = torch.device(device)
+        res = cfg.val_img_size or cfg.img_size
+        dataset = ImageFolder(root, transform=T.Compose(
+            [T.Resize(math.floor(res / cfg.crop_pct)), T.CenterCrop(res), T.PILToTensor()]))
+        class_names = dataset.classes
+        dataset = _subset(dataset, cfg.eval_subset)
+        sampler = DistributedSampler(dataset, shuffle=False) if distributed else None
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
+                            num_workers=cfg.workers, pin_memory=device.type == "cuda")
+        super().__init__(loader, device=device, mean=cfg.mean, std=cfg.std,
+                         channels_last=channels_last, class_names=class_names)
+        self.resolution = res

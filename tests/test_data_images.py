@@ -1,0 +1,248 @@
+"""ffcv and torchvision image loaders, the .beton writer and the bad-input checks, against
+values computed independently (PIL decodes, numpy permutations, hand-written schedules).
+
+ffcv compiles each pipeline with numba on its first epoch (several seconds), so the ffcv
+loaders are built once per module and shared by the tests that need them."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from powergrad.data.beton_meta import sidecar_path
+from powergrad.data.config import DataConfig
+from powergrad.data.ffcv_writer import (ImageWriterSettings, write_fashion_mnist_beton,
+                                        write_imagefolder_beton)
+from powergrad.data.imagefolder_checks import ImageDataError
+from powergrad.data.images import build_image_loaders
+from powergrad.data.resolution_schedule import train_resolution
+
+from helpers_images import (CLASSES, constant_colour_folder, textured_folder, tiny_folder,
+                             write_idx_gz)
+
+RAW = ImageWriterSettings(write_mode="raw")  # raw pixels: the .beton holds PIL's decode
+CPU = torch.device("cpu")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TRAIN_BATCH, EVAL_BATCH = 4, 4
+SEED = 11
+# numba's dispatcher finalizer raises a KeyError when ffcv's compiled pipelines are garbage
+# collected; it is numba/ffcv noise at teardown, not a failure of the code under test.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    train_samples = textured_folder(root / "train", per_class=8)
+    val_colours = constant_colour_folder(root / "val")
+    for split in ("train", "val"):
+        write_imagefolder_beton(root / split, root / f"{split}.beton", settings=RAW, workers=2)
+    return root, train_samples, val_colours
+
+
+def make_cfg(root, loader, **overrides):
+    fields = dict(dataset="imagefolder", loader=loader, train_dir=str(root / "train"),
+                  val_dir=str(root / "val"), train_beton=str(root / "train.beton"),
+                  val_beton=str(root / "val.beton"), workers=2, img_size=64, val_img_size=32,
+                  min_res=32, max_res=64, start_ramp=1, end_ramp=2, mean=MEAN, std=STD)
+    fields.update(overrides)
+    return DataConfig(**fields)
+
+
+@pytest.fixture(scope="module", params=["ffcv", "torchvision"])
+def loaders(request, data):
+    cfg = make_cfg(data[0], request.param)
+    train, val = build_image_loaders(cfg, batch_size=TRAIN_BATCH, eval_batch_size=EVAL_BATCH,
+                                     seed=SEED, device=CPU, channels_last=True)
+    return request.param, train, val
+
+
+def run_epoch(loader):
+    batches = list(loader)
+    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]), batches
+
+
+def test_resolution_schedule_matches_hand_computed_ramp():
+    # 128 -> 256 over epochs 1..5: linear values 128, 160, 192, 224, 256 (all multiples of 32)
+    got = [train_resolution(e, 224, 128, 256, 1, 5) for e in range(8)]
+    assert got == [128, 128, 160, 192, 224, 256, 256, 256]
+    # 160 -> 192 over 0..4: 168 -> 160, 176 -> 5.5 * 32 rounds to even -> 192, 184 -> 192
+    assert [train_resolution(e, 224, 160, 192, 0, 4) for e in range(5)] == [160, 160, 192,
+                                                                            192, 192]
+    assert train_resolution(3, 224, None, None, 0, 10) == 224
+
+
+def test_writer_sidecar_records_classes_and_settings(data):
+    root, train_samples, _ = data
+    meta = json.loads(sidecar_path(root / "train.beton").read_text())
+    assert meta["class_names"] == CLASSES
+    assert meta["num_samples"] == len(train_samples) == 24
+    assert meta["writer"] == {"max_resolution": 500, "write_mode": "raw",
+                              "compress_probability": 0.5, "jpeg_quality": 90}
+    assert meta["beton_bytes"] == (root / "train.beton").stat().st_size
+
+
+def test_eval_loader_values_labels_and_order(data, loaders):
+    _, _, val_colours = data
+    name, _, val = loaders
+    images, labels, batches = run_epoch(val)
+    assert len(val) == len(batches) == math.ceil(len(val_colours) / EVAL_BATCH)
+    assert val.class_names == CLASSES and val.num_classes == 3
+    assert images.dtype == torch.float32 and labels.dtype == torch.int64
+    assert images.shape == (len(val_colours), 3, 32, 32)
+    assert all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in batches)
+    assert labels.tolist() == [label for _, label in val_colours]  # file order, all samples
+    for image, (colour, _) in zip(images, val_colours):
+        expected = (colour / 255 - np.array(MEAN)) / np.array(STD)  # float64, per channel
+        want = torch.tensor(expected, dtype=torch.float32).view(3, 1, 1).expand(3, 32, 32)
+        torch.testing.assert_close(image, want, atol=1e-5, rtol=0)
+
+
+def test_train_loader_resolution_labels_and_order(data, loaders):
+    _, train_samples, _ = data
+    name, train, _ = loaders
+    all_labels = np.array([label for _, label in train_samples])
+    lo = torch.tensor((0 - np.array(MEAN)) / np.array(STD), dtype=torch.float32).view(1, 3, 1, 1)
+    hi = torch.tensor((1 - np.array(MEAN)) / np.array(STD), dtype=torch.float32).view(1, 3, 1, 1)
+    assert len(train) == len(train_samples) // TRAIN_BATCH
+    seen = {}
+    for epoch, resolution in [(0, 32), (1, 32), (2, 64), (5, 64)]:
+        train.set_epoch(epoch)
+        assert train.resolution == resolution
+        images, labels, batches = run_epoch(train)
+        assert all(x.shape == (TRAIN_BATCH, 3, resolution, resolution) for x, _ in batches)
+        assert ((images >= lo - 1e-5) & (images <= hi + 1e-5)).all()
+        # 24 images in batches of 4: every image once (as a multiset of labels)
+        assert sorted(labels.tolist()) == sorted(all_labels.tolist())
+        seen[epoch] = labels.tolist()
+        if name == "ffcv":  # ffcv draws the order from numpy's default_rng(seed + epoch)
+            order = np.random.default_rng(SEED + epoch).permutation(len(all_labels))
+            assert labels.tolist() == all_labels[order].tolist()
+    train.set_epoch(2)
+    assert run_epoch(train)[1].tolist() == seen[2]  # an epoch's order replays
+    assert seen[2] != seen[5]
+    assert train.num_classes == 3 and train.class_names == CLASSES
+
+
+def test_fashion_mnist_beton_holds_exact_pixels(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (10, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, 10, dtype=np.uint8)
+    write_idx_gz(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    write_idx_gz(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
+    beton = write_fashion_mnist_beton(tmp_path, "test", tmp_path / "fm.beton", workers=1)
+    cfg = DataConfig(dataset="imagefolder", loader="ffcv", train_beton=str(beton),
+                     val_beton=str(beton), img_size=28, crop_pct=1.0, mean=(0, 0, 0),
+                     std=(1, 1, 1), workers=1, num_classes=10)
+    _, val = build_image_loaders(cfg, batch_size=2, eval_batch_size=4, seed=0, device=CPU)
+    got, got_labels, _ = run_epoch(val)
+    assert val.class_names[0] == "T-shirt/top"
+    assert got_labels.tolist() == labels.tolist()
+    expected = torch.from_numpy(images).float().unsqueeze(1).expand(-1, 3, -1, -1)
+    torch.testing.assert_close(got * 255, expected, atol=1e-3, rtol=0)
+
+
+# --- bad input: each raises before any training, naming the path ---------------------------
+
+def tv_cfg(train_dir, val_dir, **kw):
+    return DataConfig(dataset="imagefolder", loader="torchvision", train_dir=str(train_dir),
+                      val_dir=str(val_dir), workers=0, **kw)
+
+
+def build(cfg):
+    return build_image_loaders(cfg, batch_size=1, eval_batch_size=1, seed=0, device=CPU)
+
+
+def test_missing_directory(tmp_path):
+    good = tiny_folder(tmp_path / "good")
+    with pytest.raises(ImageDataError, match=f"{tmp_path / 'nope'}: image folder does not exist"):
+        build(tv_cfg(good, tmp_path / "nope"))
+
+
+def test_empty_class_folder(tmp_path):
+    root = tiny_folder(tmp_path / "d")
+    (root / "c").mkdir()
+    with pytest.raises(ImageDataError, match=f"{root / 'c'}: class folder is empty"):
+        build(tv_cfg(root, root))
+
+
+def test_non_image_file(tmp_path):
+    root = tiny_folder(tmp_path / "d")
+    (root / "a" / "notes.txt").write_text("hello")
+    with pytest.raises(ImageDataError, match=f"{root / 'a' / 'notes.txt'}: not an image file"):
+        build(tv_cfg(root, root))
+
+
+def test_unreadable_image_file(tmp_path):
+    root = tiny_folder(tmp_path / "d")
+    bad = root / "b" / "zz.JPEG"
+    bad.write_bytes(b"\xff\xd8 this is not a jpeg")
+    with pytest.raises(ImageDataError, match=f"{bad}: unreadable image"):
+        build(tv_cfg(root, root))
+    # the writer decodes everything: it names the file and leaves nothing at the target
+    with pytest.raises(ImageDataError, match=f"{bad}: unreadable image"):
+        write_imagefolder_beton(root, tmp_path / "x.beton", workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_class_count_mismatch(tmp_path, data):
+    root = tiny_folder(tmp_path / "d")
+    with pytest.raises(ImageDataError, match=f"{root}: holds 2 class folders but "
+                                             "data.num_classes is 5"):
+        build(tv_cfg(root, root, num_classes=5))
+    cfg = make_cfg(data[0], "ffcv", num_classes=1000)
+    with pytest.raises(ImageDataError, match="train.beton: holds 3 classes but data.num_classes"):
+        build(cfg)
+
+
+def test_truncated_beton(tmp_path, data):
+    beton = tmp_path / "cut.beton"
+    shutil.copy(data[0] / "train.beton", beton)
+    shutil.copy(sidecar_path(data[0] / "train.beton"), sidecar_path(beton))
+    with open(beton, "r+b") as f:
+        f.truncate(beton.stat().st_size // 2)
+    cfg = make_cfg(data[0], "ffcv", train_beton=str(beton))
+    with pytest.raises(ImageDataError, match=f"{beton}: .beton is truncated or corrupt"):
+        build(cfg)
+    sidecar_path(beton).unlink()  # without a sidecar the layout check alone catches it
+    with pytest.raises(ImageDataError, match=f"{beton}: .beton is truncated or corrupt"):
+        build(make_cfg(data[0], "ffcv", train_beton=str(beton), num_classes=3))
+
+
+def test_beton_with_other_fields(tmp_path, data):
+    from ffcv.fields import IntField
+    from ffcv.writer import DatasetWriter
+
+    beton = tmp_path / "other.beton"
+    DatasetWriter(str(beton), {"y": IntField()}, num_workers=1).from_indexed_dataset(
+        [(i,) for i in range(4)])
+    with pytest.raises(ImageDataError, match=f"{beton}: .beton has fields"):
+        build(make_cfg(data[0], "ffcv", val_beton=str(beton)))
+
+
+def test_no_overwrite_without_flag(tmp_path, data):
+    target = tmp_path / "t.beton"
+    target.write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match=f"{target}: already exists"):
+        write_imagefolder_beton(data[0] / "val", target, workers=1)
+    assert target.read_bytes() == b"precious"
+    write_imagefolder_beton(data[0] / "val", target, workers=1, overwrite=True)
+    assert json.loads(sidecar_path(target).read_text())["num_samples"] == 9
+
+
+def test_loader_choice_errors_and_fallback(tmp_path, data):
+    root = data[0]
+    with pytest.raises(ValueError, match="'ffcv' but data.train_beton and data.val_beton"):
+        build(make_cfg(root, "ffcv", val_beton=None))
+    with pytest.raises(ValueError, match="'torchvision' but data.train_dir"):
+        build(make_cfg(root, "torchvision", train_dir=None))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train, _ = build(make_cfg(root, "auto", train_beton=None, workers=0))
+    assert type(train).__name__ == "TorchvisionTrainLoader"
+    assert any("train_beton/val_beton are not set" in str(w.message) for w in caught)
