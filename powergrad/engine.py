@@ -19,7 +19,7 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3, random_seed, unwrap_model
+from timm.utils import ModelEmaV3, distribute_bn, random_seed, unwrap_model
 
 from . import checkpoint as ckpt
 from .clipping import clip_gradients, clip_parameters
@@ -89,9 +89,14 @@ def train(recipe: Recipe, run_dir: Path | None = None) -> dict:
             train_model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
 
     log = RunLog(run_dir, recipe, enabled=dist_info.is_main)
+    probe = None
+    if recipe.log.diagnostics and hasattr(model, "blocks"):  # a ViT: GPAS's per-block view
+        from .gpas import ResidualStreamProbe
+        probe = ResidualStreamProbe(model, enabled=False)
     ctx = EpochContext(recipe, train_model, optimizer, scheduler, scaler, train_loss_fn,
                        mixup, ema, device, amp_dtype, dist_info, log,
-                       clip_parameters(model, recipe.clip.clip_mode, recipe.clip.exclude_head))
+                       clip_parameters(model, recipe.clip.clip_mode, recipe.clip.exclude_head),
+                       probe)
     if state.epoch >= cfg.epochs:
         print(f"{run_dir}: already trained for {cfg.epochs} epochs", flush=True)
 
@@ -99,6 +104,8 @@ def train(recipe: Recipe, run_dir: Path | None = None) -> dict:
     for epoch in range(state.epoch, cfg.epochs):
         train_loader.set_epoch(epoch)
         train_stats = train_one_epoch(ctx, train_loader, epoch, state)
+        if dist_info.enabled:  # average BN running statistics so every rank evaluates one model
+            distribute_bn(model, dist_info.world_size, reduce=True)
         eval_stats = evaluate(model, eval_loader, device, amp_dtype, cfg.tta_flip)
         log.scalars({f"eval/{k}": v for k, v in eval_stats.items()}, state.num_updates)
         if ema is not None:
@@ -151,6 +158,7 @@ class EpochContext:
     dist_info: DistInfo
     log: RunLog
     clip_params: list
+    probe: object = None  # gpas.ResidualStreamProbe on ViTs when diagnostics are on
 
 
 def train_one_epoch(ctx: EpochContext, loader, epoch: int, state: TrainState) -> dict:
@@ -172,6 +180,10 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, state: TrainState) ->
         if ctx.mixup is not None:
             images, targets = ctx.mixup(images, labels)
         is_update = (micro_step + 1) % accum == 0
+        measure = (is_update and recipe.log.diagnostics
+                   and (state.num_updates + 1) % log_every == 0)
+        if ctx.probe is not None:
+            ctx.probe.enabled = measure  # record the residual stream of this forward only
         sync = contextlib.nullcontext() if is_update or not ctx.dist_info.enabled else model.no_sync()
         with sync:
             with _autocast(ctx.device, ctx.amp_dtype):
@@ -191,10 +203,10 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, state: TrainState) ->
             acc["wait"] += data_wait
 
         if is_update:
-            measure = recipe.log.diagnostics and (state.num_updates + 1) % log_every == 0
             ctx.scaler.unscale_(optimizer)
-            clip_stats = clip_gradients(ctx.clip_params, recipe.clip.clip_mode,
-                                        recipe.clip.clip_grad, measure=measure)
+            diagnostics = ctx.probe.stats() if measure and ctx.probe is not None else {}
+            diagnostics.update(clip_gradients(ctx.clip_params, recipe.clip.clip_mode,
+                                              recipe.clip.clip_grad, measure=measure))
             ctx.scaler.step(optimizer)
             ctx.scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -205,7 +217,7 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, state: TrainState) ->
             if state.num_updates % log_every == 0:
                 scalars = _window_scalars(window, optimizer, ctx.dist_info.world_size)
                 if measure:
-                    scalars.update(clip_stats)
+                    scalars.update(diagnostics)
                     stats = logit_stats(logits, recipe.pgt.alpha if recipe.pgt.enabled else 1.0)
                     scalars.update({f"pgt/{k}": v for k, v in stats.items()})
                 ctx.log.scalars(scalars, state.num_updates)
@@ -214,6 +226,8 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, state: TrainState) ->
                          "top1": f"{100 * totals['correct'] / totals['seen']:.1f}"})
         tick = time.perf_counter()
     progress.close()
+    if ctx.probe is not None:
+        ctx.probe.enabled = False  # keep evaluation forwards out of the record
 
     seconds = time.perf_counter() - epoch_start
     loss_sum, correct, seen = all_reduce_sum(

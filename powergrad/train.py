@@ -2,6 +2,7 @@
 then train them one after the other, optionally ending with a comparison table and plot."""
 from __future__ import annotations
 
+import os
 import sys
 
 from .recipe import RecipeError, load_recipe
@@ -25,15 +26,18 @@ def main(items: list[str], compare_name: str | None = None) -> int:
         return 2
     from .engine import run_dir_for, train
 
+    say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
     run_dirs = []
     for recipe in recipes:
-        print(f"== {recipe.source} -> {run_dir_for(recipe)}", flush=True)
+        say(f"== {recipe.source} -> {run_dir_for(recipe)}", flush=True)
         summary = train(recipe)
         run_dirs.append(summary["run_dir"])
-        print(f"== {recipe.source}: final test top-1 {summary['final_test_top1']:.2f} %, "
+        say(f"== {recipe.source}: final test top-1 {summary['final_test_top1']:.2f} %, "
               f"best {summary['best_test_top1']:.2f} % (epoch {summary['best_epoch']}), "
               f"{summary['train_seconds']:.0f} s", flush=True)
-    if compare_name:
+    from .distributed import shutdown
+    shutdown()
+    if compare_name and os.environ.get("RANK", "0") == "0":
         from .compare import main as compare_main
         return compare_main(run_dirs, out=f"results/{compare_name}",
                             command="powergrad train " + " ".join(items)

@@ -2,6 +2,7 @@
 and the real TensorBoard server reading the run back over HTTP."""
 import csv
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -158,3 +159,20 @@ def test_tensorboard_server_serves_the_scalars(pgt_run):
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+VIT_RECIPES = sorted(p.name for p in RECIPES.glob("vit_*.yaml"))
+
+
+@pytest.mark.parametrize("name", VIT_RECIPES)
+def test_vit_recipes_smoke(tmp_path, name):
+    recipe = load_recipe(RECIPES / name, [
+        "model.kwargs.embed_dim=32", "model.kwargs.depth=2", "model.kwargs.num_heads=2",
+        "data.train_subset=256", "data.eval_subset=200", "train.batch_size=64",
+        "train.eval_batch_size=100", "train.epochs=1", "log.log_interval=2",
+        f"log.output={tmp_path}"])
+    summary = engine.train(recipe)
+    scalars = read_scalars(summary["run_dir"])
+    assert summary["updates"] == 4 and math.isfinite(summary["final_train_loss"])
+    assert {"gpas/var/block00", "gpas/var/block01", "gpas/grad_norm/block01"} <= set(scalars)
+    assert ("gpas/gate/block01" in scalars) == recipe.model.gpas.enabled
