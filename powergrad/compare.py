@@ -107,6 +107,10 @@ def main(runs: list[str], target: float | None = None, out: str | None = None,
     except FileNotFoundError as err:
         print(f"compare: {err}", file=sys.stderr)
         return 2
+    names = [r["run"] for r in rows]
+    if len(set(names)) < len(names):  # e.g. one recipe over several seeds: add the parent
+        for r, run in zip(rows, runs):
+            r["run"] = f"{Path(run).parent.name}/{Path(run).name}"
     if target is None:  # the level every run reached: how fast did each get there?
         target = math.floor(min(r["best_test_top1"] for r in rows) * 2) / 2
     table = markdown_table(rows, target)
