@@ -176,3 +176,22 @@ def test_vit_recipes_smoke(tmp_path, name):
     assert summary["updates"] == 4 and math.isfinite(summary["final_train_loss"])
     assert {"gpas/var/block00", "gpas/var/block01", "gpas/grad_norm/block01"} <= set(scalars)
     assert ("gpas/gate/block01" in scalars) == recipe.model.gpas.enabled
+
+
+@pytest.mark.parametrize("extra", [
+    # bf16 autocast + mixup/cutmix soft targets through PGT + EMA + gradient accumulation
+    ["train.amp_dtype=bfloat16", "loss.mixup=0.8", "loss.cutmix=1.0", "loss.smoothing=0.1",
+     "train.model_ema=true", "train.model_ema_decay=0.9", "train.grad_accum_steps=2"],
+    # fp16 autocast with a GradScaler, norm clipping, step schedule, test-time flip
+    ["train.amp_dtype=float16", "clip.clip_mode=norm", "clip.clip_grad=1.0", "sched.sched=step",
+     "sched.decay_epochs=1", "train.tta_flip=true"],
+])
+def test_engine_options_run_end_to_end(tmp_path, extra):
+    recipe = tiny_recipe(tmp_path, extra=extra)
+    summary = engine.train(recipe)
+    scalars = read_scalars(summary["run_dir"])
+    assert summary["updates"] == 2 * (8 // recipe.train.grad_accum_steps)
+    assert math.isfinite(summary["final_train_loss"]) and summary["final_test_top1"] > 0
+    assert ("eval_ema/top1" in scalars) == recipe.train.model_ema
+    if recipe.clip.clip_mode == "norm":  # clipped to max norm 1 (plus float rounding)
+        assert max(v for _, v in scalars["clip/grad_norm_after"]) <= 1.0 + 1e-4
