@@ -13,7 +13,7 @@ import math
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
-from torchvision import transforms as T
+from torchvision.transforms import v2 as T
 from torchvision.datasets import ImageFolder
 
 from .device_batches import ImageBatches, TrainImageBatches
