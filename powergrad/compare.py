@@ -125,3 +125,42 @@ def main(runs: list[str], target: float | None = None, out: str | None = None,
         plot(rows, out_path.with_suffix(".png"))
         print(f"wrote {out_path.with_suffix('.md')} and {out_path.with_suffix('.png')}")
     return 0
+
+
+def block_profile(series: dict, kind: str, last: int = 5) -> list[float]:
+    """Per-block values of a ViT run's probe (kind 'var' or 'grad_norm'), each the mean of the
+    last `last` logged points: index i holds block i."""
+    tags = sorted(t for t in series if t.startswith(f"gpas/{kind}/block"))
+    return [sum(v for _, v in series[t][-last:]) / len(series[t][-last:]) for t in tags]
+
+
+def block_report(runs: list[str], out: str, command: str) -> None:
+    """Markdown and PNG of residual-stream variance and gradient norm against depth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    profiles = {Path(r).name: {k: block_profile(read_scalars(r), k) for k in ("var", "grad_norm")}
+                for r in runs}
+    lines = [f"# {Path(out).name}", "", f"Command: `{command}`", "",
+             "Mean of the last 5 logged steps of each run.", ""]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, kind, label in zip(axes, ("var", "grad_norm"),
+                               ("residual-stream variance", "gradient norm of the block")):
+        lines += [f"| {label} | " + " | ".join(f"block {i}" for i in
+                                              range(len(next(iter(profiles.values()))[kind])))
+                  + " |", "|---" * (1 + len(next(iter(profiles.values()))[kind])) + "|"]
+        for name, prof in profiles.items():
+            lines.append(f"| {name} | " + " | ".join(f"{v:.4g}" for v in prof[kind]) + " |")
+            ax.plot(range(len(prof[kind])), prof[kind], marker="o", label=name)
+        lines.append("")
+        ax.set(xlabel="block", ylabel=label, yscale="log", title=label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(f"{out}.png", dpi=110)
+    plt.close(fig)
+    Path(f"{out}.md").write_text("\n".join(lines) + f"\n![blocks]({Path(out).name}.png)\n")
+    print("\n".join(lines))

@@ -15,7 +15,7 @@ import torch
 
 from powergrad import checkpoint as ckpt
 from powergrad import engine
-from powergrad.compare import markdown_table, read_scalars, summarize
+from powergrad.compare import block_profile, markdown_table, read_scalars, summarize
 from powergrad.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "fashion_mnist"
@@ -176,6 +176,10 @@ def test_vit_recipes_smoke(tmp_path, name):
     assert summary["updates"] == 4 and math.isfinite(summary["final_train_loss"])
     assert {"gpas/var/block00", "gpas/var/block01", "gpas/grad_norm/block01"} <= set(scalars)
     assert ("gpas/gate/block01" in scalars) == recipe.model.gpas.enabled
+    variance = block_profile(scalars, "var")
+    assert len(variance) == 2
+    assert variance[1] == pytest.approx(sum(v for _, v in scalars["gpas/var/block01"][-5:])
+                                        / len(scalars["gpas/var/block01"][-5:]))
 
 
 @pytest.mark.parametrize("extra", [
