@@ -26,6 +26,7 @@ from .clipping import clip_gradients, clip_parameters
 from .data import build_loaders
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from .models import build_model
+from .preemption import Preempted, StopRequest
 from .recipe import Recipe
 from .runlog import Progress, RunLog
 from .transform import logit_stats, wrap_loss
@@ -41,6 +42,10 @@ class TrainState:
     best_top1: float = -1.0
     best_epoch: int = -1
     history: list = field(default_factory=list)  # one summary row per finished epoch
+    # Set when preempted mid-epoch: micro-batches of `epoch` already trained, and the
+    # epoch's running sums, so a resumed run replays the loader past them and goes on.
+    batch_in_epoch: int = 0
+    epoch_totals: dict = field(default_factory=dict)
 
 
 def run_dir_for(recipe: Recipe) -> Path:
@@ -79,7 +84,8 @@ def train(recipe: Recipe, run_dir: Path | None = None) -> dict:
     resume_from = _resume_path(recipe, run_dir)
     if resume_from:
         state = _load_checkpoint(resume_from, model, optimizer, scheduler, scaler, ema)
-        print(f"resumed from {resume_from} at epoch {state.epoch}", flush=True)
+        print(f"resumed from {resume_from} at epoch {state.epoch + 1}, "
+              f"batch {state.batch_in_epoch}", flush=True)
 
     train_model = model
     if cfg.torchcompile:
@@ -101,39 +107,21 @@ def train(recipe: Recipe, run_dir: Path | None = None) -> dict:
         print(f"{run_dir}: already trained for {cfg.epochs} epochs", flush=True)
 
     # --- the epoch loop --------------------------------------------------------------------
-    for epoch in range(state.epoch, cfg.epochs):
-        train_loader.set_epoch(epoch)
-        train_stats = train_one_epoch(ctx, train_loader, epoch, state)
-        if dist_info.enabled:  # average BN running statistics so every rank evaluates one model
-            distribute_bn(model, dist_info.world_size, reduce=True)
-        eval_stats = evaluate(model, eval_loader, device, amp_dtype, cfg.tta_flip)
-        log.scalars({f"eval/{k}": v for k, v in eval_stats.items()}, state.num_updates)
-        if ema is not None:
-            ema_stats = evaluate(ema.module, eval_loader, device, amp_dtype, cfg.tta_flip)
-            log.scalars({f"eval_ema/{k}": v for k, v in ema_stats.items()}, state.num_updates)
-        row = {"epoch": epoch, "train_loss": train_stats["loss"], "train_top1": train_stats["top1"],
-               "eval_loss": eval_stats["loss"], "eval_top1": eval_stats["top1"],
-               "eval_top5": eval_stats["top5"], "lr": optimizer.param_groups[0]["lr"],
-               "img_per_sec": train_stats["img_per_sec"],
-               "data_wait_frac": train_stats["data_wait_frac"],
-               "epoch_seconds": train_stats["seconds"]}
-        log.scalars({"epoch/train_loss": row["train_loss"], "epoch/train_top1": row["train_top1"],
-                     "epoch/number": epoch + 1}, state.num_updates)
-        log.epoch_summary(row)
-        state.history.append(row)
-        if dist_info.is_main:
-            print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
-                  f"top1 {row['train_top1']:.2f} | test loss {row['eval_loss']:.4f} "
-                  f"top1 {row['eval_top1']:.2f} top5 {row['eval_top5']:.2f} | "
-                  f"{row['img_per_sec']:.0f} img/s", flush=True)
-        state.epoch = epoch + 1
-        is_best = eval_stats["top1"] > state.best_top1
-        if is_best:
-            state.best_top1, state.best_epoch = eval_stats["top1"], epoch
-        if recipe.log.checkpoint and dist_info.is_main:
-            _save_checkpoint(run_dir, recipe, state, model, optimizer, scheduler, scaler, ema,
-                             is_best)
-        barrier()
+    with StopRequest() as stop:
+        for epoch in range(state.epoch, cfg.epochs):
+            try:
+                _run_epoch(ctx, train_loader, eval_loader, epoch, state, stop, run_dir, model)
+            except Preempted:
+                if recipe.log.checkpoint and dist_info.is_main:
+                    _save_checkpoint(run_dir, recipe, state, model, optimizer, scheduler,
+                                     scaler, ema, is_best=False)
+                barrier()
+                log.close()
+                if dist_info.is_main:
+                    print(f"preempted: saved {run_dir / 'last.pth'} at epoch {epoch + 1}, "
+                          f"batch {state.batch_in_epoch}; run the same command to resume",
+                          flush=True)
+                return {**_final_summary(recipe, state, run_dir), "preempted": True}
 
     summary = _final_summary(recipe, state, run_dir)
     log.hparams(recipe, {"final_top1": summary["final_test_top1"],
@@ -141,6 +129,45 @@ def train(recipe: Recipe, run_dir: Path | None = None) -> dict:
     log.final(summary)
     log.close()
     return summary
+
+
+def _run_epoch(ctx: EpochContext, train_loader, eval_loader, epoch: int, state: TrainState,
+               stop: StopRequest, run_dir: Path, model: nn.Module) -> None:
+    """Train one epoch, evaluate (the unwrapped model, and its EMA), log, checkpoint."""
+    recipe, cfg, dist_info, log = ctx.recipe, ctx.recipe.train, ctx.dist_info, ctx.log
+    device, amp_dtype, optimizer, ema = ctx.device, ctx.amp_dtype, ctx.optimizer, ctx.ema
+    train_loader.set_epoch(epoch)
+    train_stats = train_one_epoch(ctx, train_loader, epoch, state, stop)
+    if dist_info.enabled:  # average BN running statistics so every rank evaluates one model
+        distribute_bn(model, dist_info.world_size, reduce=True)
+    eval_stats = evaluate(model, eval_loader, device, amp_dtype, cfg.tta_flip)
+    log.scalars({f"eval/{k}": v for k, v in eval_stats.items()}, state.num_updates)
+    if ema is not None:
+        ema_stats = evaluate(ema.module, eval_loader, device, amp_dtype, cfg.tta_flip)
+        log.scalars({f"eval_ema/{k}": v for k, v in ema_stats.items()}, state.num_updates)
+    row = {"epoch": epoch, "train_loss": train_stats["loss"], "train_top1": train_stats["top1"],
+           "eval_loss": eval_stats["loss"], "eval_top1": eval_stats["top1"],
+           "eval_top5": eval_stats["top5"], "lr": optimizer.param_groups[0]["lr"],
+           "img_per_sec": train_stats["img_per_sec"],
+           "data_wait_frac": train_stats["data_wait_frac"],
+           "epoch_seconds": train_stats["seconds"]}
+    log.scalars({"epoch/train_loss": row["train_loss"], "epoch/train_top1": row["train_top1"],
+                 "epoch/number": epoch + 1}, state.num_updates)
+    log.epoch_summary(row)
+    state.history.append(row)
+    if dist_info.is_main:
+        print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
+              f"top1 {row['train_top1']:.2f} | test loss {row['eval_loss']:.4f} "
+              f"top1 {row['eval_top1']:.2f} top5 {row['eval_top5']:.2f} | "
+              f"{row['img_per_sec']:.0f} img/s", flush=True)
+    state.epoch = epoch + 1
+    is_best = eval_stats["top1"] > state.best_top1
+    if is_best:
+        state.best_top1, state.best_epoch = eval_stats["top1"], epoch
+    if recipe.log.checkpoint and dist_info.is_main:
+        _save_checkpoint(run_dir, recipe, state, model, optimizer, ctx.scheduler,
+                         ctx.scaler, ema, is_best)
+    barrier()
 
 
 @dataclass
@@ -161,20 +188,25 @@ class EpochContext:
     probe: object = None  # gpas.ResidualStreamProbe on ViTs when diagnostics are on
 
 
-def train_one_epoch(ctx: EpochContext, loader, epoch: int, state: TrainState) -> dict:
+def train_one_epoch(ctx: EpochContext, loader, epoch: int, state: TrainState,
+                    stop: StopRequest | None = None) -> dict:
     recipe, model, optimizer = ctx.recipe, ctx.model, ctx.optimizer
     accum = recipe.train.grad_accum_steps
     log_every = recipe.log.log_interval
     model.train()
-    totals = dict(loss=0.0, correct=0.0, seen=0, wait=0.0)
+    skip = state.batch_in_epoch  # > 0 when resuming a preempted epoch
+    totals = dict(state.epoch_totals) or dict(loss=0.0, correct=0.0, seen=0, wait=0.0)
+    seen_before = totals["seen"]  # samples of this epoch trained before a preemption
     window = dict(loss=0.0, correct=0.0, seen=0, start=time.perf_counter(), wait=0.0)
-    progress = Progress(len(loader), f"epoch {epoch + 1}/{recipe.train.epochs}",
+    progress = Progress(len(loader) - skip, f"epoch {epoch + 1}/{recipe.train.epochs}",
                         enabled=ctx.dist_info.is_main, every=log_every)
     epoch_start = tick = time.perf_counter()
     last_micro_step = (len(loader) // accum) * accum - 1
     for micro_step, (images, labels) in enumerate(loader):
         if micro_step > last_micro_step:
             break  # a partial accumulation group at the end of the epoch is dropped
+        if micro_step < skip:
+            continue  # replayed, not trained: the loader's order and augmentation stay in step
         data_wait = time.perf_counter() - tick
         targets = labels
         if ctx.mixup is not None:
@@ -222,18 +254,24 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, state: TrainState) ->
                     scalars.update({f"pgt/{k}": v for k, v in stats.items()})
                 ctx.log.scalars(scalars, state.num_updates)
                 window.update(loss=0.0, correct=0.0, seen=0, start=time.perf_counter(), wait=0.0)
+            if stop is not None and stop.agreed(ctx.device):
+                state.batch_in_epoch, state.epoch_totals = micro_step + 1, dict(totals)
+                progress.close()
+                raise Preempted
         progress.update({"loss": f"{loss_value:.3f}",
                          "top1": f"{100 * totals['correct'] / totals['seen']:.1f}"})
         tick = time.perf_counter()
     progress.close()
+    state.batch_in_epoch, state.epoch_totals = 0, {}
     if ctx.probe is not None:
         ctx.probe.enabled = False  # keep evaluation forwards out of the record
 
     seconds = time.perf_counter() - epoch_start
-    loss_sum, correct, seen = all_reduce_sum(
-        [totals["loss"], totals["correct"], float(totals["seen"])], ctx.device)
+    loss_sum, correct, seen, seen_now = all_reduce_sum(
+        [totals["loss"], totals["correct"], float(totals["seen"]),
+         float(totals["seen"] - seen_before)], ctx.device)
     return {"loss": loss_sum / max(seen, 1), "top1": 100 * correct / max(seen, 1),
-            "img_per_sec": seen / seconds, "data_wait_frac": totals["wait"] / seconds,
+            "img_per_sec": seen_now / seconds, "data_wait_frac": totals["wait"] / seconds,
             "seconds": seconds}
 
 
@@ -370,7 +408,8 @@ def _save_checkpoint(run_dir, recipe, state, model, optimizer, scheduler, scaler
         "ema": ema.module.state_dict() if ema is not None else None,
         "state": {"epoch": state.epoch, "num_updates": state.num_updates,
                   "best_top1": state.best_top1, "best_epoch": state.best_epoch,
-                  "history": state.history},
+                  "history": state.history, "batch_in_epoch": state.batch_in_epoch,
+                  "epoch_totals": state.epoch_totals},
         "rng": ckpt.rng_state(),
         "recipe_digest": recipe.digest(),
     }

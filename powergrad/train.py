@@ -31,6 +31,11 @@ def main(items: list[str], compare_name: str | None = None) -> int:
     for recipe in recipes:
         say(f"== {recipe.source} -> {run_dir_for(recipe)}", flush=True)
         summary = train(recipe)
+        if summary.get("preempted"):  # SIGTERM: last.pth holds the place; rerun to resume
+            from .distributed import shutdown
+            from .preemption import EXIT_PREEMPTED
+            shutdown()
+            return EXIT_PREEMPTED
         run_dirs.append(summary["run_dir"])
         say(f"== {recipe.source}: final test top-1 {summary['final_test_top1']:.2f} %, "
               f"best {summary['best_test_top1']:.2f} % (epoch {summary['best_epoch']}), "

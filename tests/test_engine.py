@@ -2,6 +2,8 @@
 and the real TensorBoard server reading the run back over HTTP."""
 import csv
 import json
+import os
+import signal
 import math
 import socket
 import subprocess
@@ -87,11 +89,11 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     real_epoch = engine.train_one_epoch
     calls = []
 
-    def killed_in_second_epoch(ctx, loader, epoch, state):
+    def killed_in_second_epoch(ctx, loader, epoch, state, stop=None):
         calls.append(epoch)
         if epoch == 1:
-            raise KeyboardInterrupt  # like a kill after the first epoch's checkpoint
-        return real_epoch(ctx, loader, epoch, state)
+            raise KeyboardInterrupt  # like a hard kill after the first epoch's checkpoint
+        return real_epoch(ctx, loader, epoch, state, stop)
 
     monkeypatch.setattr(engine, "train_one_epoch", killed_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
@@ -199,3 +201,37 @@ def test_engine_options_run_end_to_end(tmp_path, extra):
     assert ("eval_ema/top1" in scalars) == recipe.train.model_ema
     if recipe.clip.clip_mode == "norm":  # clipped to max norm 1 (plus float rounding)
         assert max(v for _, v in scalars["clip/grad_norm_after"]) <= 1.0 + 1e-4
+
+
+def test_sigterm_preempts_cleanly_and_resumes_mid_epoch_exactly(tmp_path, monkeypatch):
+    extra = ["loss.mixup=0.5", "train.model_ema=true"]  # RNG-consuming and stateful parts too
+    straight = engine.train(tiny_recipe(tmp_path / "a", extra=extra))
+    state_a = ckpt.load(Path(straight["run_dir"]) / "last.pth")
+
+    real_clip = engine.clip_gradients
+    updates = []
+
+    def terminated_at_update_5(*args, **kwargs):
+        updates.append(1)
+        if len(updates) == 5:  # the scheduler's SIGTERM arrives during the 5th step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "clip_gradients", terminated_at_update_5)
+    stopped = engine.train(tiny_recipe(tmp_path / "b", extra=extra))
+    monkeypatch.setattr(engine, "clip_gradients", real_clip)
+    assert stopped["preempted"] and stopped["updates"] == 5
+    saved = ckpt.load(Path(stopped["run_dir"]) / "last.pth")["state"]
+    assert (saved["epoch"], saved["batch_in_epoch"]) == (0, 5)
+    assert signal.getsignal(signal.SIGTERM) is not None  # the handler was put back
+
+    resumed = engine.train(tiny_recipe(tmp_path / "b", extra=extra))
+    state_b = ckpt.load(Path(resumed["run_dir"]) / "last.pth")
+    assert "preempted" not in resumed and state_b["state"]["num_updates"] == 16
+    for key, value in state_a["model"].items():
+        assert torch.equal(value, state_b["model"][key]), key
+    for key, value in state_a["ema"].items():
+        assert torch.equal(value, state_b["ema"][key]), key
+    rows_a, rows_b = read_summary(Path(straight["run_dir"])), read_summary(Path(resumed["run_dir"]))
+    for column in ("train_loss", "train_top1", "eval_loss", "eval_top1"):
+        assert [r[column] for r in rows_b] == [r[column] for r in rows_a], column
