@@ -84,8 +84,9 @@ def train(recipe: Recipe, run_dir: Path | None = None) -> dict:
     resume_from = _resume_path(recipe, run_dir)
     if resume_from:
         state = _load_checkpoint(resume_from, model, optimizer, scheduler, scaler, ema)
-        print(f"resumed from {resume_from} at epoch {state.epoch + 1}, "
-              f"batch {state.batch_in_epoch}", flush=True)
+        if state.epoch < cfg.epochs:
+            print(f"resumed from {resume_from} at epoch {state.epoch + 1}, "
+                  f"batch {state.batch_in_epoch}", flush=True)
 
     train_model = model
     if cfg.torchcompile:
