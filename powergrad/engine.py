@@ -199,10 +199,12 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, state: TrainState,
     totals = dict(state.epoch_totals) or dict(loss=0.0, correct=0.0, seen=0, wait=0.0)
     seen_before = totals["seen"]  # samples of this epoch trained before a preemption
     window = dict(loss=0.0, correct=0.0, seen=0, start=time.perf_counter(), wait=0.0)
+    pending = _zero_pending(ctx.device)
     progress = Progress(len(loader) - skip, f"epoch {epoch + 1}/{recipe.train.epochs}",
                         enabled=ctx.dist_info.is_main, every=log_every)
     epoch_start = tick = time.perf_counter()
     last_micro_step = (len(loader) // accum) * accum - 1
+    micro_step = skip - 1
     for micro_step, (images, labels) in enumerate(loader):
         if micro_step > last_micro_step:
             break  # a partial accumulation group at the end of the epoch is dropped
@@ -224,16 +226,11 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, state: TrainState,
                 loss = ctx.loss_fn(logits, targets)
             ctx.scaler.scale(loss / accum).backward()
 
-        batch = labels.shape[0]
-        correct = (logits.detach().argmax(-1) == labels).sum().item()  # vs. the unmixed labels
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss is {loss_value} at epoch {epoch}, step {micro_step}")
-        for acc in (totals, window):
-            acc["loss"] += loss_value * batch
-            acc["correct"] += correct
-            acc["seen"] += batch
-            acc["wait"] += data_wait
+        # Sums stay on the device between log steps: no host sync on every step (GPU).
+        pending["loss"] += loss.detach().double() * labels.shape[0]  # exact sums: resume-safe
+        pending["correct"] += (logits.detach().argmax(-1) == labels).sum()  # unmixed labels
+        pending["seen"] += labels.shape[0]
+        pending["wait"] += data_wait
 
         if is_update:
             ctx.scaler.unscale_(optimizer)
@@ -248,6 +245,7 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, state: TrainState,
                 ctx.ema.update(unwrap_model(model), step=state.num_updates)
             ctx.scheduler.step_update(num_updates=state.num_updates)
             if state.num_updates % log_every == 0:
+                _fold_pending(pending, (totals, window), epoch, micro_step)
                 scalars = _window_scalars(window, optimizer, ctx.dist_info.world_size)
                 if measure:
                     scalars.update(diagnostics)
@@ -256,12 +254,14 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, state: TrainState,
                 ctx.log.scalars(scalars, state.num_updates)
                 window.update(loss=0.0, correct=0.0, seen=0, start=time.perf_counter(), wait=0.0)
             if stop is not None and stop.agreed(ctx.device):
+                _fold_pending(pending, (totals, window), epoch, micro_step)
                 state.batch_in_epoch, state.epoch_totals = micro_step + 1, dict(totals)
                 progress.close()
                 raise Preempted
-        progress.update({"loss": f"{loss_value:.3f}",
-                         "top1": f"{100 * totals['correct'] / totals['seen']:.1f}"})
+        progress.update({"loss": f"{totals['loss'] / max(totals['seen'], 1):.3f}",
+                         "top1": f"{100 * totals['correct'] / max(totals['seen'], 1):.1f}"})
         tick = time.perf_counter()
+    _fold_pending(pending, (totals, window), epoch, micro_step)
     progress.close()
     state.batch_in_epoch, state.epoch_totals = 0, {}
     if ctx.probe is not None:
@@ -274,6 +274,26 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, state: TrainState,
     return {"loss": loss_sum / max(seen, 1), "top1": 100 * correct / max(seen, 1),
             "img_per_sec": seen_now / seconds, "data_wait_frac": totals["wait"] / seconds,
             "seconds": seconds}
+
+
+def _zero_pending(device) -> dict:
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    return dict(loss=zero.clone(), correct=zero.clone(), seen=0, wait=0.0)
+
+
+def _fold_pending(pending: dict, sums: tuple[dict, ...], epoch: int, micro_step: int) -> None:
+    """Move the device-side sums into the host-side running sums (one sync), then reset."""
+    if pending["seen"] == 0:
+        return
+    loss_sum, correct = torch.stack([pending["loss"], pending["correct"].double()]).tolist()
+    if not math.isfinite(loss_sum):
+        raise FloatingPointError(f"loss is {loss_sum} by epoch {epoch}, step {micro_step}")
+    for acc in sums:
+        acc["loss"] += loss_sum
+        acc["correct"] += correct
+        acc["seen"] += pending["seen"]
+        acc["wait"] += pending["wait"]
+    pending.update(_zero_pending(pending["loss"].device))
 
 
 def _window_scalars(window: dict, optimizer, world_size: int) -> dict[str, float]:
@@ -290,20 +310,19 @@ def evaluate(model: nn.Module, loader, device, amp_dtype, tta_flip: bool = False
     """Test loss, top-1 and top-5 (%), summed over ranks; with tta_flip the logits of each
     image and its mirror image are averaged."""
     model.eval()
-    loss_sum = top1 = top5 = seen = 0.0
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1, top-5 hits
+    seen = 0
     for images, labels in loader:
         with _autocast(device, amp_dtype):
             logits = model(images)
             if tta_flip:
                 logits = (logits + model(images.flip(-1))) / 2
         logits = logits.float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        hits = top == labels[:, None]
-        top1 += hits[:, 0].sum().item()
-        top5 += hits.any(dim=-1).sum().item()
+        hits = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == labels[:, None]
+        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
+                             hits[:, 0].sum().double(), hits.any(dim=-1).sum().double()])
         seen += labels.shape[0]
-    loss_sum, top1, top5, seen = all_reduce_sum([loss_sum, top1, top5, seen], device)
+    loss_sum, top1, top5, seen = all_reduce_sum([*sums.tolist(), float(seen)], device)
     return {"loss": loss_sum / seen, "top1": 100 * top1 / seen, "top5": 100 * top5 / seen}
 
 
