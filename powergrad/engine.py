@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,8 +39,6 @@ class TrainState:
     """What a checkpoint must hold besides module states to continue exactly."""
     epoch: int = 0  # the next epoch to run
     num_updates: int = 0  # optimizer steps so far (the TensorBoard x axis)
-    best_top1: float = -1.0
-    best_epoch: int = -1
     history: list = field(default_factory=list)  # one summary row per finished epoch
     # Set when preempted mid-epoch: micro-batches of `epoch` already trained, and the
     # epoch's running sums, so a resumed run replays the loader past them and goes on.
@@ -162,9 +160,7 @@ def _run_epoch(ctx: EpochContext, train_loader, eval_loader, epoch: int, state: 
               f"top1 {row['eval_top1']:.2f} top5 {row['eval_top5']:.2f} | "
               f"{row['img_per_sec']:.0f} img/s", flush=True)
     state.epoch = epoch + 1
-    is_best = eval_stats["top1"] > state.best_top1
-    if is_best:
-        state.best_top1, state.best_epoch = eval_stats["top1"], epoch
+    is_best = _best_row(state.history) is row
     if recipe.log.checkpoint and dist_info.is_main:
         _save_checkpoint(run_dir, recipe, state, model, optimizer, ctx.scheduler,
                          ctx.scaler, ema, is_best)
@@ -426,10 +422,7 @@ def _save_checkpoint(run_dir, recipe, state, model, optimizer, scheduler, scaler
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "ema": ema.module.state_dict() if ema is not None else None,
-        "state": {"epoch": state.epoch, "num_updates": state.num_updates,
-                  "best_top1": state.best_top1, "best_epoch": state.best_epoch,
-                  "history": state.history, "batch_in_epoch": state.batch_in_epoch,
-                  "epoch_totals": state.epoch_totals},
+        "state": asdict(state),
         "rng": ckpt.rng_state(),
         "recipe_digest": recipe.digest(),
     }
@@ -449,19 +442,27 @@ def _load_checkpoint(path, model, optimizer, scheduler, scaler, ema) -> TrainSta
     if ema is not None and payload["ema"] is not None:
         ema.module.load_state_dict(payload["ema"])
     ckpt.restore_rng_state(payload["rng"])
-    state = TrainState(**payload["state"])
+    known = TrainState.__dataclass_fields__  # checkpoints from older versions carry more
+    state = TrainState(**{k: v for k, v in payload["state"].items() if k in known})
     scheduler.step_update(num_updates=state.num_updates)
     return state
+
+
+def _best_row(history: list[dict]) -> dict | None:
+    """The epoch with the highest test top-1 (the earliest on a tie)."""
+    return max(history, key=lambda r: r["eval_top1"], default=None)
 
 
 def _final_summary(recipe: Recipe, state: TrainState, run_dir: Path) -> dict:
     history = state.history
     last = history[-1] if history else {}
+    best = _best_row(history) or {}
     return {
         "run_dir": str(run_dir), "recipe": recipe.source, "digest": recipe.digest(),
         "epochs": state.epoch, "updates": state.num_updates,
         "final_test_top1": last.get("eval_top1", float("nan")),
-        "best_test_top1": state.best_top1, "best_epoch": state.best_epoch + 1,
+        "best_test_top1": best.get("eval_top1", float("nan")),
+        "best_epoch": best.get("epoch", -1) + 1,
         "final_train_top1": last.get("train_top1", float("nan")),
         "final_train_loss": last.get("train_loss", float("nan")),
         "mean_img_per_sec": (sum(r["img_per_sec"] for r in history) / len(history)
