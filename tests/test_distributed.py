@@ -1,13 +1,13 @@
 """The DDP code path on the CPU: torchrun with two processes and the gloo backend."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from helpers_net import free_port
 from powergrad import checkpoint as ckpt
 from powergrad.data.config import DataConfig
 from powergrad.data.fashion_mnist import build_fashion_mnist_loaders
@@ -21,16 +21,11 @@ OVERRIDES = ["model.kwargs.channels=[8, 16, 32, 64]", "data.train_subset=512",
              "train.epochs=1", "train.channels_last=false", "train.threads=1"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "powergrad", "train", str(RECIPE), *OVERRIDES,
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "powergrad", "train", str(RECIPE), *OVERRIDES,
            f"log.output={tmp_path}"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]

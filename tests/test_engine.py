@@ -2,10 +2,9 @@
 and the real TensorBoard server reading the run back over HTTP."""
 import csv
 import json
+import math
 import os
 import signal
-import math
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers_net import free_port
 from powergrad import checkpoint as ckpt
 from powergrad import engine
 from powergrad.compare import block_profile, markdown_table, read_scalars, summarize
@@ -120,12 +120,6 @@ def test_finished_run_is_not_trained_again(pgt_run, capsys):
     again = engine.train(recipe, run_dir=run_dir)
     assert again["updates"] == summary["updates"]
     assert "already trained" in capsys.readouterr().out
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get_json(url, timeout=60.0):

@@ -98,8 +98,11 @@ class FashionMNISTLoader:
         n = self.labels.shape[0]
         if not self.train:
             return torch.arange(n)[self.rank :: self.world_size]
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return torch.randperm(n, generator=gen)[self.rank :: self.world_size]
+        return torch.randperm(n, generator=self._generator(0))[self.rank :: self.world_size]
+
+    def _generator(self, stream: int) -> torch.Generator:
+        """Seeded by (seed, epoch): stream 0 draws the order, stream 1 the augmentation."""
+        return torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + stream)
 
     def __len__(self) -> int:
         n = len(range(self.rank, self.labels.shape[0], self.world_size))
@@ -107,7 +110,7 @@ class FashionMNISTLoader:
 
     def __iter__(self):
         order = self._indices()
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 1)
+        gen = self._generator(1)
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size].to(self.labels.device)
             x = self.images[idx]
