@@ -44,6 +44,7 @@ def clip_gradients(params: list[torch.Tensor], mode: str, value: float,
             stats["clip/agc_clipped_frac"] = agc_clipped_fraction(params, value)
     if mode != "none":
         dispatch_clip_grad(params, value, mode=mode)
-    if measure:
-        stats["clip/grad_norm_after"] = global_grad_norm(params)
+    if measure:  # without clipping the norm is unchanged: no second pass over the gradients
+        stats["clip/grad_norm_after"] = (stats["clip/grad_norm_before"] if mode == "none"
+                                         else global_grad_norm(params))
     return stats
