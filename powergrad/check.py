@@ -30,13 +30,17 @@ def _targets(kind: str, n: int, gen: torch.Generator):
     if kind == "smoothed":
         return labels, 0.1, onehot * 0.9 + 0.1 / NUM_CLASSES
     soft = 0.6 * onehot + 0.4 * np.roll(onehot, 1, axis=1)  # a mixup-style mixture
-    return torch.from_numpy(soft).float(), 0.0, soft
+    if kind == "soft":
+        return torch.from_numpy(soft).float(), 0.0, soft
+    # smoothing applies to soft targets too, as in torch: q = 0.9 * soft + 0.1 / C
+    return torch.from_numpy(soft).float(), 0.1, soft * 0.9 + 0.1 / NUM_CLASSES
 
 
 def run_checks(tolerance: float = 1e-6, verbose: bool = True) -> bool:
     gen = torch.Generator().manual_seed(0)
     worst, count = 0.0, 0
-    cases = itertools.product(["hard", "smoothed", "soft"], [1, 8, 256],
+    cases = itertools.product(["hard", "smoothed", "soft", "soft+smoothed"],
+                              [1, 8, 256],
                               [1.0, 2.0**8, 2.0**16, 2.0**24], [0.0, 0.05, 0.25, 1.0],
                               [torch.float32, torch.float64])
     for kind, n, scale, alpha, dtype in cases:
@@ -50,7 +54,7 @@ def run_checks(tolerance: float = 1e-6, verbose: bool = True) -> bool:
     ok = worst < tolerance
     if verbose:
         print(f"PGT gradient vs float64 closed form: {count} cases "
-              "(targets hard/smoothed/soft x batch 1/8/256 x loss scale 1..2^24 x "
+              "(targets hard/smoothed/soft/soft+smoothed x batch 1/8/256 x loss scale 1..2^24 x "
               "alpha 0/0.05/0.25/1 x float32/float64)")
         print(f"  worst relative error {worst:.2e} (limit {tolerance:.0e}): {'OK' if ok else 'FAIL'}")
     return ok

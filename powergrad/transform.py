@@ -34,12 +34,12 @@ def powergrad_probs(logits: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def _subtract_target(p_alpha: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """p' - q in place, q being one-hot (optionally smoothed as timm and torch do) or soft."""
-    if target.is_floating_point():  # class probabilities, e.g. from timm's Mixup/CutMix
-        return p_alpha.sub_(target.to(p_alpha.dtype))
-    rows = torch.arange(target.shape[0], device=target.device)
-    if smoothing > 0.0:  # q = (1 - eps) * onehot + eps / C
+    """p' - q in place, q = (1 - eps) * t + eps / C with t one-hot or soft (torch's definition)."""
+    if smoothing > 0.0:
         p_alpha.sub_(smoothing / p_alpha.shape[-1])
+    if target.is_floating_point():  # class probabilities, e.g. from timm's Mixup/CutMix
+        return p_alpha.sub_(target.to(p_alpha.dtype), alpha=1.0 - smoothing)
+    rows = torch.arange(target.shape[0], device=target.device)
     p_alpha[rows, target] -= 1.0 - smoothing
     return p_alpha
 
@@ -72,8 +72,10 @@ def _cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float)
 class PowerGradCrossEntropy(nn.Module):
     """Cross-entropy whose logit gradient is the PGT one.
 
-    Targets: class indices [N] (with optional label smoothing, q = (1 - eps) onehot + eps / C,
-    as timm's LabelSmoothingCrossEntropy) or class probabilities [N, C] (timm's Mixup/CutMix).
+    Targets: class indices [N] or class probabilities [N, C] (timm's Mixup/CutMix). Label
+    smoothing eps applies to both as in F.cross_entropy: q = (1 - eps) t + eps / C (for indices
+    this is timm's LabelSmoothingCrossEntropy; timm's train.py instead smooths inside Mixup and
+    uses SoftTargetCrossEntropy, which wrap_loss maps to eps = 0, so nothing is smoothed twice).
     Reduction is the mean over the batch. Without autograd (eval, torch.no_grad) it is plain
     cross-entropy. alpha = 1 gives exactly the ordinary gradient.
     """

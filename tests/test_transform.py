@@ -12,45 +12,40 @@ from powergrad import PowerGradCrossEntropy, logit_stats, powergrad_probs, wrap_
 NUM_CLASSES = 10
 
 
+def target_distribution(target, c, smoothing=0.0):
+    """q = (1 - eps) * t + eps / C, t one-hot (class indices) or soft: torch's definition."""
+    target = np.asarray(target)
+    t = target.astype(np.float64) if target.ndim == 2 else np.eye(c)[target]
+    return (1.0 - smoothing) * t + smoothing / c
+
+
 def closed_form_grad(z, target, alpha, smoothing=0.0, upstream=1.0):
     """(softmax(alpha z) - q) / N * upstream, in float64 numpy."""
     z = np.asarray(z, dtype=np.float64)
     n, c = z.shape
     e = np.exp(alpha * z - (alpha * z).max(axis=1, keepdims=True))
     p_alpha = e / e.sum(axis=1, keepdims=True)
-    target = np.asarray(target)
-    if target.ndim == 2:
-        q = target.astype(np.float64)
-    else:
-        q = np.full((n, c), smoothing / c)
-        q[np.arange(n), target] += 1.0 - smoothing
-    return (p_alpha - q) / n * upstream
+    return (p_alpha - target_distribution(target, c, smoothing)) / n * upstream
 
 
 def closed_form_ce(z, target, smoothing=0.0):
     z = np.asarray(z, dtype=np.float64)
-    n, c = z.shape
     log_p = z - z.max(1, keepdims=True)
     log_p = log_p - np.log(np.exp(log_p).sum(1, keepdims=True))
-    target = np.asarray(target)
-    if target.ndim == 2:
-        q = target
-    else:
-        q = np.full((n, c), smoothing / c)
-        q[np.arange(n), target] += 1.0 - smoothing
-    return float(-(q * log_p).sum(1).mean())
+    return float(-(target_distribution(target, z.shape[1], smoothing) * log_p).sum(1).mean())
 
 
 def make_batch(n, kind, seed=0, scale=3.0):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, NUM_CLASSES, generator=g) * scale
     labels = torch.randint(0, NUM_CLASSES, (n,), generator=g)
-    if kind == "soft":  # a mixup-style pair mixture
+    smoothing = 0.1 if kind in ("smoothed", "soft_smoothed") else 0.0
+    if kind.startswith("soft"):  # a mixup-style pair mixture
         lam = 0.7
         other = torch.randint(0, NUM_CLASSES, (n,), generator=g)
         target = lam * F.one_hot(labels, NUM_CLASSES).float() + (1 - lam) * F.one_hot(other, NUM_CLASSES).float()
-        return z, target, 0.0
-    return z, labels, (0.1 if kind == "smoothed" else 0.0)
+        return z, target, smoothing
+    return z, labels, smoothing
 
 
 def rel_err(a, b):
@@ -58,10 +53,13 @@ def rel_err(a, b):
     return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300)
 
 
+KINDS = ["hard", "smoothed", "soft", "soft_smoothed"]
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.05, 0.25, 1.0])
 @pytest.mark.parametrize("batch", [1, 7, 256])
 @pytest.mark.parametrize("loss_scale", [1.0, 2.0**8, 2.0**16, 2.0**24])
-@pytest.mark.parametrize("kind", ["hard", "smoothed", "soft"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_gradient_matches_closed_form(kind, loss_scale, batch, alpha):
     z, target, smoothing = make_batch(batch, kind, seed=batch)
     logits = z.clone().requires_grad_()
@@ -81,6 +79,28 @@ def test_value_is_ordinary_cross_entropy(kind):
     assert ours.item() == pytest.approx(timm_loss(z, target).item(), rel=1e-6)
 
 
+def test_smoothed_soft_targets_match_timm_mixup_smoothing():
+    """timm's train.py smooths inside Mixup and trains SoftTargetCrossEntropy; smoothing a soft
+    target in the loss instead (torch's definition) must give the same value and gradient."""
+    from timm.data.mixup import mixup_target
+
+    g = torch.Generator().manual_seed(13)
+    z = torch.randn(16, NUM_CLASSES, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(0, NUM_CLASSES, (16,), generator=g)
+    raw = mixup_target(labels, NUM_CLASSES, lam=0.7).double()
+    smoothed = mixup_target(labels, NUM_CLASSES, lam=0.7, smoothing=0.1).double()
+    a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
+    loss_a = PowerGradCrossEntropy(0.25, smoothing=0.1)(a, raw)
+    loss_b = wrap_loss(SoftTargetCrossEntropy(), 0.25)(b, smoothed)
+    loss_a.backward(), loss_b.backward()
+    assert rel_err(a.grad.numpy(), closed_form_grad(z.numpy(), raw.numpy(), 0.25, 0.1)) < 1e-13
+    assert rel_err(b.grad.numpy(), closed_form_grad(z.numpy(), smoothed.numpy(), 0.25)) < 1e-13
+    assert loss_a.item() == pytest.approx(closed_form_ce(z.numpy(), raw.numpy(), 0.1), rel=1e-12)
+    # the same up to timm building its targets in float32
+    assert rel_err(a.grad.numpy(), b.grad.numpy()) < 1e-6
+    assert loss_b.item() == pytest.approx(loss_a.item(), rel=1e-6)
+
+
 def test_float64_is_exact_to_float64_precision():
     z, target, _ = make_batch(33, "hard", seed=2)
     logits = z.double().requires_grad_()
@@ -89,13 +109,15 @@ def test_float64_is_exact_to_float64_precision():
     assert rel_err(logits.grad.numpy(), closed_form_grad(z.numpy(), target.numpy(), 0.3)) < 1e-13
 
 
-def test_alpha_one_is_the_ordinary_gradient():
-    z, target, _ = make_batch(16, "hard", seed=3)
+@pytest.mark.parametrize("kind", KINDS)
+def test_alpha_one_is_the_ordinary_gradient(kind):
+    z, target, smoothing = make_batch(16, kind, seed=3)
+    z, target = z.double(), (target.double() if target.is_floating_point() else target)
     a = z.clone().requires_grad_()
     b = z.clone().requires_grad_()
-    PowerGradCrossEntropy(1.0)(a, target).backward()
-    F.cross_entropy(b, target).backward()
-    torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-9)
+    PowerGradCrossEntropy(1.0, smoothing=smoothing)(a, target).backward()
+    F.cross_entropy(b, target, label_smoothing=smoothing).backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-15)
 
 
 def test_alpha_zero_uses_the_uniform_distribution():
