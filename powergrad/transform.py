@@ -33,40 +33,58 @@ def powergrad_probs(logits: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.softmax(check_alpha(alpha) * z, dim=-1)
 
 
-def _subtract_target(p_alpha: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """p' - q in place, q = (1 - eps) * t + eps / C with t one-hot or soft (torch's definition)."""
-    if smoothing > 0.0:
-        p_alpha.sub_(smoothing / p_alpha.shape[-1])
-    if target.is_floating_point():  # class probabilities, e.g. from timm's Mixup/CutMix
-        return p_alpha.sub_(target.to(p_alpha.dtype), alpha=1.0 - smoothing)
-    rows = torch.arange(target.shape[0], device=target.device)
-    p_alpha[rows, target] -= 1.0 - smoothing
-    return p_alpha
-
-
 class _PowerGradCE(torch.autograd.Function):
-    """Value: F.cross_entropy. Gradient at the logits: grad_out * (softmax(alpha*z) - q) / N."""
+    """Value: F.cross_entropy. Gradient at the logits: grad_out * (softmax(alpha*z) - q) / N.
+
+    The forward is cross-entropy's own (log-softmax, then the loss from it) and saves log p, as
+    cross-entropy does. The backward builds p' from it: softmax(alpha z) = exp(alpha log p) / sum,
+    with no max pass since alpha log p <= 0 cannot overflow and the largest term is at least
+    C^-alpha. Four passes over [N, C] into one new buffer (two at alpha = 1), one more with
+    smoothing; q is never built: its one-hot part is a scatter of N values.
+    """
 
     @staticmethod
     def forward(ctx, logits, target, alpha, smoothing):
-        ctx.save_for_backward(logits, target)
-        ctx.alpha, ctx.smoothing = alpha, smoothing
-        return _cross_entropy(logits, target, smoothing)
+        log_p = _log_probs(logits)
+        ctx.save_for_backward(log_p, target)
+        ctx.alpha, ctx.smoothing, ctx.dtype = alpha, smoothing, logits.dtype
+        return _cross_entropy(log_p, target, smoothing)
 
     @staticmethod
     def backward(ctx, grad_out):
-        logits, target = ctx.saved_tensors
-        grad = _subtract_target(powergrad_probs(logits, ctx.alpha), target, ctx.smoothing)
-        grad.mul_(grad_out / logits.shape[0])
-        return grad.to(logits.dtype), None, None, None
+        log_p, target = ctx.saved_tensors
+        n, c = log_p.shape
+        eps, scale = ctx.smoothing, grad_out / n
+        if ctx.alpha == 1.0:
+            grad, row_scale = log_p.exp(), scale  # exp(log p) is p, already normalised
+        else:
+            grad = log_p.mul(ctx.alpha).exp_()
+            row_scale = scale / grad.sum(dim=-1, keepdim=True)
+        grad.mul_(row_scale)
+        if eps > 0.0:  # the uniform part of q (a separate pass: addcmul with two broadcast
+            grad.sub_(scale * (eps / c))  # operands does not vectorise on the CPU)
+        if target.is_floating_point():  # class probabilities, e.g. from timm's Mixup/CutMix
+            grad.addcmul_(target, scale * (eps - 1.0))
+        else:
+            grad.scatter_add_(1, target.unsqueeze(1), (scale * (eps - 1.0)).expand(n, 1))
+        return grad.to(ctx.dtype), None, None, None
 
 
-def _cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """The ordinary mean cross-entropy, computed in at least float32 (as autocast does)."""
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log softmax(z) in at least float32, as autocast computes cross-entropy."""
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+def _cross_entropy(log_p: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Mean cross-entropy from log p, with torch's smoothing: q = (1 - eps) t + eps / C."""
+    n, c = log_p.shape
     if target.is_floating_point():
-        target = target.to(z.dtype)
-    return F.cross_entropy(z, target, label_smoothing=smoothing)
+        loss = -(log_p * target.to(log_p.dtype)).sum() / n
+    else:
+        loss = F.nll_loss(log_p, target)
+    if smoothing > 0.0:
+        loss = (1.0 - smoothing) * loss - smoothing / c * log_p.sum() / n
+    return loss
 
 
 class PowerGradCrossEntropy(nn.Module):
@@ -94,7 +112,7 @@ class PowerGradCrossEntropy(nn.Module):
             raise ValueError(f"soft targets must match logits {tuple(logits.shape)}, "
                              f"got {tuple(target.shape)}")
         if not (torch.is_grad_enabled() and logits.requires_grad):
-            return _cross_entropy(logits, target, self.smoothing)
+            return _cross_entropy(_log_probs(logits), target, self.smoothing)
         return _PowerGradCE.apply(logits, target, self.alpha, self.smoothing)
 
     def extra_repr(self) -> str:

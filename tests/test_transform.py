@@ -120,6 +120,26 @@ def test_alpha_one_is_the_ordinary_gradient(kind):
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-15)
 
 
+def test_backward_twice_with_retain_graph_gives_the_same_gradient():
+    z, target, smoothing = make_batch(16, "smoothed", seed=14)
+    logits = z.clone().requires_grad_()
+    loss = PowerGradCrossEntropy(0.25, smoothing=smoothing)(logits, target)
+    loss.backward(retain_graph=True)
+    loss.backward()  # saved tensors must not have been changed by the first backward
+    expected = closed_form_grad(z.numpy(), target.numpy(), 0.25, smoothing, upstream=2.0)
+    assert rel_err(logits.grad.numpy(), expected) < 1e-6
+
+
+@pytest.mark.parametrize("scale", [30.0, 3000.0])
+def test_large_logits_stay_exact(scale):
+    """p' is built from log p; logits far apart must neither overflow nor lose precision."""
+    z, target, _ = make_batch(64, "hard", seed=15, scale=scale)
+    for alpha in (0.05, 1.0):
+        logits = z.clone().requires_grad_()
+        PowerGradCrossEntropy(alpha)(logits, target).backward()
+        assert rel_err(logits.grad.numpy(), closed_form_grad(z.numpy(), target.numpy(), alpha)) < 1e-6
+
+
 def test_alpha_zero_uses_the_uniform_distribution():
     z, target, _ = make_batch(5, "hard", seed=4)
     torch.testing.assert_close(powergrad_probs(z, 0.0), torch.full((5, NUM_CLASSES), 0.1))
