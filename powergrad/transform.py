@@ -6,10 +6,11 @@ distribution. PGT trains on p' - q instead, where p'_i = p_i^alpha / sum_j p_j^a
 the same thing as softmax(alpha * z). The forward value stays the ordinary cross-entropy, so
 logged losses remain comparable with a baseline.
 
-Exactness: p' is computed from the logits in the backward pass. The authors' public hook instead
-rebuilds p from the incoming gradient assuming a loss scale of N^2, which is only right at one
-batch size and loss scale. Here the upstream gradient (loss scale, accumulation factor, mean
-over the batch) simply multiplies (p' - q) / N, as it would for ordinary cross-entropy.
+Exactness: p' is computed from the logits (their log-softmax, saved by the forward). The
+authors' public hook instead rebuilds p from the incoming gradient assuming a loss scale of N^2,
+which is only right at one batch size and loss scale. Here the upstream gradient (loss scale,
+accumulation factor, mean over the batch) simply multiplies (p' - q) / N, as it would for
+ordinary cross-entropy.
 """
 from __future__ import annotations
 
