@@ -76,7 +76,7 @@ def markdown_table(rows: list[dict], target: float) -> str:
     return "\n".join(lines)
 
 
-def _pyplot():
+def pyplot():
     """matplotlib's pyplot on the file-only Agg backend (no display on servers and in CI)."""
     import matplotlib
 
@@ -86,7 +86,7 @@ def _pyplot():
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_loss, ax_top1) = plt.subplots(1, 2, figsize=(11, 4))
     for r in rows:
         s = r["series"]
@@ -141,7 +141,7 @@ def block_profile(series: dict, kind: str, last: int = 5) -> list[float]:
 
 def block_report(runs: list[str], out: str, command: str) -> None:
     """Markdown and PNG of residual-stream variance and gradient norm against depth."""
-    plt = _pyplot()
+    plt = pyplot()
     profiles = {Path(r).name: {k: block_profile(read_scalars(r), k) for k in ("var", "grad_norm")}
                 for r in runs}
     lines = [f"# {Path(out).name}", "", f"Command: `{command}`", "",

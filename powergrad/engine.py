@@ -16,12 +16,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, distribute_bn, random_seed, unwrap_model
 
 from . import checkpoint as ckpt
+from .batching import plan_batch
+from .builders import (AMP_DTYPES, build_optimizer, build_scheduler, build_train_loss,
+                       pick_device)
 from .clipping import clip_gradients, clip_parameters
 from .data import build_loaders
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
@@ -29,9 +29,7 @@ from .models import build_model
 from .preemption import Preempted, StopRequest
 from .recipe import Recipe
 from .runlog import Progress, RunLog
-from .transform import logit_stats, wrap_loss
-
-AMP_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .transform import logit_stats
 
 
 @dataclass
@@ -51,11 +49,15 @@ def run_dir_for(recipe: Recipe) -> Path:
     return Path(recipe.log.output) / name
 
 
-def train(recipe: Recipe, run_dir: Path | None = None) -> dict:
+def train(recipe: Recipe, run_dir: Path | None = None, fast_dev_run: int = 0) -> dict:
+    """Train `recipe` into run_dir (default: log.output/experiment). fast_dev_run=N instead
+    trains N optimizer steps and evaluates N batches of the real data, writing nothing."""
     run_dir = Path(run_dir) if run_dir else run_dir_for(recipe)
     cfg = recipe.train
-    device = _pick_device(cfg.device)
+    device = pick_device(cfg.device)
     dist_info = init_distributed(device.type)
+    plan = plan_batch(cfg.global_batch, cfg.batch_size, cfg.grad_accum_steps,
+                      dist_info.world_size)
     if device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
     if cfg.threads:
@@ -67,22 +69,22 @@ def train(recipe: Recipe, run_dir: Path | None = None) -> dict:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_loader, eval_loader = build_loaders(
-        recipe.data, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
+        recipe.data, batch_size=plan.micro_batch, eval_batch_size=cfg.eval_batch_size,
         seed=cfg.seed, device=device, dist_info=dist_info, channels_last=cfg.channels_last)
     _check_num_classes(recipe, train_loader)
     ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
-    optimizer = _build_optimizer(recipe, model)
-    updates_per_epoch = max(1, len(train_loader) // cfg.grad_accum_steps)
-    scheduler = _build_scheduler(recipe, optimizer, updates_per_epoch)
-    mixup, train_loss_fn = _build_train_loss(recipe)
+    optimizer = build_optimizer(recipe, model)
+    updates_per_epoch = max(1, len(train_loader) // plan.accum_steps)
+    scheduler, total_epochs = build_scheduler(recipe, optimizer, updates_per_epoch)
+    mixup, train_loss_fn = build_train_loss(recipe)
     amp_dtype = AMP_DTYPES[cfg.amp_dtype]
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
 
     state = TrainState()
-    resume_from = _resume_path(recipe, run_dir)
+    resume_from = None if fast_dev_run else _resume_path(recipe, run_dir)
     if resume_from:
         state = _load_checkpoint(resume_from, model, optimizer, scheduler, scaler, ema)
-        if state.epoch < cfg.epochs:
+        if state.epoch < total_epochs:
             print(f"resumed from {resume_from} at epoch {state.epoch + 1}, "
                   f"batch {state.batch_in_epoch}", flush=True)
 
@@ -93,7 +95,7 @@ def train(recipe: Recipe, run_dir: Path | None = None) -> dict:
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
 
-    log = RunLog(run_dir, recipe, enabled=dist_info.is_main)
+    log = RunLog(run_dir, recipe, enabled=dist_info.is_main and not fast_dev_run)
     probe = None
     if recipe.log.diagnostics and hasattr(model, "blocks"):  # a ViT: GPAS's per-block view
         from .gpas import ResidualStreamProbe
@@ -101,17 +103,24 @@ def train(recipe: Recipe, run_dir: Path | None = None) -> dict:
     ctx = EpochContext(recipe, train_model, optimizer, scheduler, scaler, train_loss_fn,
                        mixup, ema, device, amp_dtype, dist_info, log,
                        clip_parameters(model, recipe.clip.clip_mode, recipe.clip.exclude_head),
-                       probe)
-    if state.epoch >= cfg.epochs:
-        print(f"{run_dir}: already trained for {cfg.epochs} epochs", flush=True)
+                       probe, accum_steps=plan.accum_steps, total_epochs=total_epochs,
+                       max_updates=fast_dev_run or None,
+                       save_checkpoints=recipe.log.checkpoint and not fast_dev_run)
+    if dist_info.is_main:
+        print(f"batch: {plan.describe()}; {total_epochs} epochs "
+              f"({updates_per_epoch} steps each)", flush=True)
+    if state.epoch >= total_epochs:
+        print(f"{run_dir}: already trained for {total_epochs} epochs", flush=True)
+    if fast_dev_run:  # one short epoch: a broken data path shows in a minute
+        total_epochs = min(total_epochs, state.epoch + 1)
 
     # --- the epoch loop --------------------------------------------------------------------
     with StopRequest() as stop:
-        for epoch in range(state.epoch, cfg.epochs):
+        for epoch in range(state.epoch, total_epochs):
             try:
                 _run_epoch(ctx, train_loader, eval_loader, epoch, state, stop, run_dir, model)
             except Preempted:
-                if recipe.log.checkpoint and dist_info.is_main:
+                if ctx.save_checkpoints and dist_info.is_main:
                     _save_checkpoint(run_dir, recipe, state, model, optimizer, scheduler,
                                      scaler, ema, is_best=False)
                 barrier()
@@ -139,10 +148,12 @@ def _run_epoch(ctx: EpochContext, train_loader, eval_loader, epoch: int, state: 
     train_stats = train_one_epoch(ctx, train_loader, epoch, state, stop)
     if dist_info.enabled:  # average BN running statistics so every rank evaluates one model
         distribute_bn(model, dist_info.world_size, reduce=True)
-    eval_stats = evaluate(model, eval_loader, device, amp_dtype, cfg.tta_flip)
+    eval_stats = evaluate(model, eval_loader, device, amp_dtype, cfg.tta_flip,
+                          max_batches=ctx.max_updates)
     log.scalars({f"eval/{k}": v for k, v in eval_stats.items()}, state.num_updates)
     if ema is not None:
-        ema_stats = evaluate(ema.module, eval_loader, device, amp_dtype, cfg.tta_flip)
+        ema_stats = evaluate(ema.module, eval_loader, device, amp_dtype, cfg.tta_flip,
+                             max_batches=ctx.max_updates)
         log.scalars({f"eval_ema/{k}": v for k, v in ema_stats.items()}, state.num_updates)
     row = {"epoch": epoch, "train_loss": train_stats["loss"], "train_top1": train_stats["top1"],
            "eval_loss": eval_stats["loss"], "eval_top1": eval_stats["top1"],
@@ -155,13 +166,13 @@ def _run_epoch(ctx: EpochContext, train_loader, eval_loader, epoch: int, state: 
     log.epoch_summary(row)
     state.history.append(row)
     if dist_info.is_main:
-        print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
+        print(f"epoch {epoch + 1}/{ctx.total_epochs}: train loss {row['train_loss']:.4f} "
               f"top1 {row['train_top1']:.2f} | test loss {row['eval_loss']:.4f} "
               f"top1 {row['eval_top1']:.2f} top5 {row['eval_top5']:.2f} | "
               f"{row['img_per_sec']:.0f} img/s", flush=True)
     state.epoch = epoch + 1
     is_best = _best_row(state.history) is row
-    if recipe.log.checkpoint and dist_info.is_main:
+    if ctx.save_checkpoints and dist_info.is_main:
         _save_checkpoint(run_dir, recipe, state, model, optimizer, ctx.scheduler,
                          ctx.scaler, ema, is_best)
     barrier()
@@ -183,12 +194,16 @@ class EpochContext:
     log: RunLog
     clip_params: list
     probe: object = None  # gpas.ResidualStreamProbe on ViTs when diagnostics are on
+    accum_steps: int = 1  # micro-batches per optimizer step (batching.plan_batch)
+    total_epochs: int = 1  # epochs + the schedule's cool-down
+    max_updates: int | None = None  # fast_dev_run: stop the epoch after this many steps
+    save_checkpoints: bool = True
 
 
 def train_one_epoch(ctx: EpochContext, loader, epoch: int, state: TrainState,
                     stop: StopRequest | None = None) -> dict:
     recipe, model, optimizer = ctx.recipe, ctx.model, ctx.optimizer
-    accum = recipe.train.grad_accum_steps
+    accum = ctx.accum_steps
     log_every = recipe.log.log_interval
     model.train()
     skip = state.batch_in_epoch  # > 0 when resuming a preempted epoch
@@ -196,10 +211,12 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, state: TrainState,
     seen_before = totals["seen"]  # samples of this epoch trained before a preemption
     window = dict(loss=0.0, correct=0.0, seen=0, start=time.perf_counter(), wait=0.0)
     pending = _zero_pending(ctx.device)
-    progress = Progress(len(loader) - skip, f"epoch {epoch + 1}/{recipe.train.epochs}",
+    progress = Progress(len(loader) - skip, f"epoch {epoch + 1}/{ctx.total_epochs}",
                         enabled=ctx.dist_info.is_main, every=log_every)
     epoch_start = tick = time.perf_counter()
     last_micro_step = (len(loader) // accum) * accum - 1
+    if ctx.max_updates is not None:
+        last_micro_step = min(last_micro_step, ctx.max_updates * accum - 1)
     micro_step = skip - 1
     for micro_step, (images, labels) in enumerate(loader):
         if micro_step > last_micro_step:
@@ -302,13 +319,16 @@ def _window_scalars(window: dict, optimizer, world_size: int) -> dict[str, float
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device, amp_dtype, tta_flip: bool = False) -> dict:
+def evaluate(model: nn.Module, loader, device, amp_dtype, tta_flip: bool = False,
+             max_batches: int | None = None) -> dict:
     """Test loss, top-1 and top-5 (%), summed over ranks; with tta_flip the logits of each
-    image and its mirror image are averaged."""
+    image and its mirror image are averaged. max_batches: only the first batches (dev runs)."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1, top-5 hits
     seen = 0
-    for images, labels in loader:
+    for batch_index, (images, labels) in enumerate(loader):
+        if max_batches is not None and batch_index >= max_batches:
+            break
         with _autocast(device, amp_dtype):
             logits = model(images)
             if tta_flip:
@@ -324,14 +344,6 @@ def evaluate(model: nn.Module, loader, device, amp_dtype, tta_flip: bool = False
 
 # --- set-up helpers ------------------------------------------------------------------------
 
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is cuda but no CUDA device is visible")
-    return torch.device(name)
-
-
 def _autocast(device: torch.device, dtype):
     if dtype is None:
         return contextlib.nullcontext()
@@ -342,61 +354,6 @@ def _check_num_classes(recipe: Recipe, loader) -> None:
     if loader.num_classes != recipe.model.num_classes:
         raise ValueError(f"{recipe.source}: model.num_classes is {recipe.model.num_classes} but "
                          f"the data has {loader.num_classes} classes")
-
-
-def _build_optimizer(recipe: Recipe, model: nn.Module):
-    o = recipe.optim
-    extra = {}
-    if o.opt_eps is not None:
-        extra["eps"] = o.opt_eps
-    if o.opt_betas is not None:
-        extra["betas"] = tuple(o.opt_betas)
-    return create_optimizer_v2(model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay,
-                               momentum=o.momentum, filter_bias_and_bn=o.filter_bias_and_bn,
-                               **extra)
-
-
-def _build_scheduler(recipe: Recipe, optimizer, updates_per_epoch: int):
-    s = recipe.sched
-    if s.sched == "none":
-        return _ConstantSchedule()
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=s.sched, num_epochs=recipe.train.epochs, decay_epochs=s.decay_epochs,
-        decay_milestones=s.decay_milestones, cooldown_epochs=s.cooldown_epochs,
-        decay_rate=s.decay_rate, min_lr=s.min_lr, warmup_lr=s.warmup_lr,
-        warmup_epochs=s.warmup_epochs, decay_fn=s.decay_fn if s.sched == "wsd" else None,
-        step_on_epochs=False, updates_per_epoch=updates_per_epoch)
-    scheduler.step_update(num_updates=0)  # the warm-up learning rate from the first step
-    return scheduler
-
-
-class _ConstantSchedule:
-    def step_update(self, num_updates: int) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-def _build_train_loss(recipe: Recipe):
-    """timm's train.py choice of loss, then the PGT wrap: the two lines a timm user adds."""
-    l, num_classes = recipe.loss, recipe.model.num_classes
-    mixup = None
-    if l.mixup > 0 or l.cutmix > 0:
-        mixup = Mixup(mixup_alpha=l.mixup, cutmix_alpha=l.cutmix, prob=l.mixup_prob,
-                      switch_prob=l.mixup_switch_prob, mode=l.mixup_mode,
-                      label_smoothing=l.smoothing, num_classes=num_classes)
-        loss_fn = SoftTargetCrossEntropy()
-    elif l.smoothing > 0:
-        loss_fn = LabelSmoothingCrossEntropy(smoothing=l.smoothing)
-    else:
-        loss_fn = nn.CrossEntropyLoss()
-    if recipe.pgt.enabled:
-        loss_fn = wrap_loss(loss_fn, recipe.pgt.alpha)
-    return mixup, loss_fn
 
 
 # --- checkpoints ---------------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""timm model creation with the suite's options: BN-free ResNets, a small-image stem, GPAS."""
+"""timm model creation with the suite's options: BN-free ResNets, a small-image stem,
+ffcv-imagenet's BlurPool, GPAS."""
 from __future__ import annotations
 
 import timm
 import torch.nn as nn
+from timm.layers import BlurPool2d
 
 from .recipe import ModelConfig
 
@@ -17,6 +19,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
                               drop_path_rate=cfg.drop_path, **kwargs)
     if cfg.stem == "small":
         _use_small_stem(model, cfg.in_chans, cfg.stem_stride)
+    if cfg.blurpool:
+        _blur_strided_convs(model)
     if cfg.gpas.enabled or cfg.gpas.variant != "pre":
         from .gpas import apply_gpas
         g = cfg.gpas
@@ -34,3 +38,14 @@ def _use_small_stem(model: nn.Module, in_chans: int, stride: int) -> None:
                          f"got {type(model).__name__}")
     model.conv1 = nn.Conv2d(in_chans, conv.out_channels, 3, stride=stride, padding=1, bias=False)
     model.maxpool = nn.Identity()
+
+
+def _blur_strided_convs(model: nn.Module) -> None:
+    """ffcv-imagenet's BlurPool: blur (stride 1, zero padding) then the original strided conv,
+    for every conv with stride > 1 and at least 16 input channels (the stem's is left alone)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if (isinstance(child, nn.Conv2d) and max(child.stride) > 1
+                    and child.in_channels >= 16):
+                blur = BlurPool2d(child.in_channels, filt_size=3, stride=1, pad_mode="constant")
+                setattr(parent, name, nn.Sequential(blur, child))

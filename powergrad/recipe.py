@@ -16,17 +16,33 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
-from .data.config import DataConfig
+# Allowed values live on the fields as Literal types: _coerce checks them, and the modules
+# that consume a value import the same alias instead of repeating the list.
+NormKind = Literal["batch", "none"]
+StemKind = Literal["default", "small"]
+GPASVariant = Literal["pre", "sandwich", "deepnorm", "lns"]
+GPASGate = Literal["block", "add"]
+DatasetName = Literal["fashion_mnist", "imagefolder"]
+LoaderName = Literal["auto", "ffcv", "torchvision"]
+MixupMode = Literal["batch", "pair", "elem"]
+ClipMode = Literal["none", "norm", "value", "agc"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+AmpDtype = Literal["float32", "bfloat16", "float16"]
+SchedName = Literal["cosine", "tanh", "step", "multistep", "plateau", "poly", "wsd", "none"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
 class GPASConfig:
     enabled: bool = False
-    variant: str = "pre"  # pre | sandwich | deepnorm | lns (see powergrad/gpas.py)
-    gate: str = "block"  # block: one gate per block for both adds (official) | add
+    variant: GPASVariant = "pre"  # see powergrad/gpas.py
+    gate: GPASGate = "block"  # block: one gate per block for both adds (official)
     learnable: bool = True
     init: float = 0.0
     stop_gradient: bool = True  # False only for the paper's ablation
@@ -39,11 +55,54 @@ class ModelConfig:
     in_chans: int = 3
     drop_rate: float = 0.0  # timm --drop
     drop_path: float = 0.0  # timm --drop-path
-    norm: str = "batch"  # batch | none (nn.Identity: the PGT paper's BN-free ResNet)
-    stem: str = "default"  # default | small: 3x3 stem conv at `stem_stride`, no max-pool
+    norm: NormKind = "batch"  # none: nn.Identity, the PGT paper's BN-free ResNet
+    stem: StemKind = "default"  # small: 3x3 stem conv at `stem_stride`, no max-pool
     stem_stride: int = 1
+    # ffcv-imagenet's BlurPool: a fixed 3x3 binomial blur in front of every stride-2 conv
+    # with >= 16 input channels (timm's aa_layer blurs after the conv instead, and not the
+    # shortcut's 1x1 conv, so it is a different network).
+    blurpool: bool = False
     kwargs: dict = field(default_factory=dict)  # more timm.create_model keyword arguments
     gpas: GPASConfig = field(default_factory=GPASConfig)
+
+
+@dataclass
+class DataConfig:
+    # fashion_mnist: Debian's IDX files in memory; imagefolder: ImageNet-style data read
+    # from .beton files with ffcv or from ImageFolder trees with torchvision.
+    dataset: DatasetName = "fashion_mnist"
+    root: str = "/usr/share/datasets/fashion-mnist"  # fashion_mnist only
+    loader: LoaderName = "auto"  # imagefolder only
+    train_dir: str | None = None  # ImageFolder tree: train/<class>/*.JPEG
+    val_dir: str | None = None
+    train_beton: str | None = None  # ffcv files written by tools/write_ffcv.py
+    val_beton: str | None = None
+    workers: int = 2
+    img_size: int = 224  # train resolution when min_res/max_res are not set
+    val_img_size: int | None = None  # defaults to img_size
+    crop_pct: float = 0.875  # validation centre crop, 224/256
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect range
+    hflip: float = 0.5
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    # Progressive resizing as in ffcv-imagenet: resolution ramps linearly from min_res at
+    # start_ramp to max_res at end_ramp (epochs), rounded to a multiple of 32.
+    min_res: int | None = None
+    max_res: int | None = None
+    start_ramp: int = 0
+    end_ramp: int = 0
+    # ffcv: True reads the file through the OS page cache (ffcv-imagenet's in_memory=1, for
+    # nodes whose memory holds the data set); False lets ffcv page it itself, which also
+    # allows its QUASI_RANDOM order on one process.
+    os_cache: bool = True
+    # Fashion-MNIST augmentation: random shift by up to `pad` pixels and horizontal flip.
+    pad: int = 2
+    # Use only the first N train / eval examples (smoke tests, quick studies); null = all.
+    train_subset: int | None = None
+    eval_subset: int | None = None
+    num_classes: int | None = None  # checked against the data when set
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -59,7 +118,7 @@ class OptimConfig:
 
 @dataclass
 class SchedConfig:
-    sched: str = "cosine"  # timm create_scheduler_v2: cosine | step | multistep | wsd | ...
+    sched: SchedName = "cosine"  # timm create_scheduler_v2's names
     warmup_epochs: float = 0.0
     warmup_lr: float = 1e-5
     min_lr: float = 0.0
@@ -77,7 +136,7 @@ class LossConfig:
     cutmix: float = 0.0
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
-    mixup_mode: str = "batch"
+    mixup_mode: MixupMode = "batch"
 
 
 @dataclass
@@ -88,20 +147,24 @@ class PGTConfig:
 
 @dataclass
 class ClipConfig:
-    clip_mode: str = "none"  # none | norm | value | agc
+    clip_mode: ClipMode = "none"
     clip_grad: float = 0.01  # max norm, max value, or AGC's clip factor
     exclude_head: bool = True  # AGC skips the classifier, as timm's train.py and the paper
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 256  # per process
+    epochs: int = 10  # timm's --epochs; the schedule's cool-down epochs come on top
+    # Images per optimizer step over all processes. When set, `batch_size` is the largest
+    # micro-batch one process may take and the micro-batch and accumulation are derived from
+    # the world size (powergrad/batching.py); null: batch_size x processes x grad_accum_steps.
+    global_batch: int | None = None
+    batch_size: int = 256  # per process (timm's --batch-size)
     eval_batch_size: int = 1000
     grad_accum_steps: int = 1
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    amp_dtype: str = "float32"  # float32 | bfloat16 | float16 (float16 uses a GradScaler)
+    device: DeviceName = "auto"
+    amp_dtype: AmpDtype = "float32"  # float16 uses a GradScaler
     channels_last: bool = False
     torchcompile: bool = False
     model_ema: bool = False
@@ -136,9 +199,25 @@ class Recipe:
     # e.g. {source: "PGT Table 1", train_top1: 79.68, test_top1: 77.216}.
     paper: dict = field(default_factory=dict)
     source: str = ""  # the file it was loaded from (set by load_recipe)
+    # dotted key -> the file (or command line) that set it; not a setting (set by load_recipe)
+    origins: dict = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings as plain nested dicts (the loaded-from bookkeeping left out)."""
+        tree = dataclasses.asdict(self)
+        tree.pop("origins")
+        return tree
+
+    def to_yaml(self) -> str:
+        """The resolved settings as YAML that load_recipe reads back (no `extends`)."""
+        tree = _plain(self.to_dict())
+        tree.pop("source")
+        return yaml.safe_dump(tree, sort_keys=False)
+
+    def flat(self) -> dict[str, object]:
+        """Every leaf setting by dotted key (`optim.lr`), the free-form `paper` left out."""
+        tree = self.to_dict()
+        return dict(_flatten({k: v for k, v in tree.items() if k not in ("paper", "source")}))
 
     def digest(self) -> str:
         """A short hash of the resolved settings (not of where they came from)."""
@@ -147,20 +226,7 @@ class Recipe:
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
-# Choices checked before a run starts, so a typo fails in a second and not after an epoch.
-CHOICES = {
-    "model.norm": ("batch", "none"),
-    "model.stem": ("default", "small"),
-    "model.gpas.variant": ("pre", "sandwich", "deepnorm", "lns"),
-    "model.gpas.gate": ("block", "add"),
-    "data.dataset": ("fashion_mnist", "imagefolder"),
-    "data.loader": ("auto", "ffcv", "torchvision"),
-    "loss.mixup_mode": ("batch", "pair", "elem"),
-    "clip.clip_mode": ("none", "norm", "value", "agc"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.amp_dtype": ("float32", "bfloat16", "float16"),
-    "sched.sched": ("cosine", "tanh", "step", "multistep", "plateau", "poly", "wsd", "none"),
-}
+# Ranges checked before a run starts, so a bad value fails in a second, not after an epoch.
 RANGES = {  # key: (low, high), inclusive
     "pgt.alpha": (0.0, 1.0),
     "loss.smoothing": (0.0, 0.999),
@@ -168,6 +234,7 @@ RANGES = {  # key: (low, high), inclusive
     "data.hflip": (0.0, 1.0),
     "data.crop_pct": (0.01, 1.0),
     "train.epochs": (1, None),
+    "train.global_batch": (1, None),
     "train.batch_size": (1, None),
     "train.eval_batch_size": (1, None),
     "train.grad_accum_steps": (1, None),
@@ -195,6 +262,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         origins[key] = f"command line ({item})"
     recipe = _build(Recipe, tree, prefix="", origins=origins, default_file=str(path))
     recipe.source = str(path)
+    recipe.origins = dict(origins)
     _check_semantics(recipe, origins, str(path))
     return recipe
 
@@ -272,7 +340,7 @@ def _build(cls, tree, prefix: str, origins: dict, default_file: str):
         raise RecipeError(origins.get(prefix.rstrip("."), default_file), prefix.rstrip("."),
                           f"expected a section (mapping), got {tree!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in ("source", "origins")]
     values = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
@@ -298,6 +366,13 @@ def _coerce(value, hint, file: str, key: str):
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], file, key)
     expected = _describe(hint)
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint_text = f"; did you mean {close[0]!r}?" if close else ""
+        raise RecipeError(file, key, f"got {value!r}, expected one of "
+                                     f"{', '.join(map(str, args))}{hint_text}")
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -346,14 +421,10 @@ def _check_semantics(recipe: Recipe, origins: dict, default_file: str) -> None:
     def fail(key: str, message: str):
         raise RecipeError(origins.get(key, default_file), key, message)
 
-    for key, allowed in CHOICES.items():
-        value = _get_dotted(recipe, key)
-        if value not in allowed:
-            close = difflib.get_close_matches(str(value), allowed, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            fail(key, f"got {value!r}, expected one of {', '.join(allowed)}{hint}")
     for key, (low, high) in RANGES.items():
         value = _get_dotted(recipe, key)
+        if value is None:  # an optional setting left unset
+            continue
         if value < low or (high is not None and value > high):
             bound = f"[{low}, {high}]" if high is not None else f">= {low}"
             fail(key, f"got {value!r}, expected a value in {bound}")
@@ -373,9 +444,7 @@ def _check_semantics(recipe: Recipe, origins: dict, default_file: str) -> None:
 
 def dump_recipe(recipe: Recipe, path: Path) -> None:
     """Save the resolved recipe (no `extends`), loadable again with load_recipe."""
-    tree = _plain(recipe.to_dict())
-    tree.pop("source")
-    path.write_text(f"# resolved from {recipe.source}\n" + yaml.safe_dump(tree, sort_keys=False))
+    path.write_text(f"# resolved from {recipe.source}\n" + recipe.to_yaml())
 
 
 def _plain(value):
@@ -385,3 +454,11 @@ def _plain(value):
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def _flatten(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict) and not _is_free_form(f"{prefix}{key}"):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value

@@ -8,10 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 from tqdm import tqdm
 
-from .recipe import Recipe, _plain, dump_recipe
+from .recipe import Recipe, dump_recipe
 
 # timm's summary.csv columns first (epoch, train_loss, eval_loss, eval_top1, eval_top5, lr),
 # then the ones timm does not write.
@@ -30,8 +29,8 @@ class RunLog:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, self.run_dir / "recipe.yaml")
         self.writer = SummaryWriter(log_dir=str(self.run_dir))
-        text = yaml.safe_dump(_plain(recipe.to_dict()), sort_keys=False)
-        self.writer.add_text("recipe", f"digest {recipe.digest()}\n\n```yaml\n{text}\n```", 0)
+        self.writer.add_text("recipe", f"digest {recipe.digest()}\n\n```yaml\n"
+                                       f"{recipe.to_yaml()}\n```", 0)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer:
@@ -53,11 +52,8 @@ class RunLog:
         """Flat recipe values beside the final metrics, for TensorBoard's HPARAMS tab."""
         if not self.writer:
             return
-        flat = {}
-        for section, values in recipe.to_dict().items():
-            if isinstance(values, dict) and section != "paper":
-                for key, value in _flatten(values, section):
-                    flat[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+        flat = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+                for key, value in recipe.flat().items() if key != "description"}
         flat["digest"] = recipe.digest()
         self.writer.add_hparams(flat, {f"hparam/{k}": v for k, v in metrics.items()},
                                 run_name=".")
@@ -69,14 +65,6 @@ class RunLog:
     def close(self) -> None:
         if self.writer:
             self.writer.close()
-
-
-def _flatten(values: dict, prefix: str):
-    for key, value in values.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}.{key}")
-        else:
-            yield f"{prefix}.{key}", value
 
 
 class Progress:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
-from .recipe import RecipeError, load_recipe
+from .batching import BatchPlanError, plan_batch
+from .recipe import Recipe, RecipeError, load_recipe
 
 
 def split_items(items: list[str]) -> tuple[list[str], list[str]]:
@@ -14,13 +15,45 @@ def split_items(items: list[str]) -> tuple[list[str], list[str]]:
     return recipes, overrides
 
 
-def main(items: list[str], compare_name: str | None = None) -> int:
+def check_batch_plan(recipe: Recipe, world_size: int) -> None:
+    """Refuse, before any work, a total batch this launch cannot give exactly."""
+    train_cfg = recipe.train
+    try:
+        plan_batch(train_cfg.global_batch, train_cfg.batch_size, train_cfg.grad_accum_steps,
+                   world_size)
+    except BatchPlanError as err:
+        key = "train.global_batch"
+        raise RecipeError(recipe.origins.get(key, recipe.source), key, str(err)) from None
+
+
+def check_model_builds(recipe: Recipe) -> None:
+    """Build the model on the meta device (no memory, no init cost) so a bad timm keyword
+    fails now, not after the data is set up."""
+    import torch
+
+    from .models import build_model
+
+    try:
+        with torch.device("meta"):
+            build_model(recipe.model)
+    except (TypeError, ValueError) as err:
+        key = "model.kwargs"
+        raise RecipeError(recipe.origins.get(key, recipe.source), key,
+                          f"timm cannot build {recipe.model.model!r} with these settings: "
+                          f"{err}") from None
+
+
+def main(items: list[str], compare_name: str | None = None, fast_dev_run: int = 0) -> int:
     paths, overrides = split_items(items)
     if not paths:
         print("powergrad train: name at least one recipe file", file=sys.stderr)
         return 2
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     try:  # every recipe is checked before any training starts
         recipes = [load_recipe(p, overrides) for p in paths]
+        for recipe in recipes:
+            check_batch_plan(recipe, world_size)
+            check_model_builds(recipe)
     except RecipeError as err:
         print(f"recipe error: {err}", file=sys.stderr)
         return 2
@@ -29,6 +62,14 @@ def main(items: list[str], compare_name: str | None = None) -> int:
     say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
     run_dirs = []
     for recipe in recipes:
+        if fast_dev_run:
+            say(f"== {recipe.source}: fast dev run, {fast_dev_run} step(s), nothing saved",
+                flush=True)
+            summary = train(recipe, fast_dev_run=fast_dev_run)
+            say(f"== {recipe.source}: fast dev run OK: {summary['updates']} step(s), train loss "
+                f"{summary['final_train_loss']:.4f}, test top-1 on {fast_dev_run} batch(es) "
+                f"{summary['final_test_top1']:.2f} %", flush=True)
+            continue
         say(f"== {recipe.source} -> {run_dir_for(recipe)}", flush=True)
         summary = train(recipe)
         if summary.get("preempted"):  # SIGTERM: last.pth holds the place; rerun to resume
@@ -42,7 +83,7 @@ def main(items: list[str], compare_name: str | None = None) -> int:
               f"{summary['train_seconds']:.0f} s", flush=True)
     from .distributed import shutdown
     shutdown()
-    if compare_name and os.environ.get("RANK", "0") == "0":
+    if compare_name and run_dirs and os.environ.get("RANK", "0") == "0":
         from .compare import main as compare_main
         return compare_main(run_dirs, out=f"results/{compare_name}",
                             command="powergrad train " + " ".join(items)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from powergrad.data.beton_meta import sidecar_path
-from powergrad.data.config import DataConfig
+from powergrad.recipe import DataConfig
 from powergrad.data.ffcv_writer import (ImageWriterSettings, write_fashion_mnist_beton,
                                         write_imagefolder_beton)
 from powergrad.data.imagefolder_checks import ImageDataError

@@ -9,7 +9,7 @@ import torch
 
 from helpers_net import free_port
 from powergrad import checkpoint as ckpt
-from powergrad.data.config import DataConfig
+from powergrad.recipe import DataConfig
 from powergrad.data.fashion_mnist import build_fashion_mnist_loaders
 from powergrad.engine import evaluate
 from powergrad.models import build_model

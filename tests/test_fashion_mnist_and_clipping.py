@@ -11,7 +11,7 @@ import torch
 
 from powergrad import checkpoint as ckpt
 from powergrad.clipping import agc_clipped_fraction, clip_gradients, clip_parameters
-from powergrad.data.config import DataConfig
+from powergrad.recipe import DataConfig
 from powergrad.data.fashion_mnist import (DEBIAN_ROOT, MEAN, STD, DatasetMissingError,
                                           FashionMNISTLoader, load_split)
 

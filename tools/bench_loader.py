@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from PIL import Image  # noqa: E402
 
 from powergrad.data.beton_meta import read_beton_info  # noqa: E402
-from powergrad.data.config import DataConfig  # noqa: E402
+from powergrad.recipe import DataConfig  # noqa: E402
 from powergrad.data.ffcv_loaders import FfcvTrainLoader  # noqa: E402
 from powergrad.data.ffcv_writer import ImageWriterSettings, write_imagefolder_beton  # noqa: E402
 from powergrad.data.synthetic_images import write_synthetic_image_folder  # noqa: E402

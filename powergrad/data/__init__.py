@@ -2,7 +2,7 @@
 on the training device; train loaders also have set_epoch(epoch), num_classes, resolution."""
 from __future__ import annotations
 
-from .config import DataConfig
+from ..recipe import DataConfig
 
 
 def build_loaders(cfg: DataConfig, *, batch_size: int, eval_batch_size: int, seed: int,

@@ -7,17 +7,18 @@ also has set_epoch(epoch) and `resolution` (see device_batches.py).
 """
 from __future__ import annotations
 
+import typing
 import warnings
 
 import torch
 
-from .config import DataConfig
+from ..recipe import DataConfig, LoaderName
 from .device_batches import ImageBatches, TrainImageBatches
 from .imagefolder_checks import ImageDataError, scan_image_folder, verify_sample
 
 TrainLoader = TrainImageBatches
 EvalLoader = ImageBatches
-LOADERS = ("auto", "ffcv", "torchvision")
+LOADERS = typing.get_args(LoaderName)
 
 
 def ffcv_import_error() -> str | None:

@@ -1,0 +1,154 @@
+"""`powergrad describe RECIPE [key=value ...]`: what a recipe will train, without loading data.
+
+Prints the resolved settings with the file each came from, the model and its parameter count,
+the optimizer's parameter groups (with and without weight decay), what gradient clipping
+leaves out, the batch arithmetic for common launches, the learning rate at key epochs and the
+epoch count, and the paper's numbers; writes a PNG of the lr and the PGT alpha over training.
+Everything is built by the same functions the engine uses (builders.py, batching.py).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .batching import BatchPlanError, plan_batch
+from .builders import build_optimizer, build_scheduler
+from .clipping import clip_parameters
+from .models import build_model
+from .recipe import Recipe
+
+WORLD_SIZES = (1, 4, 8, 16)  # one GPU, one 4-GPU node (the paper's), one 8-GPU node, 2 nodes
+IMAGENET_TRAIN_IMAGES = 1_281_167
+FASHION_MNIST_TRAIN_IMAGES = 60_000
+
+
+def train_images(recipe: Recipe) -> tuple[int, str]:
+    """(images per epoch, where that number comes from) without opening the data."""
+    data_cfg = recipe.data
+    if data_cfg.dataset == "fashion_mnist":
+        count, why = FASHION_MNIST_TRAIN_IMAGES, "Fashion-MNIST's train set"
+    elif recipe.model.num_classes == 1000:
+        count, why = IMAGENET_TRAIN_IMAGES, "ImageNet-1k's train set, assumed"
+    else:
+        count, why = 100 * (recipe.train.global_batch or recipe.train.batch_size), \
+            "unknown data set: 100 steps assumed"
+    if data_cfg.train_subset is not None and data_cfg.train_subset < count:
+        count, why = data_cfg.train_subset, "data.train_subset"
+    return count, why
+
+
+def lr_schedule(recipe: Recipe, updates_per_epoch: int):
+    """(lr_at(epoch position), total epochs) from timm's scheduler, as the engine builds it."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=recipe.optim.lr)
+    scheduler, total_epochs = build_scheduler(recipe, optimizer, updates_per_epoch)
+
+    def lr_at(epoch: float) -> float:
+        scheduler.step_update(num_updates=round(epoch * updates_per_epoch))
+        return optimizer.param_groups[0]["lr"]
+    return lr_at, total_epochs
+
+
+def key_epochs(recipe: Recipe, total_epochs: int) -> list[float]:
+    sched_cfg = recipe.sched
+    marks = {0.0, sched_cfg.warmup_epochs / 2, float(sched_cfg.warmup_epochs),
+             recipe.train.epochs / 2, recipe.train.epochs - 1.0, float(recipe.train.epochs),
+             total_epochs - 1.0}
+    if sched_cfg.sched == "multistep":
+        marks.update(float(m) for m in sched_cfg.decay_milestones)
+    if sched_cfg.sched == "step":
+        marks.update(sched_cfg.decay_epochs * k for k in range(1, int(total_epochs
+                                                                       // sched_cfg.decay_epochs) + 1))
+    return sorted(m for m in marks if 0 <= m < total_epochs)
+
+
+def describe(recipe: Recipe, png: Path | None = None) -> str:
+    lines = [f"recipe {recipe.source}  (digest {recipe.digest()})",
+             f"  {recipe.description}" if recipe.description else ""]
+    lines += ["", "settings (value  <- where it was set; unmarked: the built-in default)"]
+    for key, value in recipe.flat().items():
+        origin = recipe.origins.get(key)
+        lines.append(f"  {key} = {value!r}" + (f"  <- {origin}" if origin else ""))
+
+    model = build_model(recipe.model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    total = sum(p.numel() for p in model.parameters())
+    lines += ["", f"model {recipe.model.model}: {total:,} parameters ({total / 1e6:.2f} M)"]
+    optimizer = build_optimizer(recipe, model)
+    lines.append(f"optimizer {type(optimizer).__name__} ({recipe.optim.opt}), parameter groups:")
+    for group in optimizer.param_groups:
+        params = group["params"]
+        example = ", ".join(names[id(p)] for p in params[:3])
+        lines.append(f"  weight_decay {group['weight_decay']:g}: {len(params)} tensors, "
+                     f"{sum(p.numel() for p in params):,} values (e.g. {example})")
+    clip_cfg = recipe.clip
+    if clip_cfg.clip_mode == "none":
+        lines.append("gradient clipping: none")
+    else:
+        kept = {id(p) for p in clip_parameters(model, clip_cfg.clip_mode, clip_cfg.exclude_head)}
+        left_out = [n for n, p in model.named_parameters() if id(p) not in kept]
+        lines.append(f"gradient clipping: {clip_cfg.clip_mode} at {clip_cfg.clip_grad:g}; "
+                     f"left out: {', '.join(left_out) or 'nothing'}")
+
+    lines += ["", "batch (train.global_batch "
+              f"{recipe.train.global_batch}, train.batch_size {recipe.train.batch_size}):"]
+    for world_size in WORLD_SIZES:
+        try:
+            plan = plan_batch(recipe.train.global_batch, recipe.train.batch_size,
+                              recipe.train.grad_accum_steps, world_size)
+            lines.append(f"  {plan.describe()}")
+        except BatchPlanError as err:
+            lines.append(f"  {world_size} process(es): refused: {err}")
+    source = recipe.source or "RECIPE.yaml"
+    lines += ["launch lines:",
+              f"  1 GPU:   powergrad train {source}",
+              f"  4 GPUs:  torchrun --nproc_per_node 4 -m powergrad train {source}",
+              f"  8 GPUs:  torchrun --nproc_per_node 8 -m powergrad train {source}",
+              "  2 nodes: torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d "
+              f"--rdzv_endpoint HOST:29500 -m powergrad train {source}  (on each node)"]
+
+    images, why = train_images(recipe)
+    step_batch = plan_batch(recipe.train.global_batch, recipe.train.batch_size,
+                            recipe.train.grad_accum_steps, 1).global_batch
+    updates_per_epoch = max(1, images // step_batch)
+    lr_at, total_epochs = lr_schedule(recipe, updates_per_epoch)
+    alpha = recipe.pgt.alpha if recipe.pgt.enabled else 1.0
+    lines += ["", f"schedule {recipe.sched.sched}: {total_epochs} epochs to train "
+              f"(train.epochs {recipe.train.epochs} + cool-down "
+              f"{total_epochs - recipe.train.epochs}), {updates_per_epoch} steps per epoch "
+              f"({images:,} images: {why}), lr updated every step; PGT alpha {alpha:g}"
+              + ("" if recipe.pgt.enabled else " (PGT off)")]
+    for epoch in key_epochs(recipe, total_epochs):
+        lines.append(f"  lr at epoch {epoch:g}: {lr_at(epoch):.6g}")
+    if recipe.paper:
+        lines += ["", "paper: " + ", ".join(f"{k} {v}" for k, v in recipe.paper.items())]
+    if png is not None:
+        steps = total_epochs * updates_per_epoch  # about 2000 points draw any schedule
+        positions = [step / updates_per_epoch
+                     for step in range(0, steps, max(1, steps // 2000))]
+        _plot_schedule(positions, [lr_at(p) for p in positions], alpha, recipe, png)
+        lines.append(f"\nwrote {png}")
+    return "\n".join(line for line in lines if line is not None)
+
+
+def _plot_schedule(positions, lrs, alpha, recipe: Recipe, png: Path) -> None:
+    from .compare import pyplot
+
+    plt = pyplot()
+    fig, (ax_lr, ax_alpha) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    ax_lr.plot(positions, lrs)
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_title(Path(recipe.source).name or "recipe")
+    ax_alpha.plot(positions, [alpha] * len(positions))
+    ax_alpha.set_ylim(-0.05, 1.05)
+    ax_alpha.set_ylabel("PGT alpha")
+    ax_alpha.set_xlabel("epoch")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def default_png(recipe: Recipe) -> Path:
+    name = recipe.log.experiment or Path(recipe.source or "recipe").stem
+    return Path(recipe.log.output) / "describe" / f"{name}_schedule.png"
