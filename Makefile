@@ -30,9 +30,11 @@ demo: setup
 check: setup
 	$(VENV)/bin/powergrad check
 
+# The recipe smoke tests use one torch thread each, so two processes share the 2 cores.
 test: setup
 	$(VENV)/bin/powergrad check
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not recipe_smoke"
+	$(PY) -m pytest -q -p xdist -n 2 -m recipe_smoke
 
 bench: setup
 	$(PY) tools/bench_pgt.py

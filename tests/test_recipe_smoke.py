@@ -21,7 +21,8 @@ from powergrad.recipe import load_recipe
 from helpers_images import CLASSES, textured_folder
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [pytest.mark.recipe_smoke,
+              pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 
 
 @pytest.fixture(autouse=True)
