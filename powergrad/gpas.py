@@ -11,8 +11,13 @@ residual layouts, each with or without GPAS (without it gives the fair baseline)
 
     pre       x = gate(x + F(norm(x)))                    timm's own pre-LN block
     sandwich  x = gate(x + F_out_norm(F(norm(x))))        an extra norm on each sublayer output
-    deepnorm  x = norm(alpha * gate(x) + F(x))            post-LN, alpha = (2N)^(1/4), scaled init
+    deepnorm  x = norm(alpha * gate(x) + F(x))            post-LN, alpha = (2N)^(1/4)
     lns       pre, with norm weights initialised to 1/sqrt(block index + 1)
+
+DeepNet's scaled initialisation goes to the ungated deepnorm baseline; with GPAS on, the model
+keeps timm's initialisation unless deepnorm_scaled_init="always". That default follows the
+official GPAS code (github.com/dandingsky/GPAS, peft_pretraining/modeling_llama.py), which
+marks layers for the scaled init only when NORM_TYPE is 'deeppost', not 'deeppost_gpas'.
 
 F includes timm's layer scale and drop path. The block keeps its submodules and their names, so
 the original state_dict keys stay valid; the gates (and sandwich's extra norms) add keys.
@@ -32,10 +37,11 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
 __all__ = ["ResidualGate", "GPASBlock", "apply_gpas", "gpas_gates", "ResidualStreamProbe",
-           "VARIANTS", "GATE_MODES"]
+           "VARIANTS", "GATE_MODES", "DEEPNORM_SCALED_INITS"]
 
 VARIANTS = ("pre", "sandwich", "deepnorm", "lns")
 GATE_MODES = (None, "block", "add")  # None: the variant without GPAS
+DEEPNORM_SCALED_INITS = ("baseline", "always")  # which deepnorm models get DeepNet's init
 
 
 class ResidualGate(nn.Module):
@@ -124,7 +130,8 @@ class GPASBlock(Block):
 
 def apply_gpas(model: nn.Module, variant: str = "pre", gate: Optional[str] = "block",
                learnable: bool = True, init: float = 0.0,
-               stop_gradient: bool = True) -> nn.Module:
+               stop_gradient: bool = True,
+               deepnorm_scaled_init: str = "baseline") -> nn.Module:
     """Rewrite `model.blocks` (timm ViT/DeiT Blocks) in place; returns the model.
 
     variant: pre | sandwich | deepnorm | lns (see the module docstring).
@@ -132,12 +139,18 @@ def apply_gpas(model: nn.Module, variant: str = "pre", gate: Optional[str] = "bl
         residual add) or None (the variant without GPAS, for baselines).
     learnable: False keeps g fixed at `init` (a buffer, no trainable parameter).
     stop_gradient: False only for the paper's ablation (plain scaling of the residual stream).
+    deepnorm_scaled_init: 'baseline' (DeepNet's scaled init only when gate is None, as the
+        official code does) or 'always' (also under GPAS); other variants ignore it.
     Call it right after creating the model: deepnorm and lns re-initialise some weights.
     """
     if variant not in VARIANTS:
         raise ValueError(f"GPAS variant must be one of {VARIANTS}, got {variant!r}")
     if gate not in GATE_MODES:
         raise ValueError(f"GPAS gate must be one of {GATE_MODES}, got {gate!r}")
+    if deepnorm_scaled_init not in DEEPNORM_SCALED_INITS:
+        raise ValueError(f"deepnorm_scaled_init must be one of {DEEPNORM_SCALED_INITS}, "
+                         f"got {deepnorm_scaled_init!r}")
+    scaled_init = gate is None or deepnorm_scaled_init == "always"
     blocks = _vit_blocks(model)
     depth = len(blocks)
     for index, block in enumerate(blocks):
@@ -145,7 +158,8 @@ def apply_gpas(model: nn.Module, variant: str = "pre", gate: Optional[str] = "bl
                                                   stop_gradient=stop_gradient))
         if variant == "deepnorm":
             block.skip_scale = (2.0 * depth) ** 0.25
-            _deepnorm_init_(block, beta=(8.0 * depth) ** -0.25)
+            if scaled_init:
+                _deepnorm_init_(block, beta=(8.0 * depth) ** -0.25)
         if variant == "lns":
             _scale_norm_weights_(block, 1.0 / math.sqrt(index + 1))
     return model

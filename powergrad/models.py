@@ -25,7 +25,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         from .gpas import apply_gpas
         g = cfg.gpas
         apply_gpas(model, variant=g.variant, gate=g.gate if g.enabled else None,
-                   learnable=g.learnable, init=g.init, stop_gradient=g.stop_gradient)
+                   learnable=g.learnable, init=g.init, stop_gradient=g.stop_gradient,
+                   deepnorm_scaled_init=g.deepnorm_scaled_init)
     return model
 
 

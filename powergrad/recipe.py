@@ -46,6 +46,9 @@ class GPASConfig:
     learnable: bool = True
     init: float = 0.0
     stop_gradient: bool = True  # False only for the paper's ablation
+    # deepnorm only. baseline: DeepNet's scaled init for the ungated model alone, timm's init
+    # under GPAS, as the official GPAS code does (see powergrad/gpas.py); always: both.
+    deepnorm_scaled_init: Literal["baseline", "always"] = "baseline"
 
 
 @dataclass

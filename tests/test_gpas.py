@@ -1,8 +1,10 @@
-"""GPAS: the gate against its closed forms (float64), the block surgery on tiny timm ViTs, the
-residual-stream probe, and GPAS together with PGT."""
+"""GPAS: the gate against its closed forms (float64), every variant's block against an
+independent transcription of the official code's formulas (float64, with gradients), the block
+surgery on tiny timm ViTs, the residual-stream probe, and GPAS together with PGT."""
 import copy
 import io
 import math
+from pathlib import Path
 
 import pytest
 import timm
@@ -13,6 +15,17 @@ from powergrad.gpas import (GATE_MODES, VARIANTS, GPASBlock, ResidualGate, Resid
                             apply_gpas, gpas_gates)
 
 DEPTH, DIM, CLASSES = 3, 32, 10
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tensors this small gain nothing from a second thread, and OpenMP threads spinning
+    beside another busy process make each test 50x slower on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_vit(seed=0, **kwargs):
@@ -117,31 +130,137 @@ def test_pre_gpas_at_zero_equals_unmodified_model_and_loads_into_it():
     assert torch.equal(fresh(x), model(x))
 
 
-def reference_block64(block, x, variant):
-    """The variants' formulas written out here, independently of GPASBlock.forward."""
-    gates = dict(gpas_gates(block))
-    s_attn = 1.0 - silu64(gates.get("", gates.get("_attn")).g.item()) if gates else 1.0
-    s_mlp = 1.0 - silu64(gates.get("", gates.get("_mlp")).g.item()) if gates else 1.0
-    if variant == "deepnorm":
-        alpha = (2.0 * DEPTH) ** 0.25
-        x = block.norm1(alpha * s_attn * x + block.ls1(block.attn(x)))
-        return block.norm2(alpha * s_mlp * x + block.ls2(block.mlp(x)))
-    post1, post2 = ((block.out_norm1, block.out_norm2) if variant == "sandwich"
-                    else (lambda y: y, lambda y: y))
-    x = s_attn * (x + block.ls1(post1(block.attn(block.norm1(x)))))
-    return s_mlp * (x + block.ls2(post2(block.mlp(block.norm2(x)))))
+# ---------------------------------------------------------------- against the official code
+# An independent float64 transcription of the GPAS authors' layer formulas (LlamaDecoderLayer
+# and GPASBlock in github.com/dandingsky/GPAS, peft_pretraining/modeling_llama.py, Apache-2.0),
+# with LLaMA's sublayers (RMSNorm, rotary attention, SwiGLU) replaced by the ViT block's
+# (LayerNorm, softmax attention, GELU MLP) and timm's layer scale on each branch. Plain tensor
+# ops on its own copies of the weights: no code shared with GPASBlock or timm's modules, so
+# its gradients come from a separate autograd graph.
+
+def layer_norm64(x, weight, bias, eps=1e-6):
+    centred = x - x.mean(-1, keepdim=True)
+    return centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + eps) * weight + bias
+
+
+def attention64(x, w, heads):
+    batch, tokens, dim = x.shape
+    q, k, v = (x @ w["attn.qkv.weight"].T + w["attn.qkv.bias"]).split(dim, dim=-1)
+    by_head = lambda t: t.reshape(batch, tokens, heads, dim // heads).transpose(1, 2)
+    q, k, v = by_head(q), by_head(k), by_head(v)
+    mixing = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dim // heads), dim=-1)
+    mixed = (mixing @ v).transpose(1, 2).reshape(batch, tokens, dim)
+    return mixed @ w["attn.proj.weight"].T + w["attn.proj.bias"]
+
+
+def mlp64(x, w):
+    hidden = x @ w["mlp.fc1.weight"].T + w["mlp.fc1.bias"]
+    hidden = 0.5 * hidden * (1.0 + torch.erf(hidden / math.sqrt(2.0)))  # exact GELU
+    return hidden @ w["mlp.fc2.weight"].T + w["mlp.fc2.bias"]
+
+
+def official_gate(g):
+    """GPASBlock.forward of the official code: hidden - silu(gate) * hidden.detach()."""
+    return lambda h: h - g * torch.sigmoid(g) * h.detach()
+
+
+def official_layer64(x, w, variant, gate, depth, heads):
+    """One layer, step by step as in the official forward; `gate` None is the ungated layer."""
+    if gate == "block":  # one gate per layer, applied after both residual adds
+        gate_attn = gate_mlp = official_gate(w["gpas.g"])
+    elif gate == "add":  # this project's extension: one gate per add
+        gate_attn, gate_mlp = official_gate(w["gpas_attn.g"]), official_gate(w["gpas_mlp.g"])
+    else:
+        gate_attn = gate_mlp = lambda h: h
+    norm = lambda h, name: layer_norm64(h, w[name + ".weight"], w[name + ".bias"])
+    if variant == "deepnorm":  # 'deeppost' and 'deeppost_gpas'
+        alpha = (2.0 * depth) ** 0.25
+        residual = alpha * gate_attn(x)  # the gate sees the skip branch only
+        hidden = norm(residual + w["ls1.gamma"] * attention64(x, w, heads), "norm1")
+        residual = alpha * gate_mlp(hidden)
+        return norm(residual + w["ls2.gamma"] * mlp64(hidden, w), "norm2")
+    # 'pre', 'lns' (the same formulas; only the norm weights' init differs) and 'sandwich'
+    out_norm = ((lambda h, i: norm(h, f"out_norm{i}")) if variant == "sandwich"
+                else (lambda h, i: h))
+    residual = x
+    hidden = out_norm(attention64(norm(x, "norm1"), w, heads), 1)
+    hidden = gate_attn(residual + w["ls1.gamma"] * hidden)
+    residual = hidden
+    hidden = out_norm(mlp64(norm(hidden, "norm2"), w), 2)
+    return gate_mlp(residual + w["ls2.gamma"] * hidden)
+
+
+def perturb_(model, seed=7):
+    """Move every weight off its initial value (norm weights off 1, biases and layer scales
+    off their constants), so a misplaced norm, scale or bias changes the result."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.blocks.named_parameters():
+            if not name.endswith(".g"):
+                noise = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+                p.mul_(1.0 + 0.3 * noise).add_(0.05 * torch.randn(p.shape, generator=gen,
+                                                                  dtype=p.dtype))
+
+
+def official_comparison(variant, gate, stop_gradient=True):
+    """Relative errors (max |ours - official| / max |official|) of the output, the input
+    gradient and every parameter's gradient of the whole block stack, in train mode."""
+    heads = 2
+    model = apply_gpas(tiny_vit(init_values=0.5), variant=variant, gate=gate,
+                       stop_gradient=stop_gradient)
+    set_gates(model)
+    perturb_(model)
+    model = model.double().train()
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 17, DIM, generator=gen, dtype=torch.float64)
+    upstream = torch.randn(2, 17, DIM, generator=gen, dtype=torch.float64)
+
+    ours_in = x.clone().requires_grad_()
+    ours = ours_in
+    for block in model.blocks:
+        ours = block(ours)
+    ours.backward(upstream)
+
+    official_weights = [{name: p.detach().clone().requires_grad_()
+                         for name, p in block.named_parameters()} for block in model.blocks]
+    official_in = x.clone().requires_grad_()
+    official = official_in
+    for w in official_weights:
+        official = official_layer64(official, w, variant, gate, DEPTH, heads)
+    official.backward(upstream)
+
+    def error(actual, expected):
+        assert actual is not None and expected is not None  # every parameter takes part
+        return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+    errors = {"output": error(ours.detach(), official.detach()),
+              "input": error(ours_in.grad, official_in.grad)}
+    for i, (block, w) in enumerate(zip(model.blocks, official_weights)):
+        assert sorted(w) == sorted(n for n, _ in block.named_parameters())
+        for name, p in block.named_parameters():
+            errors[f"blocks.{i}.{name}"] = error(p.grad, w[name].grad)
+    return errors
 
 
 @pytest.mark.parametrize("gate", GATE_MODES)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_block_forward_matches_the_variant_formula(variant, gate):
-    model = apply_gpas(tiny_vit(init_values=0.5), variant=variant, gate=gate)
-    set_gates(model)
-    model = model.double().eval()
-    x = torch.randn(2, 17, DIM, dtype=torch.float64)
-    with torch.no_grad():
-        for block in model.blocks:
-            assert_close64(block(x), reference_block64(block, x, variant), rtol=1e-12)
+def test_blocks_match_the_official_formulas_with_gradients(variant, gate):
+    errors = official_comparison(variant, gate)
+    gates = [k for k in errors if k.endswith(".g")]
+    assert len(gates) == {None: 0, "block": DEPTH, "add": 2 * DEPTH}[gate]
+    bad = {k: v for k, v in errors.items() if not v <= 1e-10}
+    assert bad == {}
+
+
+@pytest.mark.parametrize("gate", ["block", "add"])
+def test_official_comparison_tells_gpas_from_its_ablation(gate):
+    """Without the stop-gradient the forward is the same but the gradients are not: the
+    comparison above would fail for the ablation."""
+    errors = official_comparison("pre", gate, stop_gradient=False)
+    assert errors["output"] <= 1e-10
+    assert errors["input"] > 1e-2
+    first_block = [k for k in errors if k.startswith("blocks.0.")]
+    assert all(errors[k] > 1e-3 for k in first_block)
 
 
 def test_lns_initialises_norm_weights():
@@ -151,8 +270,11 @@ def test_lns_initialises_norm_weights():
             assert_close64(norm.weight, torch.full((DIM,), 1.0 / math.sqrt(i + 1.0)), rtol=1e-7)
 
 
-def test_deepnorm_alpha_and_init():
-    model = apply_gpas(tiny_vit(), variant="deepnorm", gate=None)
+@pytest.mark.parametrize("gate, scaled_init", [(None, "baseline"), ("block", "always"),
+                                               ("add", "always")])
+def test_deepnorm_alpha_and_scaled_init(gate, scaled_init):
+    model = apply_gpas(tiny_vit(), variant="deepnorm", gate=gate,
+                       deepnorm_scaled_init=scaled_init)
     alpha, beta = (2.0 * DEPTH) ** 0.25, (8.0 * DEPTH) ** -0.25
     xavier = lambda fan_in, fan_out, gain: gain * math.sqrt(2.0 / (fan_in + fan_out))
     pooled = {"q": [], "v": [], "proj": [], "fc1": [], "fc2": []}
@@ -172,6 +294,36 @@ def test_deepnorm_alpha_and_init():
                 "fc2": xavier(hidden, DIM, beta)}
     for name, weights in pooled.items():  # >= 3000 samples each: std within ~3 %
         assert torch.cat(weights).double().std().item() == pytest.approx(expected[name], rel=0.1)
+
+
+@pytest.mark.parametrize("gate", ["block", "add"])
+def test_deepnorm_with_gpas_keeps_timms_init_by_default(gate):
+    """The official code gives DeepNet's init to its ungated DeepNorm model only."""
+    plain = tiny_vit(seed=3)
+    model = apply_gpas(tiny_vit(seed=3), variant="deepnorm", gate=gate)
+    assert all(block.skip_scale == pytest.approx((2.0 * DEPTH) ** 0.25) for block in model.blocks)
+    weights = model.state_dict()
+    for name, value in plain.state_dict().items():
+        assert torch.equal(weights[name], value), name
+
+
+def test_deepnorm_gpas_recipe_follows_the_official_init():
+    from powergrad.models import build_model
+    from powergrad.recipe import load_recipe
+
+    recipe = RECIPES / "fashion_mnist" / "vit_deepnorm_gpas.yaml"
+    linears = lambda model: [m.weight for m in model.blocks.modules()
+                             if isinstance(m, torch.nn.Linear)]
+
+    def build(*overrides):
+        torch.manual_seed(0)
+        return build_model(load_recipe(recipe, list(overrides)).model)
+
+    plain = build("model.gpas.enabled=false", "model.gpas.variant=pre")
+    official, scaled = build(), build("model.gpas.deepnorm_scaled_init=always")
+    assert all(isinstance(b, GPASBlock) and b.gpas_gate == "block" for b in official.blocks)
+    assert all(torch.equal(a, b) for a, b in zip(linears(official), linears(plain)))
+    assert not any(torch.equal(a, b) for a, b in zip(linears(scaled), linears(plain)))
 
 
 @pytest.mark.parametrize("gate", GATE_MODES)
@@ -241,6 +393,8 @@ def test_apply_gpas_rejects_bad_input():
         apply_gpas(tiny_vit(), gate="layer")
     with pytest.raises(ValueError):
         apply_gpas(apply_gpas(tiny_vit()))
+    with pytest.raises(ValueError, match="deepnorm_scaled_init"):
+        apply_gpas(tiny_vit(), variant="deepnorm", deepnorm_scaled_init="gated")
     with pytest.raises(TypeError):
         apply_gpas(torch.nn.Linear(3, 3))
 
