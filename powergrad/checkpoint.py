@@ -60,3 +60,92 @@ def _as_tuples(value):
     if isinstance(value, list):
         return tuple(_as_tuples(v) for v in value)
     return value
+
+
+# --- what a checkpoint holds, and which one a run resumes from ---------------------------
+
+TRAINING_FORMAT = "powergrad-training-v1"  # last.pth, step-*.pth: everything to continue
+WEIGHTS_FORMAT = "powergrad-weights-v1"  # best.pth: weights and EMA weights only
+STEP_PREFIX = "step-"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot serve: unreadable, foreign, or weights-only."""
+
+
+def training_payload(*, model_state, optimizer, scheduler, scaler, ema_state, state: dict,
+                     rank_states: list[dict], recipe) -> dict:
+    """rank_states: one {rng, epoch_totals} per process, so every rank resumes its own
+    random streams and running sums (exact DDP resume)."""
+    return {"format": TRAINING_FORMAT, "model": model_state,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "ema": ema_state, "state": state,
+            "rank_states": rank_states, "recipe_digest": recipe.digest(),
+            "recipe_yaml": recipe.to_yaml()}
+
+
+def weights_payload(training: dict) -> dict:
+    keep = ("model", "ema", "state", "recipe_digest", "recipe_yaml")
+    return {"format": WEIGHTS_FORMAT, **{k: training[k] for k in keep}}
+
+
+def read_training(path: Path) -> dict:
+    """The payload of a training checkpoint, or a CheckpointError saying why it cannot be one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        payload = load(path)
+    except Exception as err:  # truncated zip, pickle refused by weights_only, not torch at all
+        raise CheckpointError(f"{path}: cannot be read ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:200]}); the file is damaged or not "
+                              "a checkpoint") from None
+    kind = payload.get("format") if isinstance(payload, dict) else None
+    if kind == WEIGHTS_FORMAT:
+        raise CheckpointError(f"{path}: holds weights only (the best epoch's model and EMA), "
+                              "not the optimizer and schedule a run continues from; resume "
+                              "from last.pth, or load these weights with `powergrad export`")
+    if kind != TRAINING_FORMAT:
+        raise CheckpointError(f"{path}: not a powergrad training checkpoint (format {kind!r})")
+    return payload
+
+
+def training_checkpoints(run_dir: Path) -> list[Path]:
+    """last.pth and the step checkpoints of a run directory, newest first."""
+    run_dir = Path(run_dir)
+    found = [p for p in [run_dir / "last.pth", *run_dir.glob(f"{STEP_PREFIX}*.pth")]
+             if p.is_file()]
+    return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
+def choose_resume(run_dir: Path, setting: str) -> tuple[Path | None, dict | None, list[str]]:
+    """(checkpoint, its payload, notes) for log.resume = auto | none | PATH.
+
+    The run directory's own newest readable checkpoint wins over a PATH (after a preemption
+    the run's newer state supersedes the starting point); a damaged one is skipped with a
+    note and the next newest is used; a run directory whose every checkpoint is damaged is an
+    error, never a silent restart from scratch."""
+    if setting == "none":
+        return None, None, []
+    notes = []
+    for path in training_checkpoints(run_dir):
+        try:
+            return path, read_training(path), notes
+        except CheckpointError as err:
+            notes.append(f"skipped {err}")
+    if notes:
+        raise CheckpointError(f"{run_dir}: no readable checkpoint to resume from: "
+                              + "; ".join(notes))
+    if setting == "auto":
+        return None, None, notes
+    return Path(setting), read_training(Path(setting)), notes
+
+
+def save_step_checkpoint(payload: dict, run_dir: Path, num_updates: int, keep: int) -> Path:
+    """step-<updates>.pth, keeping only the newest `keep` of them."""
+    path = Path(run_dir) / f"{STEP_PREFIX}{num_updates:09d}.pth"
+    save_atomic(payload, path)
+    steps = sorted(Path(run_dir).glob(f"{STEP_PREFIX}*.pth"))
+    for old in steps[:-keep] if keep > 0 else steps:
+        old.unlink(missing_ok=True)
+    return path

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,10 +27,11 @@ from .builders import (AMP_DTYPES, build_optimizer, build_scheduler, build_train
                        pick_device)
 from .clipping import clip_gradients, clip_parameters
 from .data import build_loaders
-from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from .distributed import DistInfo, all_reduce_sum, barrier, gather_objects, init_distributed
 from .models import build_model
 from .preemption import Preempted, StopRequest
-from .recipe import Recipe
+from .recipe import Recipe, load_recipe
+from .rundir import RunDirError, RunLock, check_same_recipe, recipe_changes
 from .runlog import Progress, RunLog
 from .transform import logit_stats
 
@@ -49,10 +53,27 @@ def run_dir_for(recipe: Recipe) -> Path:
     return Path(recipe.log.output) / name
 
 
+class NonFiniteError(FloatingPointError):
+    """The loss, the weights or the evaluation went non-finite; nothing of it was saved."""
+
+
 def train(recipe: Recipe, run_dir: Path | None = None, fast_dev_run: int = 0) -> dict:
-    """Train `recipe` into run_dir (default: log.output/experiment). fast_dev_run=N instead
-    trains N optimizer steps and evaluates N batches of the real data, writing nothing."""
+    """Train `recipe` into run_dir (default: log.output/experiment) and return its summary.
+    fast_dev_run=N instead trains N optimizer steps and evaluates N batches, writing nothing.
+
+    Raises Preempted after saving on SIGTERM (the CLI exits 75), RunDirError when the run
+    directory is in use or holds another recipe's run, CheckpointError for a checkpoint that
+    cannot be resumed, NonFiniteError when training diverges (nothing non-finite is saved)."""
     run_dir = Path(run_dir) if run_dir else run_dir_for(recipe)
+    if fast_dev_run:
+        return _train(recipe, run_dir, fast_dev_run)
+    check_same_recipe(run_dir, recipe)
+    is_main = int(os.environ.get("RANK", "0")) == 0  # one lock per run, held by rank 0
+    with RunLock(run_dir) if is_main else contextlib.nullcontext():
+        return _train(recipe, run_dir, fast_dev_run)
+
+
+def _train(recipe: Recipe, run_dir: Path, fast_dev_run: int) -> dict:
     cfg = recipe.train
     device = pick_device(cfg.device)
     dist_info = init_distributed(device.type)
@@ -81,12 +102,16 @@ def train(recipe: Recipe, run_dir: Path | None = None, fast_dev_run: int = 0) ->
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
 
     state = TrainState()
-    resume_from = None if fast_dev_run else _resume_path(recipe, run_dir)
-    if resume_from:
-        state = _load_checkpoint(resume_from, model, optimizer, scheduler, scaler, ema)
-        if state.epoch < total_epochs:
-            print(f"resumed from {resume_from} at epoch {state.epoch + 1}, "
-                  f"batch {state.batch_in_epoch}", flush=True)
+    if not fast_dev_run:
+        resume_from, payload, notes = ckpt.choose_resume(run_dir, recipe.log.resume)
+        for note in notes if dist_info.is_main else []:
+            print(f"note: {note}", flush=True)
+        if payload is not None:
+            _check_checkpoint_recipe(resume_from, payload, recipe)
+            state = _restore(payload, model, optimizer, scheduler, scaler, ema, dist_info)
+            if state.epoch < total_epochs and dist_info.is_main:
+                print(f"resumed from {resume_from} at epoch {state.epoch + 1}, "
+                      f"batch {state.batch_in_epoch}", flush=True)
 
     train_model = model
     if cfg.torchcompile:
@@ -100,16 +125,20 @@ def train(recipe: Recipe, run_dir: Path | None = None, fast_dev_run: int = 0) ->
     if recipe.log.diagnostics and hasattr(model, "blocks"):  # a ViT: GPAS's per-block view
         from .gpas import ResidualStreamProbe
         probe = ResidualStreamProbe(model, enabled=False)
-    ctx = EpochContext(recipe, train_model, optimizer, scheduler, scaler, train_loss_fn,
-                       mixup, ema, device, amp_dtype, dist_info, log,
-                       clip_parameters(model, recipe.clip.clip_mode, recipe.clip.exclude_head),
-                       probe, accum_steps=plan.accum_steps, total_epochs=total_epochs,
-                       max_updates=fast_dev_run or None,
-                       save_checkpoints=recipe.log.checkpoint and not fast_dev_run)
+    saving = recipe.log.checkpoint and not fast_dev_run
+    ctx = EpochContext(
+        recipe=recipe, model=train_model, optimizer=optimizer, scheduler=scheduler,
+        scaler=scaler, loss_fn=train_loss_fn, mixup=mixup, ema=ema, device=device,
+        amp_dtype=amp_dtype, dist_info=dist_info, log=log,
+        clip_params=clip_parameters(model, recipe.clip.clip_mode, recipe.clip.exclude_head),
+        probe=probe, accum_steps=plan.accum_steps, total_epochs=total_epochs,
+        max_updates=fast_dev_run or None, save_checkpoints=saving,
+        save_step=(lambda st: _save(ctx, st, run_dir, model, step=True))
+        if saving and recipe.log.checkpoint_every else None)
     if dist_info.is_main:
         print(f"batch: {plan.describe()}; {total_epochs} epochs "
               f"({updates_per_epoch} steps each)", flush=True)
-    if state.epoch >= total_epochs:
+    if state.epoch >= total_epochs and dist_info.is_main:
         print(f"{run_dir}: already trained for {total_epochs} epochs", flush=True)
     if fast_dev_run:  # one short epoch: a broken data path shows in a minute
         total_epochs = min(total_epochs, state.epoch + 1)
@@ -120,16 +149,19 @@ def train(recipe: Recipe, run_dir: Path | None = None, fast_dev_run: int = 0) ->
             try:
                 _run_epoch(ctx, train_loader, eval_loader, epoch, state, stop, run_dir, model)
             except Preempted:
-                if ctx.save_checkpoints and dist_info.is_main:
-                    _save_checkpoint(run_dir, recipe, state, model, optimizer, scheduler,
-                                     scaler, ema, is_best=False)
+                if ctx.save_checkpoints:
+                    _save(ctx, state, run_dir, model)
                 barrier()
                 log.close()
-                if dist_info.is_main:
-                    print(f"preempted: saved {run_dir / 'last.pth'} at epoch {epoch + 1}, "
-                          f"batch {state.batch_in_epoch}; run the same command to resume",
-                          flush=True)
-                return {**_final_summary(recipe, state, run_dir), "preempted": True}
+                raise Preempted(f"preempted: saved {run_dir / 'last.pth'} at epoch "
+                                f"{epoch + 1}, batch {state.batch_in_epoch}; run the same "
+                                "command to resume") from None
+            except NonFiniteError as err:
+                log.scalars({"numerics/non_finite_stop": 1.0}, state.num_updates)
+                log.close()
+                good = ckpt.training_checkpoints(run_dir) if saving else []
+                raise NonFiniteError(f"{err}; stopped, nothing of it saved; last good "
+                                     f"checkpoint: {good[0] if good else 'none'}") from None
 
     summary = _final_summary(recipe, state, run_dir)
     log.hparams(recipe, {"final_top1": summary["final_test_top1"],
@@ -150,6 +182,10 @@ def _run_epoch(ctx: EpochContext, train_loader, eval_loader, epoch: int, state: 
         distribute_bn(model, dist_info.world_size, reduce=True)
     eval_stats = evaluate(model, eval_loader, device, amp_dtype, cfg.tta_flip,
                           max_batches=ctx.max_updates)
+    if not math.isfinite(eval_stats["loss"]):
+        raise NonFiniteError(f"the evaluation after epoch {epoch + 1}/{ctx.total_epochs} gave "
+                             f"test loss {eval_stats['loss']}: the weights diverged in the "
+                             f"epoch's last steps (optimizer step {state.num_updates})")
     log.scalars({f"eval/{k}": v for k, v in eval_stats.items()}, state.num_updates)
     if ema is not None:
         ema_stats = evaluate(ema.module, eval_loader, device, amp_dtype, cfg.tta_flip,
@@ -163,18 +199,16 @@ def _run_epoch(ctx: EpochContext, train_loader, eval_loader, epoch: int, state: 
            "epoch_seconds": train_stats["seconds"]}
     log.scalars({"epoch/train_loss": row["train_loss"], "epoch/train_top1": row["train_top1"],
                  "epoch/number": epoch + 1}, state.num_updates)
-    log.epoch_summary(row)
     state.history.append(row)
+    log.write_summary(state.history)
     if dist_info.is_main:
         print(f"epoch {epoch + 1}/{ctx.total_epochs}: train loss {row['train_loss']:.4f} "
               f"top1 {row['train_top1']:.2f} | test loss {row['eval_loss']:.4f} "
               f"top1 {row['eval_top1']:.2f} top5 {row['eval_top5']:.2f} | "
               f"{row['img_per_sec']:.0f} img/s", flush=True)
     state.epoch = epoch + 1
-    is_best = _best_row(state.history) is row
-    if ctx.save_checkpoints and dist_info.is_main:
-        _save_checkpoint(run_dir, recipe, state, model, optimizer, ctx.scheduler,
-                         ctx.scaler, ema, is_best)
+    if ctx.save_checkpoints:
+        _save(ctx, state, run_dir, model, is_best=_best_row(state.history) is row)
     barrier()
 
 
@@ -198,6 +232,7 @@ class EpochContext:
     total_epochs: int = 1  # epochs + the schedule's cool-down
     max_updates: int | None = None  # fast_dev_run: stop the epoch after this many steps
     save_checkpoints: bool = True
+    save_step: Callable[[TrainState], None] | None = None  # step-N.pth every checkpoint_every
 
 
 def train_one_epoch(ctx: EpochContext, loader, epoch: int, state: TrainState,
@@ -257,8 +292,10 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, state: TrainState,
             if ctx.ema is not None:
                 ctx.ema.update(unwrap_model(model), step=state.num_updates)
             ctx.scheduler.step_update(num_updates=state.num_updates)
+            where = (f"epoch {epoch + 1}/{ctx.total_epochs}, batch {micro_step + 1}/"
+                     f"{len(loader)} (optimizer step {state.num_updates})")
             if state.num_updates % log_every == 0:
-                _fold_pending(pending, (totals, window), epoch, micro_step)
+                _fold_pending(pending, (totals, window), where)
                 scalars = _window_scalars(window, optimizer, ctx.dist_info.world_size)
                 if measure:
                     scalars.update(diagnostics)
@@ -267,14 +304,21 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, state: TrainState,
                 ctx.log.scalars(scalars, state.num_updates)
                 window.update(loss=0.0, correct=0.0, seen=0, start=time.perf_counter(), wait=0.0)
             if stop is not None and stop.agreed(ctx.device):
-                _fold_pending(pending, (totals, window), epoch, micro_step)
+                _fold_pending(pending, (totals, window), where)
                 state.batch_in_epoch, state.epoch_totals = micro_step + 1, dict(totals)
                 progress.close()
                 raise Preempted
+            if (ctx.save_step is not None and micro_step < last_micro_step
+                    and state.num_updates % recipe.log.checkpoint_every == 0):
+                _fold_pending(pending, (totals, window), where)  # a kill loses at most N steps
+                state.batch_in_epoch, state.epoch_totals = micro_step + 1, dict(totals)
+                ctx.save_step(state)
+                state.batch_in_epoch, state.epoch_totals = 0, {}
         progress.update({"loss": f"{totals['loss'] / max(totals['seen'], 1):.3f}",
                          "top1": f"{100 * totals['correct'] / max(totals['seen'], 1):.1f}"})
         tick = time.perf_counter()
-    _fold_pending(pending, (totals, window), epoch, micro_step)
+    _fold_pending(pending, (totals, window),
+                  f"epoch {epoch + 1}/{ctx.total_epochs}, end (optimizer step {state.num_updates})")
     progress.close()
     state.batch_in_epoch, state.epoch_totals = 0, {}
     if ctx.probe is not None:
@@ -294,13 +338,14 @@ def _zero_pending(device) -> dict:
     return dict(loss=zero.clone(), correct=zero.clone(), seen=0, wait=0.0)
 
 
-def _fold_pending(pending: dict, sums: tuple[dict, ...], epoch: int, micro_step: int) -> None:
-    """Move the device-side sums into the host-side running sums (one sync), then reset."""
+def _fold_pending(pending: dict, sums: tuple[dict, ...], where: str) -> None:
+    """Move the device-side sums into the host-side running sums (one sync), then reset;
+    a non-finite loss since the last fold stops the run here, before anything is saved."""
     if pending["seen"] == 0:
         return
     loss_sum, correct = torch.stack([pending["loss"], pending["correct"].double()]).tolist()
     if not math.isfinite(loss_sum):
-        raise FloatingPointError(f"loss is {loss_sum} by epoch {epoch}, step {micro_step}")
+        raise NonFiniteError(f"training loss {loss_sum} by {where}")
     for acc in sums:
         acc["loss"] += loss_sum
         acc["correct"] += correct
@@ -358,49 +403,59 @@ def _check_num_classes(recipe: Recipe, loader) -> None:
 
 # --- checkpoints ---------------------------------------------------------------------------
 
-def _resume_path(recipe: Recipe, run_dir: Path) -> Path | None:
-    resume = recipe.log.resume
-    if resume == "none":
-        return None
-    if resume == "auto":
-        last = run_dir / "last.pth"
-        return last if last.exists() else None
-    path = Path(resume)
-    if not path.exists():
-        raise FileNotFoundError(f"{recipe.source}: log.resume: checkpoint {path} does not exist")
-    return path
-
-
-def _save_checkpoint(run_dir, recipe, state, model, optimizer, scheduler, scaler, ema,
-                     is_best) -> None:
-    payload = {
-        "model": unwrap_model(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "ema": ema.module.state_dict() if ema is not None else None,
-        "state": asdict(state),
-        "rng": ckpt.rng_state(),
-        "recipe_digest": recipe.digest(),
-    }
+def _save(ctx: EpochContext, state: TrainState, run_dir: Path, model: nn.Module, *,
+          is_best: bool = False, step: bool = False) -> None:
+    """last.pth (or step-N.pth), and best.pth (weights only) for the best epoch. Every rank
+    takes part: each contributes its own RNG state and running sums."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise NonFiniteError(f"non-finite weights at optimizer step {state.num_updates}")
+    rank_states = gather_objects({"rng": ckpt.rng_state(), "epoch_totals": dict(state.epoch_totals)})
+    if not ctx.dist_info.is_main:
+        return
+    payload = ckpt.training_payload(
+        model_state=unwrap_model(model).state_dict(), optimizer=ctx.optimizer,
+        scheduler=ctx.scheduler, scaler=ctx.scaler,
+        ema_state=ctx.ema.module.state_dict() if ctx.ema is not None else None,
+        state=asdict(state), rank_states=rank_states, recipe=ctx.recipe)
+    if step:
+        ckpt.save_step_checkpoint(payload, run_dir, state.num_updates,
+                                  ctx.recipe.log.keep_checkpoints)
+        return
     ckpt.save_atomic(payload, run_dir / "last.pth")
     if is_best:
-        ckpt.save_atomic({"model": payload["model"], "ema": payload["ema"],
-                          "state": payload["state"], "recipe_digest": payload["recipe_digest"]},
-                         run_dir / "best.pth")
+        ckpt.save_atomic(ckpt.weights_payload(payload), run_dir / "best.pth")
 
 
-def _load_checkpoint(path, model, optimizer, scheduler, scaler, ema) -> TrainState:
-    payload = ckpt.load(path)
+def _check_checkpoint_recipe(path: Path, payload: dict, recipe: Recipe) -> None:
+    if payload["recipe_digest"] == recipe.digest():
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = Path(tmp) / "recipe.yaml"
+        saved.write_text(payload["recipe_yaml"])
+        changes = recipe_changes(load_recipe(saved), recipe)
+    raise RunDirError(f"{path} was trained with other settings: {'; '.join(changes)}. Undo "
+                      "the change to continue it, or start a new run (log.experiment=NAME).")
+
+
+def _restore(payload: dict, model, optimizer, scheduler, scaler, ema,
+             dist_info: DistInfo) -> TrainState:
+    known = TrainState.__dataclass_fields__
+    state = TrainState(**{k: v for k, v in payload["state"].items() if k in known})
+    rank_states = payload["rank_states"]
+    if state.batch_in_epoch and len(rank_states) != dist_info.world_size:
+        raise ckpt.CheckpointError(
+            f"the checkpoint was saved inside epoch {state.epoch + 1} by {len(rank_states)} "
+            f"process(es); resume it with the same number (this launch has "
+            f"{dist_info.world_size}) or from an end-of-epoch checkpoint")
     unwrap_model(model).load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     scaler.load_state_dict(payload["scaler"])
     if ema is not None and payload["ema"] is not None:
         ema.module.load_state_dict(payload["ema"])
-    ckpt.restore_rng_state(payload["rng"])
-    known = TrainState.__dataclass_fields__  # checkpoints from older versions carry more
-    state = TrainState(**{k: v for k, v in payload["state"].items() if k in known})
+    mine = rank_states[dist_info.rank % len(rank_states)]
+    ckpt.restore_rng_state(mine["rng"])
+    state.epoch_totals = dict(mine["epoch_totals"])
     scheduler.step_update(num_updates=state.num_updates)
     return state
 

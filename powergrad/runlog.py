@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,16 +38,18 @@ class RunLog:
             for name, value in values.items():
                 self.writer.add_scalar(name, value, step)
 
-    def epoch_summary(self, row: dict) -> None:
+    def write_summary(self, history: list[dict]) -> None:
+        """summary.csv from the whole history, written to a temporary file and renamed: a
+        resumed run rewrites its rows, never appends them twice."""
         if not self.enabled:
             return
         path = self.run_dir / "summary.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
             out = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
-            if new:
-                out.writeheader()
-            out.writerow(row)
+            out.writeheader()
+            out.writerows(history)
+        os.replace(tmp, path)
 
     def hparams(self, recipe: Recipe, metrics: dict[str, float]) -> None:
         """Flat recipe values beside the final metrics, for TensorBoard's HPARAMS tab."""

@@ -18,6 +18,7 @@ from helpers_net import free_port
 from powergrad import checkpoint as ckpt
 from powergrad import engine
 from powergrad.compare import block_profile, markdown_table, read_scalars, summarize
+from powergrad.preemption import Preempted
 from powergrad.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "fashion_mnist"
@@ -212,10 +213,11 @@ def test_sigterm_preempts_cleanly_and_resumes_mid_epoch_exactly(tmp_path, monkey
         return real_clip(*args, **kwargs)
 
     monkeypatch.setattr(engine, "clip_gradients", terminated_at_update_5)
-    stopped = engine.train(tiny_recipe(tmp_path / "b", extra=extra))
+    with pytest.raises(Preempted, match="preempted: saved .*last.pth at epoch 1, batch 5"):
+        engine.train(tiny_recipe(tmp_path / "b", extra=extra))
     monkeypatch.setattr(engine, "clip_gradients", real_clip)
-    assert stopped["preempted"] and stopped["updates"] == 5
-    saved = ckpt.load(Path(stopped["run_dir"]) / "last.pth")["state"]
+    saved = ckpt.load(tmp_path / "b" / "resnet_pgt" / "last.pth")["state"]
+    assert saved["num_updates"] == 5
     assert (saved["epoch"], saved["batch_in_epoch"]) == (0, 5)
     assert signal.getsignal(signal.SIGTERM) is not None  # the handler was put back
 
