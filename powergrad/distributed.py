@@ -2,6 +2,7 @@
 the CPU (which is how the tests exercise the same code path)."""
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 
@@ -61,6 +62,10 @@ def gather_objects(obj) -> list:
     """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] on one process."""
     if not (dist.is_available() and dist.is_initialized()):
         return [obj]
+    # Tensors travel as torch.save bytes: all_gather_object's own pickling of tensor storages
+    # does not load back on every backend.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
+    dist.all_gather_object(gathered, buffer.getvalue())
+    return [torch.load(io.BytesIO(blob), weights_only=True) for blob in gathered]

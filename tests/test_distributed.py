@@ -41,3 +41,47 @@ def test_torchrun_two_processes(tmp_path):
                                                  eval_batch_size=100, seed=0, device="cpu")
     single = evaluate(model, eval_loader, torch.device("cpu"), None)
     assert abs(single["top1"] - final["final_test_top1"]) < 1e-9
+
+
+def torchrun(tmp_path, *extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "powergrad", "train", str(RECIPE), *OVERRIDES, "loss.mixup=0.5",
+           "data.train_subset=1024", "train.batch_size=16", "log.log_interval=4",
+           f"log.output={tmp_path}", *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def test_sigterm_to_torchrun_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """torchrun forwards SIGTERM to its workers: both stop after the same step and save; the
+    launcher itself exits 1 (torchrun's own behaviour). The same command then resumes every
+    rank's random streams and running sums, so mixup draws and weights match exactly."""
+    import signal
+    import time
+
+    straight = torchrun(tmp_path / "a")
+    out, _ = straight.communicate(timeout=300)
+    assert straight.returncode == 0, out[-3000:]
+
+    stopped = torchrun(tmp_path / "b")
+    deadline = time.time() + 240
+    while "epoch 1/1 12/32" not in stopped.stdout.readline():  # a plain progress line
+        assert time.time() < deadline and stopped.poll() is None
+    stopped.send_signal(signal.SIGTERM)
+    out, _ = stopped.communicate(timeout=300)
+    assert "preempted: saved" in out, out[-3000:]
+    saved = ckpt.load(tmp_path / "b" / "resnet_pgt" / "last.pth")
+    assert len(saved["rank_states"]) == 2 and 0 < saved["state"]["batch_in_epoch"] < 32
+
+    resumed = torchrun(tmp_path / "b")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0 and "resumed from" in out, out[-3000:]
+    a = ckpt.load(tmp_path / "a" / "resnet_pgt" / "last.pth")
+    b = ckpt.load(tmp_path / "b" / "resnet_pgt" / "last.pth")
+    assert a["state"]["num_updates"] == b["state"]["num_updates"] == 32
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for rank_a, rank_b in zip(a["rank_states"], b["rank_states"]):
+        assert torch.equal(rank_a["rng"]["torch"], rank_b["rng"]["torch"])
