@@ -12,6 +12,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -229,22 +231,72 @@ class Recipe:
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
-# Ranges checked before a run starts, so a bad value fails in a second, not after an epoch.
-RANGES = {  # key: (low, high), inclusive
-    "pgt.alpha": (0.0, 1.0),
-    "loss.smoothing": (0.0, 0.999),
-    "loss.mixup_prob": (0.0, 1.0),
-    "data.hflip": (0.0, 1.0),
-    "data.crop_pct": (0.01, 1.0),
-    "train.epochs": (1, None),
-    "train.global_batch": (1, None),
-    "train.batch_size": (1, None),
-    "train.eval_batch_size": (1, None),
-    "train.grad_accum_steps": (1, None),
-    "model.num_classes": (1, None),
-    "optim.lr": (0.0, None),
-    "optim.weight_decay": (0.0, None),
+# Every numeric setting's range, in interval notation ("[" includes the bound, "(" excludes
+# it); a list setting's items are each checked. Checked when a recipe loads, so a bad value
+# fails in a second, not after an epoch.
+RANGES = {
+    "model.num_classes": "[1, inf)",
+    "model.in_chans": "[1, inf)",
+    "model.drop_rate": "[0, 1)",
+    "model.drop_path": "[0, 1)",
+    "model.stem_stride": "[1, inf)",
+    "data.workers": "[0, inf)",
+    "data.img_size": "[1, inf)",
+    "data.val_img_size": "[1, inf)",
+    "data.crop_pct": "(0, 1]",
+    "data.scale": "(0, 1]",
+    "data.ratio": "(0, inf)",
+    "data.hflip": "[0, 1]",
+    "data.std": "(0, inf)",
+    "data.min_res": "[1, inf)",
+    "data.max_res": "[1, inf)",
+    "data.start_ramp": "[0, inf)",
+    "data.end_ramp": "[0, inf)",
+    "data.pad": "[0, inf)",
+    "data.train_subset": "[1, inf)",  # null means all; 0 or negative would mean nothing
+    "data.eval_subset": "[1, inf)",
+    "data.num_classes": "[1, inf)",
+    "optim.lr": "[0, inf)",
+    "optim.momentum": "[0, 1]",
+    "optim.weight_decay": "[0, inf)",
+    "optim.opt_eps": "(0, inf)",
+    "optim.opt_betas": "[0, 1)",
+    "sched.warmup_epochs": "[0, inf)",
+    "sched.warmup_lr": "[0, inf)",
+    "sched.min_lr": "[0, inf)",
+    "sched.cooldown_epochs": "[0, inf)",
+    "sched.decay_epochs": "(0, inf)",
+    "sched.decay_milestones": "[0, inf)",
+    "sched.decay_rate": "(0, inf)",  # poly's power too, so above 1 is allowed
+    "loss.smoothing": "[0, 1)",
+    "loss.mixup": "[0, inf)",
+    "loss.cutmix": "[0, inf)",
+    "loss.mixup_prob": "[0, 1]",
+    "loss.mixup_switch_prob": "[0, 1]",
+    "pgt.alpha": "[0, 1]",
+    "clip.clip_grad": "(0, inf)",
+    "train.epochs": "[1, inf)",
+    "train.global_batch": "[1, inf)",
+    "train.batch_size": "[1, inf)",
+    "train.eval_batch_size": "[1, inf)",
+    "train.grad_accum_steps": "[1, inf)",
+    "train.seed": "[0, 2147483647]",  # numpy seeds take 32 bits; the rank is added to it
+    "train.model_ema_decay": "[0, 1]",
+    "train.threads": "[1, inf)",
+    "log.log_interval": "[1, inf)",
 }
+
+
+def in_interval(value: float, interval: str) -> bool:
+    """Whether `value` lies in an interval written as in RANGES, e.g. "(0, 1]"."""
+    match = re.fullmatch(r"([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])", interval)
+    if match is None:
+        raise ValueError(f"not an interval: {interval!r}")
+    opening, low, high, closing = match.groups()
+    low, high = float(low), float(high)
+    above = value > low if opening == "(" else value >= low
+    below = value < high if closing == ")" else value <= high
+    return above and below
 
 
 class RecipeError(ValueError):
@@ -253,6 +305,58 @@ class RecipeError(ValueError):
     def __init__(self, file: str, key: str, message: str):
         self.file, self.key = file, key
         super().__init__(f"{file}: {key}: {message}" if key else f"{file}: {message}")
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no tags that build Python objects) reading floats as YAML 1.2
+    does: YAML 1.1 wants a dot and a signed exponent, so `1e-3` would load as a string."""
+
+
+# YAML 1.2's float (a dot or an exponent required, so integers stay integers), plus 1.1's
+# `_` digit separators; in the float resolver's own slot, so it is still tried before int.
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_YAML12_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, _YAML12_FLOAT if tag == _FLOAT_TAG else regexp) for tag, regexp in resolvers]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+def parse_yaml(text: str, file: str):
+    """Load YAML text with RecipeLoader, refusing a key set twice in one mapping (PyYAML
+    silently keeps the last one). None for an empty document."""
+    loader = RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, file, prefix="", visited=set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(node, file: str, prefix: str, visited: set) -> None:
+    if id(node) in visited:  # an alias seen before (anchors may even nest themselves)
+        return
+    visited.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, file, prefix, visited)
+    elif isinstance(node, yaml.MappingNode):
+        first_line = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                lines = (f"line {line}" if line == first_line[key]
+                         else f"lines {first_line[key]} and {line}")
+                raise RecipeError(file, f"{prefix}{key}",
+                                  f"set twice, on {lines}; expected each key once")
+            first_line[key] = line
+            _refuse_duplicate_keys(value_node, file, f"{prefix}{key}.", visited)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -278,9 +382,12 @@ def _load_tree(path: Path, chain: tuple) -> tuple[dict, dict]:
         raise RecipeError(str(path), "extends", "circular extends: "
                           + " -> ".join(str(p) for p in chain + (path,)))
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = parse_yaml(path.read_text(), str(path))
     except yaml.YAMLError as err:
         raise RecipeError(str(path), "", f"not valid YAML: {err}") from None
+    if tree is None:  # all defaults is never what an empty file meant
+        raise RecipeError(str(path), "", "the file is empty; expected sections such as "
+                                         "model, data, train (or `extends: base.yaml`)")
     if not isinstance(tree, dict):
         raise RecipeError(str(path), "", f"expected a mapping of sections, got {type(tree).__name__}")
     parent_name = tree.pop("extends", None)
@@ -321,7 +428,7 @@ def _parse_override(item: str) -> tuple[str, object]:
         raise RecipeError("command line", item, "expected key=value (e.g. optim.lr=0.2)")
     key, raw = item.split("=", 1)
     try:
-        return key.strip(), yaml.safe_load(raw) if raw != "" else None
+        return key.strip(), parse_yaml(raw, f"command line ({item})") if raw != "" else None
     except yaml.YAMLError:
         return key.strip(), raw
 
@@ -384,6 +491,8 @@ def _coerce(value, hint, file: str, key: str):
             return value
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # YAML's .nan / .inf
+                raise RecipeError(file, key, f"got {value!r}, expected a finite number")
             return float(value)
     elif hint is str:
         if isinstance(value, str):
@@ -424,13 +533,21 @@ def _check_semantics(recipe: Recipe, origins: dict, default_file: str) -> None:
     def fail(key: str, message: str):
         raise RecipeError(origins.get(key, default_file), key, message)
 
-    for key, (low, high) in RANGES.items():
+    for key, interval in RANGES.items():
         value = _get_dotted(recipe, key)
         if value is None:  # an optional setting left unset
             continue
-        if value < low or (high is not None and value > high):
-            bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-            fail(key, f"got {value!r}, expected a value in {bound}")
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if not all(in_interval(item, interval) for item in items):
+            each = "each item" if isinstance(value, (list, tuple)) else "a value"
+            fail(key, f"got {value!r}, expected {each} in {interval}")
+    for key in ("data.scale", "data.ratio"):
+        low, high = _get_dotted(recipe, key)
+        if low > high:
+            fail(key, f"got {[low, high]!r}, expected [low, high] with low <= high")
+    milestones = recipe.sched.decay_milestones
+    if any(a >= b for a, b in zip(milestones, milestones[1:])):
+        fail("sched.decay_milestones", f"got {milestones!r}, expected increasing epochs")
     import timm  # imported here: recipe loading stays fast until a model name must be checked
     if not timm.is_model(recipe.model.model):
         close = difflib.get_close_matches(recipe.model.model, timm.list_models(), n=1)
@@ -443,6 +560,11 @@ def _check_semantics(recipe: Recipe, origins: dict, default_file: str) -> None:
         fail("data.train_dir", "dataset imagefolder needs train_dir (ImageFolder) or train_beton (ffcv)")
     if (data.min_res is None) != (data.max_res is None):
         fail("data.min_res", "set both min_res and max_res for progressive resizing, or neither")
+    if data.min_res is not None and data.min_res > data.max_res:
+        fail("data.min_res", f"got {data.min_res}, expected at most data.max_res ({data.max_res})")
+    if data.start_ramp > data.end_ramp:
+        fail("data.start_ramp", f"got {data.start_ramp}, expected at most data.end_ramp "
+                                f"({data.end_ramp})")
 
 
 def dump_recipe(recipe: Recipe, path: Path) -> None:

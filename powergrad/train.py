@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .batching import BatchPlanError, plan_batch
+from .preflight import check_run_dirs, preflight
 from .recipe import Recipe, RecipeError, load_recipe
 
 
@@ -15,45 +15,18 @@ def split_items(items: list[str]) -> tuple[list[str], list[str]]:
     return recipes, overrides
 
 
-def check_batch_plan(recipe: Recipe, world_size: int) -> None:
-    """Refuse, before any work, a total batch this launch cannot give exactly."""
-    train_cfg = recipe.train
-    try:
-        plan_batch(train_cfg.global_batch, train_cfg.batch_size, train_cfg.grad_accum_steps,
-                   world_size)
-    except BatchPlanError as err:
-        key = "train.global_batch"
-        raise RecipeError(recipe.origins.get(key, recipe.source), key, str(err)) from None
-
-
-def check_model_builds(recipe: Recipe) -> None:
-    """Build the model on the meta device (no memory, no init cost) so a bad timm keyword
-    fails now, not after the data is set up."""
-    import torch
-
-    from .models import build_model
-
-    try:
-        with torch.device("meta"):
-            build_model(recipe.model)
-    except (TypeError, ValueError) as err:
-        key = "model.kwargs"
-        raise RecipeError(recipe.origins.get(key, recipe.source), key,
-                          f"timm cannot build {recipe.model.model!r} with these settings: "
-                          f"{err}") from None
-
-
 def main(items: list[str], compare_name: str | None = None, fast_dev_run: int = 0) -> int:
     paths, overrides = split_items(items)
     if not paths:
         print("powergrad train: name at least one recipe file", file=sys.stderr)
         return 2
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
-    try:  # every recipe is checked before any training starts
+    try:  # every recipe is checked, the files first, then data and machine, before any trains
         recipes = [load_recipe(p, overrides) for p in paths]
         for recipe in recipes:
-            check_batch_plan(recipe, world_size)
-            check_model_builds(recipe)
+            preflight(recipe, world_size)
+        if not fast_dev_run:  # a fast dev run writes no run directory
+            check_run_dirs(recipes)
     except RecipeError as err:
         print(f"recipe error: {err}", file=sys.stderr)
         return 2

@@ -51,8 +51,27 @@ def test_digest_changes_with_settings():
     ({"optim": {"lr": "fast"}}, "optim.lr", "expected a number, got 'fast'"),
     ({"train": {"epochs": 2.5}}, "train.epochs", "expected an integer"),
     ({"train": {"channels_last": "yes"}}, "train.channels_last", "expected true or false"),
-    ({"pgt": {"enabled": True, "alpha": 1.5}}, "pgt.alpha", "expected a value in [0.0, 1.0]"),
-    ({"pgt": {"alpha": -0.1}}, "pgt.alpha", "expected a value in [0.0, 1.0]"),
+    ({"pgt": {"enabled": True, "alpha": 1.5}}, "pgt.alpha", "got 1.5, expected a value in [0, 1]"),
+    ({"pgt": {"alpha": -0.1}}, "pgt.alpha", "got -0.1, expected a value in [0, 1]"),
+    ({"optim": {"lr": float("nan")}}, "optim.lr", "got nan, expected a finite number"),
+    ({"loss": {"smoothing": float("inf")}}, "loss.smoothing", "got inf, expected a finite number"),
+    ({"optim": {"opt_betas": [0.9, float("-inf")]}}, "optim.opt_betas",
+     "got -inf, expected a finite number"),
+    ({"log": {"log_interval": 0}}, "log.log_interval", "got 0, expected a value in [1, inf)"),
+    ({"train": {"seed": -1}}, "train.seed", "got -1, expected a value in [0, 2147483647]"),
+    ({"train": {"threads": 0}}, "train.threads", "got 0, expected a value in [1, inf)"),
+    ({"optim": {"momentum": -0.9}}, "optim.momentum", "got -0.9, expected a value in [0, 1]"),
+    ({"data": {"train_subset": 0}}, "data.train_subset", "got 0, expected a value in [1, inf)"),
+    ({"data": {"train_subset": -100}}, "data.train_subset",
+     "got -100, expected a value in [1, inf)"),
+    ({"data": {"eval_subset": 0}}, "data.eval_subset", "got 0, expected a value in [1, inf)"),
+    ({"clip": {"clip_grad": 0.0}}, "clip.clip_grad", "got 0.0, expected a value in (0, inf)"),
+    ({"data": {"scale": [0.08, 1.5]}}, "data.scale",
+     "got (0.08, 1.5), expected each item in (0, 1]"),
+    ({"data": {"scale": [0.9, 0.1]}}, "data.scale",
+     "got [0.9, 0.1], expected [low, high] with low <= high"),
+    ({"sched": {"decay_milestones": [60, 30]}}, "sched.decay_milestones",
+     "got [60, 30], expected increasing epochs"),
     ({"clip": {"clip_mode": "agcc"}}, "clip.clip_mode", "did you mean 'agc'"),
     ({"model": {"model": "resnet181"}}, "model.model", "is not a timm model"),
     ({"data": {"scale": [0.08]}}, "data.scale", "expected a list of 2 numbers"),
@@ -98,3 +117,64 @@ def test_invalid_yaml(tmp_path):
     path = write(tmp_path, "broken.yaml", "optim: {lr: [0.1\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(path)
+
+
+def test_nan_and_inf_on_the_command_line(tmp_path):
+    path = write(tmp_path, "ok.yaml", {})
+    with pytest.raises(RecipeError, match=r"^command line \(optim.lr=.nan\): optim.lr: got nan, "
+                                          "expected a finite number$"):
+        load_recipe(path, ["optim.lr=.nan"])
+    with pytest.raises(RecipeError, match="got -inf, expected a finite number"):
+        load_recipe(path, ["optim.weight_decay=-.inf"])
+
+
+def test_the_float_spellings_users_write(tmp_path):
+    # YAML 1.1 (PyYAML's safe_load) wants a dot and a signed exponent: 1e-3 is a string there
+    assert yaml.safe_load("lr: 1e-3") == {"lr": "1e-3"}
+    path = tmp_path / "floats.yaml"
+    path.write_text("optim: {lr: 1e-3, weight_decay: 5E-4, opt_eps: 1.e-8}\n"
+                    "sched: {warmup_lr: .5e-2, min_lr: 1_000.5e-7, decay_rate: +2e0}\n"
+                    "train: {epochs: 3}\n")
+    recipe = load_recipe(path, ["pgt.alpha=25e-2"])
+    got = (recipe.optim.lr, recipe.optim.weight_decay, recipe.optim.opt_eps,
+           recipe.sched.warmup_lr, recipe.sched.min_lr, recipe.sched.decay_rate,
+           recipe.pgt.alpha)
+    assert got == (float("1e-3"), float("5e-4"), float("1e-8"), float("0.005"),
+                   float("1000.5e-7"), 2.0, 0.25)
+    assert type(recipe.train.epochs) is int and recipe.train.epochs == 3  # ints stay ints
+    with pytest.raises(RecipeError, match=r"train.epochs: expected an integer, got 100.0"):
+        load_recipe(path, ["train.epochs=1e2"])
+    with pytest.raises(RecipeError, match=r"optim.lr: expected a number, got '1e-3x'"):
+        load_recipe(path, ["optim.lr=1e-3x"])
+
+
+def test_a_key_set_twice_is_refused_with_its_lines(tmp_path):
+    path = write(tmp_path, "twice.yaml", "optim:\n  lr: 0.1\n  momentum: 0.9\n  lr: 0.2\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert str(err.value) == (f"{path}: optim.lr: set twice, on lines 2 and 4; "
+                              "expected each key once")
+    path = write(tmp_path, "sections.yaml",
+                 "train: {epochs: 2}\noptim: {lr: 0.1}\ntrain: {seed: 1}\n")
+    with pytest.raises(RecipeError, match=f"^{path}: train: set twice, on lines 1 and 3"):
+        load_recipe(path)
+
+
+def test_a_key_set_twice_in_a_parent_names_the_parent(tmp_path):
+    parent = write(tmp_path, "parent.yaml", "paper: {source: T1, test_top1: 1, test_top1: 2}\n")
+    child = write(tmp_path, "child.yaml", {"extends": "parent.yaml"})
+    with pytest.raises(RecipeError, match=f"^{parent}: paper.test_top1: set twice, on line 1;"):
+        load_recipe(child)
+
+
+def test_anchors_and_merge_keys_are_not_duplicates(tmp_path):
+    path = write(tmp_path, "anchors.yaml",
+                 "paper: {a: &x {k: 1}, b: *x}\noptim: {lr: 0.1, momentum: 0.9}\n")
+    assert load_recipe(path).paper == {"a": {"k": 1}, "b": {"k": 1}}
+
+
+def test_empty_recipe_file(tmp_path):
+    for text in ("", "# only a comment\n"):
+        path = write(tmp_path, "empty.yaml", text)
+        with pytest.raises(RecipeError, match=f"^{path}: the file is empty; expected sections"):
+            load_recipe(path)

@@ -52,16 +52,53 @@ def _read_idx(path: Path) -> np.ndarray:
     return data.reshape(dims)
 
 
-def load_split(root: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (images uint8 [N, 28, 28], labels int64 [N]) for split 'train' or 'test'."""
+def _split_paths(root: str | Path, split: str) -> list[Path]:
     if split not in _FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    root = Path(root)
-    paths = [root / name for name in _FILES[split]]
+    paths = [Path(root) / name for name in _FILES[split]]
     missing = [p for p in paths if not p.exists()]
     if missing:
         raise DatasetMissingError(MISSING_HELP.format(path=missing[0]))
-    images, labels = (_read_idx(p) for p in paths)
+    return paths
+
+
+def read_idx_dims(path: Path) -> tuple[int, ...]:
+    """The dimensions an IDX file's header declares, reading only the header (and, for .gz,
+    the gzip trailer's length, which catches a file cut short without decompressing it)."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        head = f.read(4)
+        if len(head) < 4 or head[:3] != b"\x00\x00\x08":
+            raise ValueError(f"{path}: not an unsigned-byte IDX file (bad magic {head!r})")
+        raw_dims = f.read(4 * head[3])
+    if len(raw_dims) < 4 * head[3]:
+        raise ValueError(f"{path}: IDX header cut short")
+    dims = struct.unpack(f">{head[3]}I", raw_dims)
+    expected = 4 + 4 * len(dims) + math.prod(dims)
+    if path.suffix == ".gz":
+        with open(path, "rb") as f:  # ISIZE: the uncompressed length mod 2**32 (RFC 1952)
+            f.seek(-4, 2)
+            stored = struct.unpack("<I", f.read(4))[0]
+        if stored != expected % 2**32:
+            raise ValueError(f"{path}: header says {dims} = {expected} bytes, the gzip "
+                             f"trailer says {stored}: the file is cut short or damaged")
+    elif path.stat().st_size != expected:
+        raise ValueError(f"{path}: header says {dims} = {expected} bytes, the file has "
+                         f"{path.stat().st_size}")
+    return dims
+
+
+def split_size(root: str | Path, split: str) -> int:
+    """The number of examples in a split, from the IDX headers alone (no pixels read)."""
+    images, labels = (read_idx_dims(p) for p in _split_paths(root, split))
+    if images[0] != labels[0]:
+        raise ValueError(f"{root}: {images[0]} images but {labels[0]} labels in {split}")
+    return images[0]
+
+
+def load_split(root: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (images uint8 [N, 28, 28], labels int64 [N]) for split 'train' or 'test'."""
+    root = Path(root)
+    images, labels = (_read_idx(p) for p in _split_paths(root, split))
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"{root}: {images.shape[0]} images but {labels.shape[0]} labels in {split}")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))

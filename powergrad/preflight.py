@@ -1,0 +1,270 @@
+"""Checks that need more than the recipe file, run for every recipe of a command line before
+the first one trains: the model builds, the device exists, the total batch fits this launch,
+the resume checkpoint loads, the data is there with the classes and channels the model
+expects, an epoch holds at least one optimizer step, and each recipe has a run directory of
+its own.
+
+recipe.py checks what a file can say wrong by itself (keys, types, ranges); this module looks
+at the machine and the disk, reading as little as it can: IDX headers, .beton headers and
+sidecars, ImageFolder class folders (their files counted only up to one optimizer step's
+worth). Every failure is one RecipeError naming the file (or command line) that set the key,
+the key, the value and what was expected.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from .batching import BatchPlan, BatchPlanError, plan_batch
+from .recipe import Recipe, RecipeError
+
+
+def preflight(recipe: Recipe, world_size: int | None = None) -> None:
+    """Raise RecipeError for the first check `recipe` fails. world_size defaults to the
+    WORLD_SIZE that torchrun sets (1 without torchrun)."""
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    check_model_builds(recipe)
+    check_device(recipe)
+    plan = check_batch_plan(recipe, world_size)
+    check_resume_file(recipe)
+    data = inspect_data(recipe, enough=plan.global_batch)
+    check_data_matches_model(recipe, data)
+    check_steps_per_epoch(recipe, plan, data)
+
+
+def check_run_dirs(recipes: list[Recipe]) -> None:
+    """Each recipe of a command line needs a run directory of its own: not one another
+    recipe would write (two files named run.yaml in different folders share runs/run), and
+    not one that holds a run of other settings (found now, not after the recipes before it
+    have trained)."""
+    from .engine import run_dir_for
+    from .rundir import RunDirError, check_same_recipe
+
+    first_by_dir: dict[Path, Recipe] = {}
+    for recipe in recipes:
+        run_dir = run_dir_for(recipe)
+        name = recipe.log.experiment
+        got = f"got {name!r}" if name else "not set, so the file name is used"
+        first = first_by_dir.setdefault(run_dir.resolve(), recipe)
+        if first is not recipe:
+            _fail(recipe, "log.experiment", f"{got}: {recipe.source} and {first.source} would "
+                                            f"both write {run_dir}; expected one run directory "
+                                            "per recipe (set log.experiment=NAME)")
+        try:
+            check_same_recipe(run_dir, recipe)
+        except RunDirError as err:
+            _fail(recipe, "log.experiment", f"{got}: {_one_line(err)}")
+
+
+def _fail(recipe: Recipe, key: str, message: str):
+    raise RecipeError(recipe.origins.get(key, recipe.source), key, message)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def check_model_builds(recipe: Recipe) -> None:
+    """Build the model on the meta device (no memory, no init cost) so a bad timm keyword
+    fails now, not after the data is set up."""
+    import torch
+
+    from .models import build_model
+
+    try:
+        with torch.device("meta"):
+            build_model(recipe.model)
+    except (TypeError, ValueError, KeyError, IndexError, AssertionError, RuntimeError) as err:
+        _fail(recipe, "model.kwargs", f"timm cannot build {recipe.model.model!r} with these "
+                                      f"settings: {type(err).__name__}: {_one_line(err)}")
+
+
+def check_device(recipe: Recipe) -> None:
+    import torch
+
+    name = recipe.train.device
+    if name == "cuda" and not torch.cuda.is_available():
+        _fail(recipe, "train.device", "got 'cuda', but torch sees no CUDA device; expected "
+                                      "cpu or auto on this machine")
+    if name != "cpu" and torch.cuda.is_available():  # torchrun gives each process one GPU
+        local_rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= count:
+            _fail(recipe, "train.device", f"got {name!r} in the process with LOCAL_RANK "
+                                          f"{local_rank}, but only {count} CUDA device(s) are "
+                                          f"visible; expected at most {count} processes per node")
+
+
+def check_batch_plan(recipe: Recipe, world_size: int) -> BatchPlan:
+    """The batch plan for this launch; refuses a total batch it cannot give exactly."""
+    train_cfg = recipe.train
+    try:
+        return plan_batch(train_cfg.global_batch, train_cfg.batch_size,
+                          train_cfg.grad_accum_steps, world_size)
+    except BatchPlanError as err:
+        _fail(recipe, "train.global_batch", str(err))
+
+
+def check_resume_file(recipe: Recipe) -> None:
+    """A checkpoint named in log.resume must exist and be one training can continue from
+    (auto and none name no file; auto skips damaged checkpoints by itself)."""
+    from .checkpoint import CheckpointError, read_training
+
+    setting = recipe.log.resume
+    if setting in ("auto", "none"):
+        return
+    try:
+        read_training(Path(setting))
+    except CheckpointError as err:
+        _fail(recipe, "log.resume", f"got {setting!r}: {_one_line(err)}; expected a training "
+                                    "checkpoint (last.pth or step-*.pth), auto or none")
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What the data holds, read without loading it."""
+    where: str  # the data as a reader of the message knows it
+    num_classes: int
+    channels: int
+    # Training images (after data.train_subset); counting may stop once it reaches `enough`.
+    train_images: int
+    train_images_all: int  # before data.train_subset (same caveat)
+
+
+def inspect_data(recipe: Recipe, enough: int) -> DataFacts:
+    """Find the data, check it is readable, and count it; counting ImageFolder files stops
+    at `enough` (the images one optimizer step takes), which is all the checks need."""
+    if recipe.data.dataset == "fashion_mnist":
+        facts = _fashion_mnist_facts(recipe)
+    else:
+        facts = _image_facts(recipe, enough)
+    subset = recipe.data.train_subset
+    if subset is not None and subset < facts.train_images:
+        facts = DataFacts(facts.where, facts.num_classes, facts.channels, subset,
+                          facts.train_images_all)
+    return facts
+
+
+def _fashion_mnist_facts(recipe: Recipe) -> DataFacts:
+    from .data.fashion_mnist import CLASS_NAMES, split_size
+
+    root = recipe.data.root
+    try:
+        train_images = split_size(root, "train")
+        test_images = split_size(root, "test")
+    except (OSError, EOFError, ValueError) as err:  # missing, not gzip, cut short, bad header
+        _fail(recipe, "data.root", f"got {root!r}: {_one_line(err)}")
+    if not train_images or not test_images:
+        _fail(recipe, "data.root", f"got {root!r}: {train_images} train and {test_images} "
+                                   "test images; expected both splits to hold images")
+    return DataFacts(f"Fashion-MNIST at {root}", len(CLASS_NAMES), 1, train_images, train_images)
+
+
+def _image_facts(recipe: Recipe, enough: int) -> DataFacts:
+    from .data.imagefolder_checks import ImageDataError
+    from .data.images import choose_loader
+
+    data_cfg = recipe.data
+    try:
+        with warnings.catch_warnings():  # the loader repeats its own fallback warning
+            warnings.simplefilter("ignore")
+            backend = choose_loader(data_cfg)
+    except (ValueError, ImportError) as err:
+        _fail(recipe, "data.loader", f"got {data_cfg.loader!r}: {_one_line(err)}")
+    if backend == "ffcv":
+        from .data.beton_meta import read_beton_info
+
+        infos = []
+        for key in ("data.train_beton", "data.val_beton"):
+            try:
+                infos.append(read_beton_info(getattr(data_cfg, key.split(".")[1]),
+                                             data_cfg.num_classes))
+            except ImageDataError as err:
+                _fail(recipe, key, _one_line(err))
+        train, val = infos
+        _check_same_classes(recipe, "data.val_beton", train.class_names, val.class_names)
+        return DataFacts(f".beton {data_cfg.train_beton}", train.num_classes, 3,
+                         train.num_samples, train.num_samples)
+    train_classes = _class_folders(recipe, "data.train_dir")
+    _check_same_classes(recipe, "data.val_dir", train_classes,
+                        _class_folders(recipe, "data.val_dir"))
+    count = _count_images(Path(data_cfg.train_dir), train_classes, enough)
+    return DataFacts(f"ImageFolder {data_cfg.train_dir}", len(train_classes), 3, count, count)
+
+
+def _class_folders(recipe: Recipe, key: str) -> list[str]:
+    from torchvision.datasets.folder import find_classes
+
+    root = getattr(recipe.data, key.split(".")[1])
+    if not Path(root).is_dir():
+        _fail(recipe, key, f"got {root!r}: no such directory; expected an ImageFolder tree "
+                           f"({root}/<class>/<image>)")
+    try:
+        return find_classes(root)[0]
+    except FileNotFoundError:
+        _fail(recipe, key, f"got {root!r}: no class folders in it; expected an ImageFolder "
+                           f"tree ({root}/<class>/<image>)")
+
+
+def _check_same_classes(recipe: Recipe, val_key: str, train_classes: list[str],
+                        val_classes: list[str]) -> None:
+    if train_classes != val_classes:
+        differ = sorted(set(train_classes) ^ set(val_classes))[:5]
+        _fail(recipe, val_key, f"got {getattr(recipe.data, val_key.split('.')[1])!r} with "
+                               f"{len(val_classes)} classes; expected the same classes as the "
+                               f"training data's {len(train_classes)} (differing: {differ})")
+
+
+def _count_images(root: Path, classes: list[str], enough: int) -> int:
+    """Image files in the class folders, counting no further than `enough` (ImageNet's
+    1.28 M files need not be listed to know a batch fits). Hidden files are ignored and other
+    files counted as torchvision's ImageFolder counts them: by extension."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    count = 0
+    for name in classes:
+        with os.scandir(root / name) as entries:
+            for entry in entries:
+                if not entry.name.startswith(".") and entry.name.lower().endswith(IMG_EXTENSIONS):
+                    count += 1
+                    if count >= enough:
+                        return count
+    return count
+
+
+def check_data_matches_model(recipe: Recipe, data: DataFacts) -> None:
+    if recipe.model.num_classes != data.num_classes:
+        _fail(recipe, "model.num_classes", f"got {recipe.model.num_classes}, but {data.where} "
+                                           f"has {data.num_classes} classes; expected "
+                                           f"{data.num_classes}")
+    if recipe.data.num_classes is not None and recipe.data.num_classes != data.num_classes:
+        _fail(recipe, "data.num_classes", f"got {recipe.data.num_classes}, but {data.where} "
+                                          f"has {data.num_classes} classes")
+    if recipe.model.in_chans != data.channels:
+        _fail(recipe, "model.in_chans", f"got {recipe.model.in_chans}, but {data.where} has "
+                                        f"{data.channels}-channel images; expected "
+                                        f"{data.channels}")
+
+
+def check_steps_per_epoch(recipe: Recipe, plan: BatchPlan, data: DataFacts) -> None:
+    """An epoch must hold at least one optimizer step: every process fills `accum_steps`
+    micro-batches (the loaders drop an incomplete last batch)."""
+    steps = data.train_images // (plan.micro_batch * plan.world_size) // plan.accum_steps
+    if steps >= 1:
+        return
+    # Name the setting most likely at fault; the message shows every factor.
+    train_cfg = recipe.train
+    if train_cfg.global_batch is not None:
+        key, value = "train.global_batch", train_cfg.global_batch
+    elif plan.accum_steps > 1 and data.train_images >= plan.micro_batch * plan.world_size:
+        key, value = "train.grad_accum_steps", train_cfg.grad_accum_steps
+    elif data.train_images < data.train_images_all:
+        key, value = "data.train_subset", recipe.data.train_subset
+    else:
+        key, value = "train.batch_size", train_cfg.batch_size
+    _fail(recipe, key, f"got {value}: {data.train_images} training images ({data.where}) "
+                       f"// ({plan.micro_batch} images x {plan.world_size} process(es)) "
+                       f"// {plan.accum_steps} accumulation step(s) = 0 optimizer steps per "
+                       f"epoch; expected at least 1")
