@@ -184,8 +184,12 @@ class LogConfig:
     experiment: str | None = None  # default: the recipe file's name
     log_interval: int = 50  # optimizer steps between scalar logs
     diagnostics: bool = True  # PGT logit stats, clipping stats (and GPAS probes)
-    resume: str = "auto"  # auto: continue from last.pth if present | none | a checkpoint path
-    checkpoint: bool = True
+    # auto: continue from the run directory's newest readable checkpoint | none | a path
+    # (a training checkpoint: last.pth or step-*.pth; the run directory's own newer one wins)
+    resume: str = "auto"
+    checkpoint: bool = True  # last.pth every epoch and on SIGTERM, best.pth (weights only)
+    checkpoint_every: int = 0  # also step-N.pth every N optimizer steps (0: off)
+    keep_checkpoints: int = 2  # step checkpoints kept, newest first
 
 
 @dataclass
@@ -224,11 +228,19 @@ class Recipe:
         tree = self.to_dict()
         return dict(_flatten({k: v for k, v in tree.items() if k not in ("paper", "source")}))
 
+    @staticmethod
+    def decides_training(key: str) -> bool:
+        """Whether a dotted key changes what trains. Logging, checkpointing, the run's name
+        and folder, CPU threads and the paper's numbers do not: a run may resume with other
+        values of those."""
+        section = key.split(".")[0]
+        return section not in ("description", "paper", "source", "log") and key != "train.threads"
+
     def digest(self) -> str:
-        """A short hash of the resolved settings (not of where they came from)."""
-        settings = {k: v for k, v in self.to_dict().items() if k not in ("source", "description")}
-        settings["log"] = {k: v for k, v in settings["log"].items() if k != "resume"}
-        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        """A short hash of the settings that decide what trains (Recipe.decides_training)."""
+        settings = {k: v for k, v in self.flat().items() if self.decides_training(k)}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()
+                              ).hexdigest()[:12]
 
 
 # Every numeric setting's range, in interval notation ("[" includes the bound, "(" excludes
