@@ -296,6 +296,8 @@ RANGES = {
     "train.model_ema_decay": "[0, 1]",
     "train.threads": "[1, inf)",
     "log.log_interval": "[1, inf)",
+    "log.checkpoint_every": "[0, inf)",
+    "log.keep_checkpoints": "[1, inf)",
 }
 
 
