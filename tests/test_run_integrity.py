@@ -168,3 +168,15 @@ def test_a_diverged_epoch_is_never_saved(tmp_path, monkeypatch):
     assert not (run_dir / "final.json").exists()
     events = read_scalars(run_dir)
     assert events["numerics/non_finite_stop"][-1] == (8, 1.0)
+
+
+def test_the_run_folders_own_newest_checkpoint_wins_over_log_resume(finished, tmp_path):
+    _, source_dir, _ = finished
+    start = source_dir / "last.pth"
+    run_dir = tmp_path / "run"
+    assert ckpt.choose_resume(run_dir, str(start))[0] == start  # first launch: PATH
+    run_dir.mkdir()
+    (run_dir / "last.pth").write_bytes(start.read_bytes())  # the run saved its own since
+    path, payload, _ = ckpt.choose_resume(run_dir, str(start))
+    assert path == run_dir / "last.pth" and payload["format"] == ckpt.TRAINING_FORMAT
+    assert ckpt.choose_resume(run_dir, "none")[0] is None
