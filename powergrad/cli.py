@@ -1,25 +1,66 @@
-"""The `powergrad` command: check, train, describe, compare."""
+"""The `powergrad` command: check, train, describe, compare, export."""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from . import __version__
+
+# What to do after a bad argument, per subcommand: argparse names the problem, this the fix.
+_HINTS = {
+    "train": "recipes are .yaml files and settings are key=value (e.g. train.epochs=1), in any "
+             "order with the options; see `powergrad train --help`",
+    "describe": "name one recipe .yaml file, then key=value settings if any; see "
+                "`powergrad describe --help`",
+    "compare": "name run folders (runs/<output>/<experiment>); see `powergrad compare --help`",
+    "export": "name one run folder (runs/<output>/<experiment>); see `powergrad export --help`",
+    "check": "`powergrad check` takes no arguments",
+}
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="powergrad", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("check", help="verify the PGT gradient against its closed form")
-    train = sub.add_parser("train", help="train from recipe files",
-                           description="Train each RECIPE in turn; key=value overrides "
-                                       "(dotted keys, e.g. optim.lr=0.2 pgt.alpha=0.25) "
-                                       "apply to every recipe.")
+class _Parser(argparse.ArgumentParser):
+    """argparse with a line saying what to do after its error message."""
+
+    hint: str = ""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        hint = f"\n  {self.hint}" if self.hint else ""
+        self.exit(2, f"{self.prog}: error: {message}{hint}\n")
+
+
+def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = _Parser(prog="powergrad", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"powergrad {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    subs = {}
+
+    subs["check"] = sub.add_parser(
+        "check", help="verify the PGT gradient on this machine against the float64 closed form",
+        description="Compare PowerGradCrossEntropy's logit gradient with the closed form "
+                    "(softmax(alpha z) - q) / N evaluated in float64: every target kind, "
+                    "batch sizes, alphas and loss scales in float32 and float64, and under "
+                    "bf16 autocast and fp16 autocast with a GradScaler (on the CPU, and on "
+                    "CUDA when a GPU is present). Exit 0 when every case is within its limit.")
+
+    train = subs["train"] = sub.add_parser(
+        "train", help="train from recipe files",
+        description="Train each RECIPE in turn, after checking all of them. key=value settings "
+                    "(dotted keys, e.g. optim.lr=0.2 pgt.alpha=0.25) apply to every recipe; "
+                    "recipes, settings and options may come in any order. A run writes to "
+                    "LOG.OUTPUT/EXPERIMENT (the recipe's log section).")
     train.add_argument("items", nargs="+", metavar="RECIPE.yaml|key=value")
-    train.add_argument("--compare", metavar="NAME",
-                       help="after training, write results/NAME.md and NAME.png comparing the runs")
+    train.add_argument("--compare", metavar="NAME|PATH",
+                       help="after training, write a table NAME.md and plot NAME.png of the runs: "
+                            "a bare NAME goes beside the runs (in their LOG.OUTPUT folder), a "
+                            "path (with a '/') goes where it says; default: no comparison")
     train.add_argument("--fast-dev-run", type=int, default=0, metavar="N",
                        help="train N optimizer steps and evaluate N batches of the real data, "
-                            "save nothing: a minute's check of the data path before a long job")
-    describe = sub.add_parser(
+                            "save nothing: a minute's check of the data path before a long job "
+                            "(default: 0, a normal run)")
+
+    describe = subs["describe"] = sub.add_parser(
         "describe", help="what a recipe will train, without loading data",
         description="Print the resolved recipe (with the file each value came from), the "
                     "model, parameter groups, clipping, batch arithmetic per world size, the lr "
@@ -28,21 +69,70 @@ def _build_parser() -> argparse.ArgumentParser:
     describe.add_argument("--png", default=None,
                           help="where to write the schedule plot (default: "
                                "LOG.OUTPUT/describe/NAME_schedule.png)")
-    compare = sub.add_parser("compare", help="table and plot of runs from their event files")
+
+    compare = subs["compare"] = sub.add_parser(
+        "compare", help="table and plot of runs from their event files",
+        description="One table row per run folder: final and best test top-1, final train "
+                    "top-1 and loss, when a target accuracy was first reached, images/s, and the "
+                    "paper's numbers when the recipe carries them. Runs that stopped early or "
+                    "diverged are shown with what they have; missing values are marked.")
     compare.add_argument("runs", nargs="+", metavar="RUN_DIR")
     compare.add_argument("--target", type=float, default=None,
-                         help="test top-1 (%%) whose first crossing is reported")
-    compare.add_argument("--out", default=None, help="write OUT.md and OUT.png")
-    return parser
+                         help="test top-1 (%%) whose first crossing is reported (default: the "
+                              "highest multiple of 0.5 %% that every run reached)")
+    compare.add_argument("--out", default=None, metavar="PATH",
+                         help="also write PATH.md and PATH.png (default: print the table only)")
+
+    export = subs["export"] = sub.add_parser(
+        "export", help="a run's trained weights as timm-ready safetensors + config.json",
+        description="Write RUN_DIR's weights as model.safetensors with timm's config.json "
+                    "(architecture, model arguments, preprocessing). Plain timm models then load "
+                    "with timm.create_model('local-dir:OUT', pretrained=True); models with the "
+                    "suite's own layers (small stem, BlurPool, no-BN, GPAS) load with "
+                    "powergrad.export.load_exported(OUT).")
+    export.add_argument("run", metavar="RUN_DIR")
+    export.add_argument("--checkpoint", choices=["best", "last"], default="best",
+                        help="best.pth (highest test top-1) or last.pth (default: best)")
+    export.add_argument("--ema", action="store_true",
+                        help="export the EMA weights (needs train.model_ema; default: the "
+                             "trained weights themselves)")
+    export.add_argument("--out", default=None, metavar="DIR",
+                        help="output folder (default: RUN_DIR/export, or RUN_DIR/export_ema)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace the files of an earlier export in the output folder")
+
+    for name, sub_parser in subs.items():
+        sub_parser.hint = _HINTS[name]
+    return parser, subs
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Subcommand arguments in any order: options may come before, between or after the
+    recipes and key=value settings (argparse's intermixed parsing, one subcommand at a time)."""
+    parser, subs = _build_parser()
+    if argv and argv[0] in subs:
+        args = subs[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    return parser.parse_args(argv)  # --help, --version, or an unknown/missing command
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
     if args.command == "check":
         from .check import main as check_main
         return check_main()
+    if args.command in ("train", "describe"):
+        bad = _not_recipes(args.items)
+        if bad:
+            print(f"powergrad {args.command}: {bad}\n  {_HINTS[args.command]}", file=sys.stderr)
+            return 2
     if args.command == "train":
         from .train import main as train_main
+        if args.compare and args.fast_dev_run:
+            print("powergrad train: --compare needs saved runs; --fast-dev-run saves nothing",
+                  file=sys.stderr)
+            return 2
         return train_main(args.items, compare_name=args.compare,
                           fast_dev_run=args.fast_dev_run)
     if args.command == "describe":
@@ -50,12 +140,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "compare":
         from .compare import main as compare_main
         return compare_main(args.runs, target=args.target, out=args.out)
+    if args.command == "export":
+        from .export import main as export_main
+        return export_main(args.run, checkpoint=args.checkpoint, ema=args.ema, out=args.out,
+                           overwrite=args.overwrite)
     return 2
 
 
-def _describe(items: list[str], png: str | None) -> int:
-    from pathlib import Path
+def _not_recipes(items: list[str]) -> str | None:
+    """A message for an item that is neither key=value nor an existing file, else None:
+    `train.epochs 3` (a space for '=') should not read as a missing recipe file."""
+    for item in items:
+        if "=" not in item and not Path(item).is_file():
+            if Path(item).suffix in (".yaml", ".yml"):
+                return f"{item}: recipe file not found"
+            return f"{item!r}: not a recipe file and not a key=value setting"
+    return None
 
+
+def _describe(items: list[str], png: str | None) -> int:
     from .recipe import RecipeError, load_recipe
     from .train import split_items
 

@@ -1,12 +1,21 @@
 """`powergrad compare RUN_DIR ...`: a markdown table and a PNG of runs, read from their
-TensorBoard event files (and the recipe.yaml saved beside them, for the paper's numbers)."""
+TensorBoard event files (and the recipe.yaml saved beside them, for the paper's numbers).
+
+A run that stopped early, diverged or never logged still gets its row: what it has is shown,
+what it lacks reads `n/a`, and a note column says why. Nothing depends on argument order.
+"""
 from __future__ import annotations
 
+import csv
+import json
 import math
+import os
 import sys
 from pathlib import Path
 
 import yaml
+
+MISSING = "n/a"
 
 
 def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -26,7 +35,12 @@ def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def _last(series, tag):
-    return series[tag][-1][1] if series.get(tag) else math.nan
+    return series[tag][-1][1] if series.get(tag) else None
+
+
+def _best(series, tag):
+    finite = [v for _, v in series.get(tag, []) if math.isfinite(v)]
+    return max(finite) if finite else None
 
 
 def _first_reaching(series, target: float):
@@ -38,40 +52,92 @@ def _first_reaching(series, target: float):
     return None
 
 
-def summarize(run_dir: str | Path) -> dict:
-    series = read_scalars(run_dir)
-    recipe_file = Path(run_dir) / "recipe.yaml"
-    paper = (yaml.safe_load(recipe_file.read_text()) or {}).get("paper", {}) if recipe_file.exists() else {}
+def _first_non_finite(series) -> tuple[str, int] | None:
+    """The first (tag, step) whose value is NaN or infinite among the losses and accuracies."""
+    hits = [(step, tag) for tag in ("train/loss", "epoch/train_loss", "eval/loss", "eval/top1")
+            for step, value in series.get(tag, []) if not math.isfinite(value)]
+    return (min(hits)[1], min(hits)[0]) if hits else None
+
+
+def _mean_img_per_sec(run_dir: Path, series) -> float | None:
+    """Images/s from the step logs; a run shorter than log_interval has none, so fall back to
+    the per-epoch rates of summary.csv, then to final.json."""
     rates = [v for _, v in series.get("perf/img_per_sec", [])]
+    if not rates and (run_dir / "summary.csv").exists():
+        with open(run_dir / "summary.csv", newline="") as f:
+            rates = [float(r["img_per_sec"]) for r in csv.DictReader(f) if r.get("img_per_sec")]
+    if not rates and (run_dir / "final.json").exists():
+        value = json.loads((run_dir / "final.json").read_text()).get("mean_img_per_sec")
+        rates = [value] if isinstance(value, (int, float)) else []
+    rates = [r for r in rates if math.isfinite(r)]
+    return sum(rates) / len(rates) if rates else None
+
+
+def summarize(run_dir: str | Path) -> dict:
+    """One run's row. Values it does not have are None; `note` says what is missing or
+    what went wrong (empty for a finished, finite run)."""
+    run_dir = Path(run_dir)
+    try:
+        series = read_scalars(run_dir)
+        note = "" if series else "nothing logged yet"
+    except FileNotFoundError:
+        series, note = {}, "no TensorBoard event files (not started?)"
+    recipe_file = run_dir / "recipe.yaml"
+    paper = ((yaml.safe_load(recipe_file.read_text()) or {}).get("paper") or {}
+             if recipe_file.exists() else {})
+    if series and not series.get("eval/top1"):
+        note = "no finished epoch"
+    bad = _first_non_finite(series)
+    if bad:
+        note = f"diverged: non-finite {bad[0]} at step {bad[1]}"
+    elif series.get("numerics/non_finite_stop"):
+        note = f"stopped: non-finite values at step {series['numerics/non_finite_stop'][-1][0]}"
     return {
-        "run": Path(run_dir).name,
+        "run": run_dir.name,
         "final_test_top1": _last(series, "eval/top1"),
-        "best_test_top1": max((v for _, v in series.get("eval/top1", [])), default=math.nan),
+        "best_test_top1": _best(series, "eval/top1"),
         "final_train_top1": _last(series, "epoch/train_top1"),
         "final_train_loss": _last(series, "epoch/train_loss"),
-        "img_per_sec": sum(rates) / len(rates) if rates else math.nan,
-        "paper": paper or {},
+        "img_per_sec": _mean_img_per_sec(run_dir, series),
+        "paper": paper,
+        "note": note,
         "series": series,
     }
 
 
-def markdown_table(rows: list[dict], target: float) -> str:
+def _cell(value, fmt: str) -> str:
+    return MISSING if value is None else format(value, fmt)
+
+
+def default_target(rows: list[dict]) -> float | None:
+    """The highest multiple of 0.5 % that every run with a finite test top-1 reached."""
+    bests = [r["best_test_top1"] for r in rows if r["best_test_top1"] is not None]
+    return math.floor(min(bests) * 2) / 2 if bests else None
+
+
+def markdown_table(rows: list[dict], target: float | None) -> str:
     """One row per run; `target` is the test top-1 whose first crossing is reported."""
     with_paper = any(r["paper"] for r in rows)
+    with_note = any(r.get("note") for r in rows)
+    reach = f"epoch (step) to {target:.2f} %" if target is not None else "epoch (step) to target"
     head = ["run", "final test top-1", "best test top-1", "final train top-1",
-            "final train loss", f"epoch (step) to {target:.2f} %", "img/s"]
-    if with_paper:
-        head += ["paper train / test top-1"]
+            "final train loss", reach, "img/s"]
+    head += ["paper train / test top-1"] if with_paper else []
+    head += ["note"] if with_note else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        hit = _first_reaching(r["series"], target)
-        reached = f"{hit[1]} ({hit[0]})" if hit else "not reached"
-        cells = [r["run"], f"{r['final_test_top1']:.2f}", f"{r['best_test_top1']:.2f}",
-                 f"{r['final_train_top1']:.2f}", f"{r['final_train_loss']:.4f}", reached,
-                 f"{r['img_per_sec']:.0f}"]
+        hit = _first_reaching(r["series"], target) if target is not None else None
+        reached = (f"{hit[1]} ({hit[0]})" if hit else
+                   "not reached" if target is not None and r["series"].get("eval/top1") else
+                   MISSING)
+        cells = [r["run"], _cell(r["final_test_top1"], ".2f"), _cell(r["best_test_top1"], ".2f"),
+                 _cell(r["final_train_top1"], ".2f"), _cell(r["final_train_loss"], ".4f"),
+                 reached, _cell(r["img_per_sec"], ".0f")]
         if with_paper:
             p = r["paper"]
             cells.append(f"{p.get('train_top1', '-')} / {p.get('test_top1', '-')}" if p else "-")
+        if with_note:
+            cells.append(r.get("note") or "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -90,8 +156,10 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, (ax_loss, ax_top1) = plt.subplots(1, 2, figsize=(11, 4))
     for r in rows:
         s = r["series"]
-        if s.get("train/loss"):
-            ax_loss.plot(*zip(*s["train/loss"]), label=r["run"])
+        # a run shorter than log_interval has no step-level loss: plot its epoch losses
+        loss = s.get("train/loss") or s.get("epoch/train_loss")
+        if loss:
+            ax_loss.plot(*zip(*loss), marker="o" if len(loss) < 20 else None, label=r["run"])
         if s.get("eval/top1"):
             ax_top1.plot(*zip(*s["eval/top1"]), marker="o", label=r["run"])
     ax_loss.set(xlabel="optimizer step", ylabel="train loss (cross-entropy)", yscale="log",
@@ -99,36 +167,60 @@ def plot(rows: list[dict], path: Path) -> None:
     ax_top1.set(xlabel="optimizer step", ylabel="test top-1 (%)", title="test top-1")
     for ax in (ax_loss, ax_top1):
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def main(runs: list[str], target: float | None = None, out: str | None = None,
-         command: str | None = None) -> int:
+def out_path_for(name: str, run_dirs: list[str | Path]) -> Path:
+    """Where `train --compare NAME` writes: a bare NAME beside the runs (the folder that
+    holds them all), a path with a separator (or absolute) exactly where it says."""
+    if os.sep in name or (os.altsep and os.altsep in name):
+        return Path(name)
+    parents = [Path(d).parent for d in run_dirs]
     try:
-        rows = [summarize(r) for r in runs]
-    except FileNotFoundError as err:
-        print(f"compare: {err}", file=sys.stderr)
+        common = Path(os.path.commonpath(parents))
+    except ValueError:  # relative and absolute folders mixed
+        common = Path(os.path.commonpath([p.resolve() for p in parents]))
+    return common / name
+
+
+def main(runs: list[str], target: float | None = None, out: str | Path | None = None,
+         command: str | None = None) -> int:
+    absent = [r for r in runs if not Path(r).is_dir()]
+    if absent:
+        print(f"compare: {', '.join(absent)}: no such folder (name run folders, "
+              "runs/<output>/<experiment>)", file=sys.stderr)
+        return 2
+    rows = [summarize(r) for r in runs]
+    if not any(r["series"] for r in rows):
+        print("compare: nothing to compare: " + "; ".join(f"{run}: {r['note']}" for run, r in
+                                                        zip(runs, rows)), file=sys.stderr)
         return 2
     names = [r["run"] for r in rows]
     if len(set(names)) < len(names):  # e.g. one recipe over several seeds: add the parent
         for r, run in zip(rows, runs):
             r["run"] = f"{Path(run).parent.name}/{Path(run).name}"
     if target is None:  # the level every run reached: how fast did each get there?
-        target = math.floor(min(r["best_test_top1"] for r in rows) * 2) / 2
+        target = default_target(rows)
     table = markdown_table(rows, target)
     print(table)
+    for r in rows:
+        if r["note"]:
+            print(f"compare: {r['run']}: {r['note']}", file=sys.stderr)
     if out:
         out_path = Path(out)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         command = command or "powergrad compare " + " ".join(runs) + f" --out {out}"
-        out_path.with_suffix(".md").write_text(
-            f"# {out_path.name}\n\nCommand: `{command}`\n\n{table}\n\n"
-            f"![curves]({out_path.name}.png)\n")
-        plot(rows, out_path.with_suffix(".png"))
-        print(f"wrote {out_path.with_suffix('.md')} and {out_path.with_suffix('.png')}")
+        md, png = Path(f"{out_path}.md"), Path(f"{out_path}.png")
+        md.write_text(f"# {out_path.name}\n\nCommand: `{command}`\n\n{table}\n\n"
+                      f"![curves]({png.name})\n")
+        plot(rows, png)
+        print(f"wrote {md} and {png}")
     return 0
 
 
@@ -139,21 +231,37 @@ def block_profile(series: dict, kind: str, last: int = 5) -> list[float]:
     return [sum(v for _, v in series[t][-last:]) / len(series[t][-last:]) for t in tags]
 
 
-def block_report(runs: list[str], out: str, command: str) -> None:
-    """Markdown and PNG of residual-stream variance and gradient norm against depth."""
+def block_report(runs: list[str], out: str, command: str) -> int:
+    """Markdown and PNG of residual-stream variance and gradient norm against depth. Refuses
+    (exit 1, nothing written) when a run has no per-block record."""
+    profiles, problems = {}, []
+    for run in runs:
+        try:
+            series = read_scalars(run)
+        except FileNotFoundError as err:
+            problems.append(str(err))
+            continue
+        prof = {k: block_profile(series, k) for k in ("var", "grad_norm")}
+        if not prof["var"]:
+            problems.append(f"{run}: no per-block scalars (gpas/var/block*); they need a ViT "
+                            "run with log.diagnostics: true and at least log.log_interval "
+                            "optimizer steps")
+        profiles[Path(run).name] = prof
+    if problems:
+        print("plot_blocks: nothing written:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 1
     plt = pyplot()
-    profiles = {Path(r).name: {k: block_profile(read_scalars(r), k) for k in ("var", "grad_norm")}
-                for r in runs}
+    depth = max(len(p["var"]) for p in profiles.values())
     lines = [f"# {Path(out).name}", "", f"Command: `{command}`", "",
              "Mean of the last 5 logged steps of each run.", ""]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, kind, label in zip(axes, ("var", "grad_norm"),
                                ("residual-stream variance", "gradient norm of the block")):
-        lines += [f"| {label} | " + " | ".join(f"block {i}" for i in
-                                              range(len(next(iter(profiles.values()))[kind])))
-                  + " |", "|---" * (1 + len(next(iter(profiles.values()))[kind])) + "|"]
+        lines += [f"| {label} | " + " | ".join(f"block {i}" for i in range(depth)) + " |",
+                  "|---" * (1 + depth) + "|"]
         for name, prof in profiles.items():
-            lines.append(f"| {name} | " + " | ".join(f"{v:.4g}" for v in prof[kind]) + " |")
+            values = [f"{v:.4g}" for v in prof[kind]] + [MISSING] * (depth - len(prof[kind]))
+            lines.append(f"| {name} | " + " | ".join(values) + " |")
             ax.plot(range(len(prof[kind])), prof[kind], marker="o", label=name)
         lines.append("")
         ax.set(xlabel="block", ylabel=label, yscale="log", title=label)
@@ -165,3 +273,5 @@ def block_report(runs: list[str], out: str, command: str) -> None:
     plt.close(fig)
     Path(f"{out}.md").write_text("\n".join(lines) + f"\n![blocks]({Path(out).name}.png)\n")
     print("\n".join(lines))
+    print(f"wrote {out}.md and {out}.png")
+    return 0

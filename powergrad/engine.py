@@ -314,8 +314,9 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, state: TrainState,
                 state.batch_in_epoch, state.epoch_totals = micro_step + 1, dict(totals)
                 ctx.save_step(state)
                 state.batch_in_epoch, state.epoch_totals = 0, {}
-        progress.update({"loss": f"{totals['loss'] / max(totals['seen'], 1):.3f}",
-                         "top1": f"{100 * totals['correct'] / max(totals['seen'], 1):.1f}"})
+        if micro_step == last_micro_step:  # the epoch's last progress line shows all of it
+            _fold_pending(pending, (totals, window), where)
+        progress.update(_running_means(totals))
         tick = time.perf_counter()
     _fold_pending(pending, (totals, window),
                   f"epoch {epoch + 1}/{ctx.total_epochs}, end (optimizer step {state.num_updates})")
@@ -331,6 +332,15 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, state: TrainState,
     return {"loss": loss_sum / max(seen, 1), "top1": 100 * correct / max(seen, 1),
             "img_per_sec": seen_now / seconds, "data_wait_frac": totals["wait"] / seconds,
             "seconds": seconds}
+
+
+def _running_means(totals: dict) -> dict[str, str]:
+    """Loss and top-1 so far for the progress line; '-' until the first log step has folded
+    the device-side sums in (never a made-up 0)."""
+    if not totals["seen"]:
+        return {"loss": "-", "top1": "-"}
+    return {"loss": f"{totals['loss'] / totals['seen']:.3f}",
+            "top1": f"{100 * totals['correct'] / totals['seen']:.1f}"}
 
 
 def _zero_pending(device) -> dict:

@@ -57,8 +57,8 @@ def main(items: list[str], compare_name: str | None = None, fast_dev_run: int = 
     from .distributed import shutdown
     shutdown()
     if compare_name and run_dirs and os.environ.get("RANK", "0") == "0":
-        from .compare import main as compare_main
-        return compare_main(run_dirs, out=f"results/{compare_name}",
+        from .compare import main as compare_main, out_path_for
+        return compare_main(run_dirs, out=out_path_for(compare_name, run_dirs),
                             command="powergrad train " + " ".join(items)
                             + f" --compare {compare_name}")
     return 0

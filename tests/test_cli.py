@@ -1,9 +1,20 @@
-"""The `powergrad` command: bad input stops before any work with a clear message and exit 2."""
+"""The `powergrad` command and the tools beside it: bad input stops before any work with a
+clear message, options come in any order, and nothing is written where it was not asked."""
+import csv
+import json
+import runpy
 import signal
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from powergrad import check, cli, compare, train
 
 
 def run(*args):
@@ -48,3 +59,171 @@ def test_sigterm_exits_75_and_the_same_command_finishes(tmp_path):
     done = run(*args[3:])
     assert done.returncode == 0, done.stdout + done.stderr
     assert "resumed from" in done.stdout and "epoch 2/2:" in done.stdout
+
+
+# --- a CLI that forgives order and explains itself ----------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["model.kwargs.channels=[8, 8, 16, 16]", "data.train_subset=128", "data.eval_subset=64",
+        "train.batch_size=32", "train.eval_batch_size=64", "train.epochs=1",
+        "train.channels_last=false", "train.threads=1", "log.log_interval=100"]
+
+
+def test_recipes_settings_and_options_in_any_order():
+    for argv in (["train", "a.yaml", "b.yaml", "--compare", "nobn", "train.epochs=1"],
+                 ["train", "--compare", "nobn", "a.yaml", "train.epochs=1", "b.yaml"],
+                 ["train", "a.yaml", "train.epochs=1", "--compare=nobn", "b.yaml"]):
+        args = cli.parse_args(argv)
+        assert args.compare == "nobn"
+        assert sorted(args.items) == ["a.yaml", "b.yaml", "train.epochs=1"]
+    args = cli.parse_args(["compare", "run_a", "--out", "table", "run_b", "--target", "90"])
+    assert (args.runs, args.out, args.target) == (["run_a", "run_b"], "table", 90.0)
+
+
+def test_bad_arguments_are_answered_with_what_to_do(capsys):
+    recipe = str(REPO / "recipes" / "fashion_mnist" / "resnet_pgt.yaml")
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["train", recipe, "--epochs", "3"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert "unrecognized arguments: --epochs 3" in err and "key=value (e.g. train.epochs=1)" in err
+    assert cli.main(["train", recipe, "train.epochs", "3"]) == 2
+    assert "'train.epochs': not a recipe file and not a key=value setting" in capsys.readouterr().err
+    assert cli.main(["train", recipe, "--compare", "x", "--fast-dev-run", "2"]) == 2
+    assert "--fast-dev-run saves nothing" in capsys.readouterr().err
+
+
+def test_version_is_the_installed_distributions(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out == f"powergrad {metadata.version('powergrad')}\n"
+
+
+def test_every_subcommand_describes_itself_and_its_defaults():
+    _, subs = cli._build_parser()
+    assert set(subs) >= {"check", "train", "describe", "compare", "export"}
+    for name, parser in subs.items():
+        assert len(parser.description) > 40, name
+        for action in parser._actions:
+            if action.option_strings and action.default not in (None, False, "==SUPPRESS=="):
+                assert "default" in action.help, (name, action.dest)
+            if action.option_strings and action.dest != "help":
+                assert action.help and "default" in action.help or action.default is False, \
+                    (name, action.dest)
+
+
+@pytest.mark.parametrize("tool", ["plot_blocks.py", "compare_runs.py", "write_ffcv.py"])
+def test_tools_explain_themselves(tool, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [tool, "--help"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(REPO / "tools" / tool), run_name="__main__")
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and "usage:" in out
+    description = out.split("\n\n")[1]
+    assert description.rstrip().endswith((".", ":")), description  # no sentence cut in half
+
+
+def test_check_fails_when_the_gradient_loses_precision(monkeypatch):
+    """The self-check can fail: a PGT loss whose gradient is rounded to bf16 on the way back."""
+    class RoundGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, z):
+            return z.view_as(z)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad.to(torch.bfloat16).to(grad.dtype)
+
+    real = check.PowerGradCrossEntropy
+    monkeypatch.setattr(check, "PowerGradCrossEntropy",
+                        lambda alpha, smoothing: lambda z, t: real(alpha, smoothing)(RoundGrad.apply(z), t))
+    assert check.run_checks(verbose=False) is False
+
+
+# --- nothing lands where it was not asked; compare shows what exists -----------------------
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A tiny finished run, trained through `powergrad train ... --compare /abs/path`."""
+    tmp = tmp_path_factory.mktemp("cli")
+    recipe = REPO / "recipes" / "fashion_mnist" / "resnet_pgt.yaml"
+    code = train.main([str(recipe), *TINY, f"log.output={tmp / 'runs'}"],
+                      compare_name=str(tmp / "tables" / "mine"))
+    assert code == 0
+    return tmp, tmp / "runs" / "resnet_pgt"
+
+
+def test_compare_to_an_absolute_path_writes_exactly_there(finished_run):
+    tmp, run_dir = finished_run
+    assert (tmp / "tables" / "mine.md").is_file() and (tmp / "tables" / "mine.png").is_file()
+    assert "--compare " + str(tmp / "tables" / "mine") in (tmp / "tables" / "mine.md").read_text()
+
+
+def test_a_bare_compare_name_goes_beside_the_runs():
+    assert compare.out_path_for("nobn", ["runs/fm/a", "runs/fm/b"]) == Path("runs/fm/nobn")
+    assert compare.out_path_for("both", ["runs/fm/a", "runs/vit/b"]) == Path("runs/both")
+    assert compare.out_path_for("results/x", ["runs/fm/a"]) == Path("results/x")
+    assert compare.out_path_for("/tmp/y", ["runs/fm/a"]) == Path("/tmp/y")
+
+
+def fake_run(path: Path, scalars: dict[str, list[tuple[int, float]]]) -> str:
+    """A run folder with just these TensorBoard scalars (a partial or diverged run)."""
+    path.mkdir(parents=True)
+    writer = SummaryWriter(str(path))
+    for tag, points in scalars.items():
+        for step, value in points:
+            writer.add_scalar(tag, value, step)
+    writer.close()
+    return str(path)
+
+
+def test_compare_shows_partial_and_diverged_runs_in_any_order(finished_run, tmp_path, capsys):
+    _, run_dir = finished_run
+    runs = [str(run_dir),
+            fake_run(tmp_path / "killed", {"train/loss": [(1, 2.3), (2, 2.2)]}),
+            fake_run(tmp_path / "diverged", {"eval/top1": [(4, 50.0), (8, float("nan"))],
+                                              "epoch/train_loss": [(4, 1.5), (8, float("nan"))],
+                                              "epoch/train_top1": [(4, 40.0), (8, 10.0)]}),
+            str(tmp_path / "empty")]
+    (tmp_path / "empty").mkdir()
+    tables = []
+    for order in (runs, runs[::-1], runs[1:] + runs[:1]):
+        assert compare.main(order) == 0
+        lines = capsys.readouterr().out.splitlines()
+        tables.append({line.split(" | ")[0]: line for line in lines[2:]})
+    assert tables[0] == tables[1] == tables[2]  # the same rows, whatever the order
+    rows = tables[0]
+    assert rows["| killed"].startswith("| killed | n/a | n/a | n/a | n/a | n/a | n/a |")
+    assert rows["| killed"].endswith("| no finished epoch |")
+    assert rows["| diverged"].startswith("| diverged | nan | 50.00 | 10.00 | nan |")
+    assert "diverged: non-finite epoch/train_loss at step 8" in rows["| diverged"]
+    assert "no TensorBoard event files" in rows["| empty"]
+    assert "nan" not in rows[f"| {run_dir.name}"] and "n/a" not in rows[f"| {run_dir.name}"]
+
+
+def test_compare_reads_img_per_sec_of_runs_shorter_than_log_interval(finished_run):
+    _, run_dir = finished_run
+    assert "perf/img_per_sec" not in compare.read_scalars(run_dir)  # 4 steps < log_interval
+    row = compare.summarize(run_dir)
+    with open(run_dir / "summary.csv") as f:
+        assert row["img_per_sec"] == pytest.approx(float(list(csv.DictReader(f))[0]["img_per_sec"]))
+
+
+def test_plot_blocks_refuses_runs_without_block_records(finished_run, tmp_path, capsys):
+    _, run_dir = finished_run
+    assert compare.block_report([str(run_dir)], str(tmp_path / "blocks"), "cmd") == 1
+    assert "no per-block scalars" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_write_ffcv_makes_missing_folders_and_reads_the_fashion_mnist_root(tmp_path, monkeypatch):
+    tool = runpy.run_path(str(REPO / "tools" / "write_ffcv.py"))
+    dst = tmp_path / "new" / "folder" / "fm_test.beton"
+    tool["main"](["fashion_mnist", "/usr/share/datasets/fashion-mnist", str(dst), "--split", "test",
+                  "--limit", "16", "--workers", "1"])
+    sidecar = json.loads(Path(f"{dst}.json").read_text())
+    assert dst.is_file() and sidecar["num_samples"] == 16 and sidecar["source"].endswith(":test")
+    with pytest.raises(SystemExit, match="--split train picks the split"):
+        tool["main"](["fashion_mnist", "/usr/share/datasets/fashion-mnist/train",
+                      str(tmp_path / "x.beton")])

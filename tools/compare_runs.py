@@ -1,7 +1,8 @@
-"""Compare runs from their TensorBoard event files: the same as `powergrad compare`.
+"""Compare runs from their TensorBoard event files: the same as `powergrad compare` (see
+`powergrad compare --help` for the options).
 
     python tools/compare_runs.py runs/fashion_mnist/resnet_baseline runs/fashion_mnist/resnet_pgt \
-        --target 90 --out results/my_comparison
+        --target 90 --out runs/fashion_mnist/my_comparison
 """
 import sys
 

@@ -2,10 +2,11 @@
 
     python tools/write_ffcv.py imagefolder /data/imagenet/train /data/ffcv/train_500.beton
     python tools/write_ffcv.py imagefolder /data/imagenet/val /data/ffcv/val_500.beton
-    python tools/write_ffcv.py fashion_mnist /usr/share/datasets/fashion-mnist/train fm_train.beton
+    python tools/write_ffcv.py fashion_mnist /usr/share/datasets/fashion-mnist runs/ffcv/fm_train.beton --split train
 
-Defaults are ffcv-imagenet's ResNet-50 files (500 px, 50 % JPEG at quality 90); its ResNet-18
-files used --max-resolution 400 --compress-probability 0.1.
+Missing parent folders of the output are created. Defaults are ffcv-imagenet's ResNet-50 files
+(500 px, 50 % JPEG at quality 90); its ResNet-18 files used --max-resolution 400
+--compress-probability 0.1.
 """
 from __future__ import annotations
 
@@ -20,37 +21,50 @@ from powergrad.data.ffcv_writer import (ImageWriterSettings, write_fashion_mnist
 from powergrad.data.imagefolder_checks import ImageDataError  # noqa: E402
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, the usage examples above kept as written."""
+
+
 def main(argv=None) -> None:
     defaults = ImageWriterSettings()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("kind", choices=["imagefolder", "fashion_mnist"])
-    p.add_argument("src", help="ImageFolder root, or <fashion-mnist root>/<train|test>")
-    p.add_argument("dst", help="output .beton")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p.add_argument("kind", choices=["imagefolder", "fashion_mnist"], help="what SRC holds")
+    p.add_argument("src", help="an ImageFolder root (<class>/<image> files), or the folder "
+                               "holding Fashion-MNIST's four IDX .gz files")
+    p.add_argument("dst", help="output .beton file")
+    p.add_argument("--split", choices=["train", "test"], default="train",
+                   help="fashion_mnist: which split to write")
     p.add_argument("--max-resolution", type=int, default=defaults.max_resolution,
                    help="longest side in px; 0 keeps the original size")
     p.add_argument("--write-mode", default=defaults.write_mode,
-                   choices=["raw", "jpg", "proportion", "smart"])
-    p.add_argument("--compress-probability", type=float, default=defaults.compress_probability)
-    p.add_argument("--jpeg-quality", type=int, default=defaults.jpeg_quality)
+                   choices=["raw", "jpg", "proportion", "smart"], help="ffcv's RGBImageField mode")
+    p.add_argument("--compress-probability", type=float, default=defaults.compress_probability,
+                   help="share of images stored as JPEG with --write-mode proportion")
+    p.add_argument("--jpeg-quality", type=int, default=defaults.jpeg_quality, help="1-100")
     p.add_argument("--workers", type=int, default=-1, help="processes; -1 = all cores")
-    p.add_argument("--limit", type=int, default=None, help="fashion_mnist: first N only")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dst")
-    args = p.parse_args(argv)
+    p.add_argument("--limit", type=int, default=None,
+                   help="fashion_mnist: write the first N images only (None: all)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    args = p.parse_intermixed_args(argv)
     try:
         out = write(args)
-    except (ImageDataError, FileExistsError, FileNotFoundError) as e:
+    except (ImageDataError, FileExistsError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) and {out}.json")
 
 
 def write(args) -> Path:
+    Path(args.dst).parent.mkdir(parents=True, exist_ok=True)
     if args.kind == "imagefolder":
         settings = ImageWriterSettings(args.max_resolution or None, args.write_mode,
                                        args.compress_probability, args.jpeg_quality)
         return write_imagefolder_beton(args.src, args.dst, settings=settings,
                                        workers=args.workers, overwrite=args.overwrite)
     src = Path(args.src)
-    return write_fashion_mnist_beton(src.parent, src.name, args.dst, limit=args.limit,
+    if not src.is_dir() and src.name in ("train", "test"):  # the old <root>/<split> spelling
+        raise FileNotFoundError(f"{src}: no such folder; SRC is the folder holding the IDX "
+                                f"files ({src.parent}), and --split {src.name} picks the split")
+    return write_fashion_mnist_beton(src, args.split, args.dst, limit=args.limit,
                                      workers=args.workers, overwrite=args.overwrite)
 
 
