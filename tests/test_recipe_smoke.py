@@ -1,6 +1,6 @@
 """Every shipped recipe trains: two optimizer steps and one evaluation batch through the engine
 (`fast_dev_run`), on a tiny ImageNet-format folder of JPEGs through both the ffcv and the
-torchvision loader, or on Fashion-MNIST itself for the Fashion-MNIST recipes. Only the data
+torchvision loader, or on Fashion-MNIST itself for the Fashion-MNIST and study recipes. Only the data
 paths, the resolution, the sizes and fp16 (bf16 on the CPU) are overridden; model, optimizer,
 schedule, loss, PGT, clipping, batch arithmetic and memory format are the recipe's own.
 
@@ -97,7 +97,8 @@ def test_image_recipe_trains_two_steps(path, loader, image_data, tmp_path):
     assert not any(tmp_path.iterdir()), "a fast dev run writes nothing"
 
 
-@pytest.mark.parametrize("path", runs("fashion_mnist"), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", runs("fashion_mnist") + runs("study"),
+                         ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_fashion_mnist_recipe_trains_two_steps(path, tmp_path):
     recipe = load_recipe(path, ["train.batch_size=8", "train.threads=1", "data.eval_subset=16",
                                 "train.eval_batch_size=16", f"log.output={tmp_path}"])
