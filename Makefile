@@ -21,7 +21,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: .apt-installed setup.cfg pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[ffcv,test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[ffcv,dali,test]'
 	@touch $@
 
 # Everything a user's target writes goes under runs/ (git ignores it): the demo's table lands

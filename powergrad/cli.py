@@ -16,6 +16,7 @@ _HINTS = {
     "compare": "name run folders (runs/<output>/<experiment>); see `powergrad compare --help`",
     "export": "name one run folder (runs/<output>/<experiment>); see `powergrad export --help`",
     "check": "`powergrad check` takes no arguments",
+    "gpu-check": "`powergrad gpu-check` takes only --workdir DIR; see `powergrad gpu-check --help`",
 }
 
 
@@ -43,6 +44,17 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                     "batch sizes, alphas and loss scales in float32 and float64, and under "
                     "bf16 autocast and fp16 autocast with a GradScaler (on the CPU, and on "
                     "CUDA when a GPU is present). Exit 0 when every case is within its limit.")
+
+    gpu_check = subs["gpu-check"] = sub.add_parser(
+        "gpu-check", help="run every GPU path for a few steps: a pass/fail table with numbers",
+        description="On a GPU machine: PGT exactness under fp16 + GradScaler and bf16 "
+                    "autocast, ResNet-50 steps through the engine, each loader feeding the GPU "
+                    "(images/s, feed ratio), DDP over all GPUs, and the paper recipe's "
+                    "GPU-hours. Without CUDA: the same rows in a reduced form on the CPU. "
+                    "Exit 0 when no row fails.")
+    gpu_check.add_argument("--workdir", default=None, metavar="DIR",
+                           help="keep the synthetic JPEGs and .beton files here and reuse them "
+                                "(default: a temporary folder, removed afterwards)")
 
     train = subs["train"] = sub.add_parser(
         "train", help="train from recipe files",
@@ -122,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         from .check import main as check_main
         return check_main()
+    if args.command == "gpu-check":
+        from .gpu_check import main as gpu_check_main
+        return gpu_check_main(args.workdir)
     if args.command in ("train", "describe"):
         bad = _not_recipes(args.items)
         if bad:

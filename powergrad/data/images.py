@@ -1,7 +1,7 @@
-"""ImageNet-style data: pick the ffcv or the torchvision loader for a recipe's `data:` section,
+"""ImageNet-style data: pick the ffcv, torchvision or DALI loader for a recipe's `data:` section,
 check the data before training starts, and build the train and eval loaders.
 
-Both loaders yield (float32 images [B, 3, H, W] normalised with cfg.mean/std, int64 labels
+The loaders yield (float32 images [B, 3, H, W] normalised with cfg.mean/std, int64 labels
 [B]) on the training device and expose len(), num_classes and class_names; the train loader
 also has set_epoch(epoch) and `resolution` (see device_batches.py).
 """
@@ -31,7 +31,8 @@ def ffcv_import_error() -> str | None:
 
 
 def choose_loader(cfg: DataConfig) -> str:
-    """'ffcv' or 'torchvision' for cfg.loader, with a clear error when the choice cannot work."""
+    """'ffcv', 'torchvision' or 'dali' for cfg.loader, with a clear error when the choice
+    cannot work ('auto' never picks DALI: it is chosen by name)."""
     if cfg.loader not in LOADERS:
         raise ValueError(f"data.loader must be one of {LOADERS}, got {cfg.loader!r}")
     betons_set = bool(cfg.train_beton and cfg.val_beton)
@@ -44,11 +45,17 @@ def choose_loader(cfg: DataConfig) -> str:
             raise ImportError(f"data.loader is 'ffcv' but ffcv does not import ({why}); "
                               "install it with `pip install powergrad[ffcv]`")
         return "ffcv"
-    if cfg.loader == "torchvision":
+    if cfg.loader in ("torchvision", "dali"):
         if not dirs_set:
-            raise ValueError("data.loader is 'torchvision' but data.train_dir and "
+            raise ValueError(f"data.loader is {cfg.loader!r} but data.train_dir and "
                              "data.val_dir are not both set")
-        return "torchvision"
+        if cfg.loader == "dali":
+            from .dali_loaders import DALI_PACKAGE, dali_import_error
+            if (why := dali_import_error()) is not None:
+                raise ImportError(f"data.loader is 'dali' but NVIDIA DALI does not import "
+                                  f"({why}); install it with `pip install {DALI_PACKAGE}` or "
+                                  "`pip install -e '.[dali]'`")
+        return cfg.loader
     if betons_set:
         why = ffcv_import_error()
         if why is None:
@@ -64,13 +71,17 @@ def choose_loader(cfg: DataConfig) -> str:
     return "torchvision"
 
 
-def _check_image_folder(root: str, num_classes: int | None) -> list[str]:
+def _scan_checked(root: str, num_classes: int | None) -> tuple[list[str], list[tuple[str, int]]]:
     classes, samples = scan_image_folder(root)
     verify_sample(samples)
     if num_classes is not None and num_classes != len(classes):
         raise ImageDataError(f"{root}: holds {len(classes)} class folders but "
                              f"data.num_classes is {num_classes}")
-    return classes
+    return classes, samples
+
+
+def _check_image_folder(root: str, num_classes: int | None) -> list[str]:
+    return _scan_checked(root, num_classes)[0]
 
 
 def _check_same_classes(train_classes: list[str], val_classes: list[str], train_src: str,
@@ -103,6 +114,15 @@ def build_image_loaders(cfg: DataConfig, *, batch_size: int, eval_batch_size: in
                             cfg.val_beton)
         train = FfcvTrainLoader(train_info, cfg, batch_size=batch_size, seed=seed, **common)
         val = FfcvEvalLoader(val_info, cfg, batch_size=eval_batch_size, **common)
+    elif backend == "dali":
+        from .dali_loaders import DaliEvalLoader, DaliTrainLoader
+
+        train_classes, train_samples = _scan_checked(cfg.train_dir, cfg.num_classes)
+        val_classes, val_samples = _scan_checked(cfg.val_dir, cfg.num_classes)
+        _check_same_classes(train_classes, val_classes, cfg.train_dir, cfg.val_dir)
+        train = DaliTrainLoader(train_samples, train_classes, cfg, batch_size=batch_size,
+                                seed=seed, **common)
+        val = DaliEvalLoader(val_samples, val_classes, cfg, batch_size=eval_batch_size, **common)
     else:
         from .torchvision_loaders import TorchvisionEvalLoader, TorchvisionTrainLoader
 
