@@ -47,7 +47,7 @@ def test_sigterm_exits_75_and_the_same_command_finishes(tmp_path):
     recipe = Path(__file__).resolve().parent.parent / "recipes" / "fashion_mnist" / "resnet_pgt.yaml"
     args = [sys.executable, "-m", "powergrad", "train", str(recipe), "train.epochs=2",
             "data.train_subset=8192", "data.eval_subset=200", "train.batch_size=64",
-            "model.kwargs.channels=[8, 16, 32, 64]", f"log.output={tmp_path}"]
+            "model.kwargs.channels=[8, 16, 32, 64]", "train.threads=1", f"log.output={tmp_path}"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while "epoch 1/2 50/128" not in proc.stdout.readline():  # a plain progress line
