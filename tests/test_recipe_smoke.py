@@ -56,8 +56,10 @@ def image_data(tmp_path_factory):
 def image_overrides(root: Path, loader: str, out: Path) -> list[str]:
     return [f"data.train_dir={root / 'train'}", f"data.val_dir={root / 'val'}",
             f"data.train_beton={root / 'train.beton'}", f"data.val_beton={root / 'val.beton'}",
-            f"data.loader={loader}", "data.workers=1", "data.img_size=32",
-            "data.val_img_size=32", "data.min_res=null", "data.max_res=null",
+            f"data.loader={loader}", "data.img_size=32", "data.val_img_size=32",
+            # torchvision decodes in this process (no worker start per recipe); ffcv needs one
+            f"data.workers={0 if loader == 'torchvision' else 1}",
+            "data.min_res=null", "data.max_res=null",
             "data.eval_subset=4", "train.threads=1", f"model.num_classes={len(CLASSES)}",
             f"data.num_classes={len(CLASSES)}", "train.eval_batch_size=4", f"log.output={out}"]
 
