@@ -47,7 +47,7 @@ bench: setup
 results: setup
 	$(VENV)/bin/powergrad train $(DEMO_RECIPES) --compare results/fashion_mnist_demo
 	$(PY) tools/bench_pgt.py --threads 1 --write results/bench_pgt.md
-	$(PY) tools/bench_loader.py --images 2500 --workers 2 --batch-size 64 --repeats 3 --out results/bench_loader.md
+	$(PY) tools/bench_loader.py --images 1280 --repeats 3 --out results/bench_loader.md
 	$(PY) tools/bench_engine.py --write results/bench_engine.md
 
 clean:

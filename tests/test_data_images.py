@@ -13,8 +13,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from powergrad.data import EvalLoader, TrainLoader, build_loaders
 from powergrad.data.beton_meta import sidecar_path
+from powergrad.data.device_batches import ImageBatches
+from powergrad.data.torchvision_loaders import read_rgb
+from powergrad.distributed import DistInfo
 from powergrad.recipe import DataConfig
 from powergrad.data.ffcv_writer import (ImageWriterSettings, write_fashion_mnist_beton,
                                         write_imagefolder_beton)
@@ -246,3 +251,100 @@ def test_loader_choice_errors_and_fallback(tmp_path, data):
         train, _ = build(make_cfg(root, "auto", train_beton=None, workers=0))
     assert type(train).__name__ == "TorchvisionTrainLoader"
     assert any("train_beton/val_beton are not set" in str(w.message) for w in caught)
+
+
+# --- the loader contract, dataset dispatch, and the pieces the loaders share ----------------
+
+def test_every_loader_keeps_the_contract(loaders, tmp_path):
+    _, train, val = loaders
+    assert isinstance(train, TrainLoader) and isinstance(val, EvalLoader)
+    assert not isinstance(val, TrainLoader)  # no set_epoch: the check can fail
+    rng = np.random.default_rng(0)
+    write_idx_gz(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (8, 28, 28)))
+    write_idx_gz(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 8))
+    write_idx_gz(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (5, 28, 28)))
+    write_idx_gz(tmp_path / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, 5))
+    fm_train, fm_test = build_loaders(DataConfig(dataset="fashion_mnist", root=str(tmp_path)),
+                                      batch_size=2, eval_batch_size=2, seed=0, device=CPU)
+    assert isinstance(fm_train, TrainLoader) and isinstance(fm_test, EvalLoader)
+
+
+def test_unknown_dataset_is_refused_by_name():
+    cfg = DataConfig(dataset="cifar10")  # what a recipe typo would give without validation
+    with pytest.raises(ValueError, match="data.dataset: 'cifar10' is not a dataset; expected "
+                                         r"one of \['fashion_mnist', 'imagefolder'\]"):
+        build_loaders(cfg, batch_size=1, eval_batch_size=1, seed=0, device=CPU)
+
+
+def test_fashion_mnist_takes_its_share_from_dist_info(tmp_path):
+    labels = np.arange(10) % 10
+    write_idx_gz(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((10, 28, 28)))
+    write_idx_gz(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
+    write_idx_gz(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((10, 28, 28)))
+    write_idx_gz(tmp_path / "train-labels-idx1-ubyte.gz", labels)
+    cfg = DataConfig(dataset="fashion_mnist", root=str(tmp_path))
+    _, test = build_loaders(cfg, batch_size=2, eval_batch_size=2, seed=0, device=CPU,
+                            dist_info=DistInfo(rank=1, local_rank=1, world_size=3))
+    assert torch.cat([y for _, y in test]).tolist() == labels[1::3].tolist()
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_normalisation_matches_float64_in_both_layouts(channels_last):
+    # odd sizes: a wrong row length or channel order in the tiled channels-last path shows
+    images = torch.randint(0, 256, (3, 7, 5, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    labels = torch.tensor([4, 0, 2], dtype=torch.int32)
+    batches = ImageBatches([(images, labels)], device=CPU, mean=MEAN, std=STD,
+                           channels_last=channels_last, class_names=["a"])
+    (got, got_labels), = list(batches)
+    mean, std = (np.array(v).reshape(1, 3, 1, 1) for v in (MEAN, STD))
+    want = (images.numpy().astype(np.float64) / 255 - mean) / std
+    torch.testing.assert_close(got, torch.from_numpy(want).float(), atol=1e-6, rtol=0)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert got.is_contiguous(memory_format=layout) and got.dtype == torch.float32
+    assert got_labels.dtype == torch.int64 and got_labels.tolist() == [4, 0, 2]
+
+
+def test_torchvision_reader_gives_pils_pixels(tmp_path):
+    rng = np.random.default_rng(1)
+    pixels = Image.fromarray(rng.integers(0, 256, (21, 34, 3), dtype=np.uint8))
+    files = {"rgb.jpg": pixels, "cmyk.jpeg": pixels.convert("CMYK"),
+             "grey.JPEG": pixels.convert("L"), "lossless.png": pixels, "old.bmp": pixels}
+    for name, image in files.items():
+        image.save(tmp_path / name)
+        with Image.open(tmp_path / name) as img:  # PIL's decode is the reference
+            want = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
+        got = read_rgb(str(tmp_path / name))
+        assert got.dtype == torch.uint8 and got.shape == (3, 21, 34), name
+        assert torch.equal(got, want), name
+
+
+def test_ddp_without_os_cache_is_refused_when_private_caches_cannot_fit(data, monkeypatch):
+    from powergrad.data import ffcv_loaders
+    from powergrad.data.beton_meta import read_beton_info
+
+    info = read_beton_info(data[0] / "train.beton")
+    monkeypatch.setattr(ffcv_loaders, "memory_bytes", lambda: 3 * info.path.stat().st_size)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # as torchrun sets it
+    with pytest.raises(ValueError, match=f"{info.path}: data.os_cache is false under DDP, so "
+                                         "each of the 4 processes on this machine"):
+        ffcv_loaders.FfcvTrainLoader(info, make_cfg(data[0], "ffcv", os_cache=False),
+                                     batch_size=4, seed=0, device=CPU, distributed=True,
+                                     channels_last=False)
+    ffcv_loaders.check_private_page_caches(info, 3)  # three copies fit: no error
+
+
+def test_iterating_leaves_torch_threads_as_the_caller_set_them(loaders):
+    # ffcv sets torch's thread count to its worker count (2 here) at every epoch start
+    name, train, val = loaders
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        if name == "ffcv":  # as if built while the caller ran torch on 1 thread
+            train.torch_threads = val.torch_threads = 1
+        for loader in (train, val):
+            for _ in loader:
+                assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+        if name == "ffcv":
+            train.torch_threads = val.torch_threads = before

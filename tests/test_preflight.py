@@ -11,6 +11,7 @@ import yaml
 
 from powergrad import checkpoint as ckpt
 from powergrad.data.fashion_mnist import build_fashion_mnist_loaders
+from powergrad.distributed import DistInfo
 from powergrad.preflight import inspect_data, preflight
 from powergrad.recipe import RecipeError, load_recipe
 from powergrad.train import main as train_main
@@ -168,7 +169,7 @@ def test_one_step_check_agrees_with_the_loader(recipe_file, images, batch, world
                                          f"train.grad_accum_steps={accum}"])
     train_loader, _ = build_fashion_mnist_loaders(
         recipe.data, batch_size=batch, eval_batch_size=10, seed=0, device="cpu",
-        rank=world - 1, world_size=world)
+        dist_info=DistInfo(rank=world - 1, local_rank=world - 1, world_size=world))
     loader_has_a_step = len(train_loader) // accum >= 1
     try:
         preflight(recipe, world_size=world)

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..distributed import DistInfo
+
 DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
 CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -174,17 +176,18 @@ class FashionMNISTLoader:
 
 
 def build_fashion_mnist_loaders(cfg, *, batch_size: int, eval_batch_size: int, seed: int,
-                                device, rank: int = 0, world_size: int = 1,
+                                device, dist_info: DistInfo = DistInfo(),
                                 channels_last: bool = False):
-    """Train and test loaders for a recipe's `data:` section (dataset: fashion_mnist)."""
+    """Train and test loaders for a recipe's `data:` section (dataset: fashion_mnist); each
+    process takes every dist_info.world_size-th sample from dist_info.rank."""
     train_x, train_y = load_split(cfg.root, "train")
     test_x, test_y = load_split(cfg.root, "test")
     if cfg.train_subset:
         train_x, train_y = train_x[: cfg.train_subset], train_y[: cfg.train_subset]
     if cfg.eval_subset:
         test_x, test_y = test_x[: cfg.eval_subset], test_y[: cfg.eval_subset]
-    common = dict(seed=seed, device=device, rank=rank, world_size=world_size,
-                  channels_last=channels_last)
+    common = dict(seed=seed, device=device, rank=dist_info.rank,
+                  world_size=dist_info.world_size, channels_last=channels_last)
     train = FashionMNISTLoader(train_x, train_y, batch_size=batch_size, train=True,
                                pad=cfg.pad, hflip=cfg.hflip, **common)
     test = FashionMNISTLoader(test_x, test_y, batch_size=eval_batch_size, train=False, **common)

@@ -11,8 +11,17 @@ every Loader gets freshly built ones.
 Randomness: the sample order comes from seed + epoch (numpy's default_rng, or torch's
 DistributedSampler when distributed); ffcv's crop and flip draws use numba's per-thread
 generators, which ffcv does not seed, so they differ between runs.
+
+Threads: ffcv sets torch's thread count to its worker count, for the whole process, when a
+Loader is built and again when each epoch starts (its Compiler.set_num_threads), so the
+training thread's torch work would run on as many threads as ffcv's workers, on the cores
+they already fill (and a recipe's train.threads would be lost). Both loaders put the caller's
+count back, after construction and once each epoch's first batch has arrived (by then ffcv's
+epoch thread has made its call).
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -33,8 +42,35 @@ def _pipelines(image_decoder, image_ops: list, device: torch.device) -> dict:
     }
 
 
+def memory_bytes() -> int:
+    """Physical memory of this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_private_page_caches(info: BetonInfo, processes_here: int) -> None:
+    """With os_cache=False each process pages the file itself, and under DDP ffcv reads in
+    RANDOM order (it has no distributed QUASI_RANDOM): a page stays until its last sample of
+    the epoch is read, so each process ends up holding nearly the whole file (ffcv's own
+    schedule, results/bench_loader.md). Refuse before training when that cannot fit."""
+    need = info.path.stat().st_size * processes_here
+    if need > memory_bytes():
+        raise ValueError(
+            f"{info.path}: data.os_cache is false under DDP, so each of the {processes_here} "
+            f"processes on this machine would cache nearly the whole file: {need / 1e9:.0f} GB "
+            f"> {memory_bytes() / 1e9:.0f} GB of memory; set data.os_cache: true (the page "
+            "cache then holds the file once for every process)")
+
+
 def _indices(info: BetonInfo, subset: int | None):
     return None if subset is None else np.arange(min(subset, info.num_samples))
+
+
+def keeping_torch_threads(batches, threads: int):
+    """Iterate an ffcv Loader, restoring torch's thread count after its epoch thread set it."""
+    for i, batch in enumerate(batches):
+        if i == 0:
+            torch.set_num_threads(threads)
+        yield batch
 
 
 class FfcvTrainLoader(TrainImageBatches):
@@ -45,12 +81,15 @@ class FfcvTrainLoader(TrainImageBatches):
         from ffcv.transforms import RandomHorizontalFlip
 
         device = torch.device(device)
+        if distributed and not cfg.os_cache:  # torchrun says how many processes share a node
+            check_private_page_caches(info, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         super().__init__(None, cfg=cfg, seed=seed, device=device, channels_last=channels_last,
                          class_names=info.class_names)
         res = self.resolution
         self.decoder = RandomResizedCropRGBImageDecoder((res, res), scale=tuple(cfg.scale),
                                                         ratio=tuple(cfg.ratio))
         flip = [RandomHorizontalFlip(flip_prob=cfg.hflip)] if cfg.hflip > 0 else []
+        self.torch_threads = torch.get_num_threads()
         # QUASI_RANDOM reads less from disk when ffcv pages the file itself (os_cache=False);
         # ffcv has no distributed QUASI_RANDOM, so RANDOM there and with the OS cache.
         quasi = not (distributed or cfg.os_cache)
@@ -60,7 +99,11 @@ class FfcvTrainLoader(TrainImageBatches):
             distributed=distributed, seed=seed, os_cache=cfg.os_cache,
             indices=_indices(info, cfg.train_subset),
             pipelines=_pipelines(self.decoder, flip, device))
+        torch.set_num_threads(self.torch_threads)
         self.set_epoch(0)
+
+    def source_batches(self):
+        return keeping_torch_threads(self.batches, self.torch_threads)
 
     def _apply_epoch(self, epoch: int, resolution: int) -> None:
         # ffcv sizes its buffers from the decoder at the start of every epoch.
@@ -77,11 +120,16 @@ class FfcvEvalLoader(ImageBatches):
         device = torch.device(device)
         res = cfg.val_img_size or cfg.img_size
         decoder = CenterCropRGBImageDecoder((res, res), ratio=cfg.crop_pct)
+        self.torch_threads = torch.get_num_threads()
         loader = Loader(
             str(info.path), batch_size=batch_size, num_workers=cfg.workers,
             order=OrderOption.SEQUENTIAL, drop_last=False, distributed=distributed,
             os_cache=cfg.os_cache, indices=_indices(info, cfg.eval_subset),
             pipelines=_pipelines(decoder, [], device))
+        torch.set_num_threads(self.torch_threads)
         super().__init__(loader, device=device, mean=cfg.mean, std=cfg.std,
                          channels_last=channels_last, class_names=info.class_names)
         self.resolution = res
+
+    def source_batches(self):
+        return keeping_torch_threads(self.batches, self.torch_threads)

@@ -12,12 +12,11 @@ import warnings
 
 import torch
 
+from ..distributed import DistInfo
 from ..recipe import DataConfig, LoaderName
-from .device_batches import ImageBatches, TrainImageBatches
+from . import EvalLoader, TrainLoader
 from .imagefolder_checks import ImageDataError, scan_image_folder, verify_sample
 
-TrainLoader = TrainImageBatches
-EvalLoader = ImageBatches
 LOADERS = typing.get_args(LoaderName)
 
 
@@ -93,17 +92,18 @@ def _check_same_classes(train_classes: list[str], val_classes: list[str], train_
 
 
 def build_image_loaders(cfg: DataConfig, *, batch_size: int, eval_batch_size: int, seed: int,
-                        device: torch.device, distributed: bool = False,
+                        device: torch.device, dist_info: DistInfo = DistInfo(),
                         channels_last: bool = False) -> tuple[TrainLoader, EvalLoader]:
     """Check the data named by cfg, then build (train loader, eval loader).
 
     Train: RandomResizedCrop(cfg.scale, cfg.ratio) at the epoch's resolution, horizontal flip
     with probability cfg.hflip, shuffled by seed + epoch, drop_last. Eval: centre crop at ratio
     cfg.crop_pct to cfg.val_img_size (default img_size), in file order, every sample. With
-    distributed=True each rank reads its share (rank and world size from torch.distributed).
+    several processes (dist_info.enabled) each reads its share; the loaders take the rank and
+    world size from torch.distributed's process group, which dist_info describes.
     """
     backend = choose_loader(cfg)
-    common = dict(device=device, distributed=distributed, channels_last=channels_last)
+    common = dict(device=device, distributed=dist_info.enabled, channels_last=channels_last)
     if backend == "ffcv":
         from .beton_meta import read_beton_info
         from .ffcv_loaders import FfcvEvalLoader, FfcvTrainLoader

@@ -1,0 +1,57 @@
+"""tools/gpu_saturation.py: its CPU form end to end on a tiny ImageNet-style folder, and its
+ratio against closed-form expectations (steps and loaders whose time is known)."""
+from __future__ import annotations
+
+import itertools
+import runpy
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers_images import textured_folder
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL = runpy.run_path(str(REPO / "tools" / "gpu_saturation.py"))
+
+
+def test_tiny_cpu_run_trains_resnet50_from_the_recipe(tmp_path, capsys):
+    textured_folder(tmp_path / "images", per_class=4)
+    images = tmp_path / "images"
+    result = TOOL["main"]([
+        str(REPO / "recipes" / "ffcv_imagenet" / "rn50_88_epochs.yaml"),
+        "data.loader=torchvision", f"data.train_dir={images}", f"data.val_dir={images}",
+        "data.workers=0", "data.img_size=32", "data.val_img_size=32", "data.min_res=null",
+        "data.max_res=null", "data.num_classes=3", "model.num_classes=3",
+        "train.global_batch=null", "train.batch_size=2", "train.eval_batch_size=2",
+        "train.threads=1", "--steps", "2", "--warmup", "1", "--rounds", "1", "--device", "cpu"])
+    assert result["batch"] == 2 and result["resolution"] == (32, 32)
+    assert result["loader"] > 0 and result["resident"] > 0
+    assert result["ratio"] == pytest.approx(result["loader"] / result["resident"])  # 1 round
+    out = capsys.readouterr().out
+    assert "resnet50 on cpu (float16 autocast, channels_last), batch 2 at 32 px" in out
+    assert f"ratio {result['ratio']:.2f}" in out
+
+
+def sleeping_step(seconds: float):
+    def step(images, labels):
+        time.sleep(seconds)  # a device busy for a known time
+    return step
+
+
+def sleeping_loader(seconds: float):
+    batch = (torch.zeros(4, 3, 8, 8), torch.zeros(4, dtype=torch.int64))
+    for _ in itertools.count():
+        time.sleep(seconds)  # a loader that takes a known time per batch
+        yield batch
+
+
+@pytest.mark.parametrize("load_s, want", [(0.0, 1.0), (0.03, 0.01 / 0.04)])
+def test_ratio_is_step_time_over_step_plus_wait(load_s, want):
+    # the loader runs in the training thread here, so each step costs step + load time
+    result = TOOL["feed_ratio"](sleeping_step(0.01), sleeping_loader(load_s), steps=8,
+                                warmup=1, sync=TOOL["synchronizer"](torch.device("cpu")),
+                                rounds=1)
+    assert result["ratio"] == pytest.approx(want, rel=0.2)
+    assert result["resident"] == pytest.approx(4 / 0.01, rel=0.2)
