@@ -17,6 +17,9 @@ normalised float32 channels-last batches on the CPU (what a CPU run trains on):
   ffcv ours-uint8 ours before its normalisation: everything ours does in ffcv;
   torchvision     ImageFolder + the same augmentation, decoded with torchvision.io (what the
                   project ships) and with PIL; both normalised by the same torch code as ours;
+  dali            powergrad's DaliTrainLoader on the JPEG folder, its CPU decode here (on a
+                  GPU the decode is "mixed": nvJPEG); dali read: DALI's file reader alone,
+                  the CPU's floor when the GPU decodes;
   limit           the .beton's stored images decoded (ffcv's own libjpeg-turbo call) or, for
                   raw ones, copied, in `workers` processes: decode of the JPEG share plus a copy
                   of the raw share, with no crop, resize or batching.
@@ -189,6 +192,60 @@ class PilTorchvision:
 
     def __iter__(self):
         return iter(self.loader)
+
+
+class Dali:
+    """powergrad's DALI loader over the JPEG folder, as the engine iterates it; threads =
+    workers. Here it decodes on the CPU (device="cpu"); on a GPU the same pipeline decodes
+    with device="mixed"."""
+
+    def __init__(self, folder: Path, batch_size: int, workers: int):
+        from powergrad.data.dali_loaders import DaliTrainLoader
+        from powergrad.data.imagefolder_checks import scan_image_folder
+
+        classes, samples = scan_image_folder(folder)
+        self.loader = DaliTrainLoader(samples, classes, ramp_cfg(workers), batch_size=batch_size,
+                                      seed=0, device="cpu", distributed=False,
+                                      channels_last=True)
+
+    def prepare(self, res: int, workers: int) -> None:
+        self.loader.set_epoch(RESOLUTIONS.index(res))
+        self.loader.threads = workers
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+class DaliRead:
+    """DALI's file reader alone (the encoded bytes and labels, no decode): what stays on the
+    CPU per image when the GPU decodes, so its rate bounds the images/s one core can feed."""
+
+    def __init__(self, folder: Path, batch_size: int, workers: int):
+        from powergrad.data.imagefolder_checks import scan_image_folder
+
+        _, samples = scan_image_folder(folder)
+        self.files, self.labels = [p for p, _ in samples], [y for _, y in samples]
+        self.batch_size, self.threads = batch_size, workers
+
+    def prepare(self, res: int, workers: int) -> None:
+        self.threads = workers
+
+    def __iter__(self):
+        from nvidia.dali import fn, pipeline_def
+
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.threads, device_id=None,
+                      seed=0)
+        def read_only():
+            jpegs, labels = fn.readers.file(files=self.files, labels=self.labels,
+                                            random_shuffle=True, name="reader")
+            return jpegs, labels
+
+        pipe = read_only()
+        pipe.build()
+        count = torch.empty(self.batch_size, 0)  # steady_rate counts images by shape[0]
+        for _ in range(len(self.files) // self.batch_size):
+            pipe.run()
+            yield count, None
 
 
 def steady_rate(variant, res: int, workers: int) -> float:
@@ -372,6 +429,8 @@ def main(argv=None) -> None:
                                     device="cpu", distributed=False, channels_last=True)
         variants[f"torchvision io w{workers}"] = Ours(tv)
         variants[f"torchvision PIL w{workers}"] = PilTorchvision(folder, b, workers)
+        variants[f"dali w{workers}"] = Dali(folder, b, workers)
+        variants[f"dali read w{workers}"] = DaliRead(folder, b, workers)
     for key, variant in variants.items():
         if key.startswith("ffcv") and "ours-uint8" not in key:  # numba compiles on pass 1
             start = time.perf_counter()
@@ -385,7 +444,7 @@ def main(argv=None) -> None:
     limits: dict[tuple, list[float]] = {}
     for repeat in range(args.repeats):
         for cell in cells:
-            keys = [k for k in variants if not k.startswith("torchvision")
+            keys = [k for k in variants if not k.startswith(("torchvision", "dali"))
                     or k.endswith(f"w{cell.workers}")]
             shift = repeat % len(keys)  # rotate: no variant always runs first
             for key in keys[shift:] + keys[:shift]:
@@ -478,12 +537,13 @@ def format_report(args, command, rates, limits, costs, stored, memory, compile_s
         f"Command: `{command}`",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}. "
-        "**This 2-core machine was shared with other jobs during the run: numbers are noisy**; "
+        "Machines like this one are noisy (shared hosts, up to 3x apart from day to day): "
         "every variant ran once per (resolution, workers) cell in each repeat, in a rotating "
         "order, and ratios are medians of per-repeat ratios [min-max].",
         f"Data: {args.images} synthetic JPEGs (~300-500 x 250-450 px, quality 90), batch "
         f"{args.batch_size}, RandomResizedCrop(0.08-1, 3/4-4/3) + flip; every variant yields "
-        "normalised float32 channels-last batches except `ffcv uint8`. Total time "
+        "normalised float32 channels-last batches except `ffcv uint8`, `ffcv ours-uint8` and "
+        "`dali read`. Total time "
         f"{total / 60:.1f} min; ffcv's first pass of each Loader (numba compilation) "
         f"{min(compile_s.values()):.0f}-{max(compile_s.values()):.0f} s.",
         "",
@@ -536,6 +596,31 @@ def format_report(args, command, rates, limits, costs, stored, memory, compile_s
     cells = len(RESOLUTIONS) * len(WORKER_COUNTS)
     lines += ["", f"torchvision.io ahead of PIL in {io_ahead} of {cells} cells; the project's "
               "torchvision loader decodes with torchvision.io."]
+    lines += [
+        "",
+        "## DALI on the original JPEGs",
+        "",
+        "The paper's own input pipeline (its official code): DALI reads the JPEG folder and "
+        "decodes, crops, resizes, flips and normalises. Here the decode runs on the CPU; on a "
+        "GPU it is `mixed` (nvJPEG; A100/H100 add a hardware JPEG decoder), and what stays on "
+        "the CPU is reading the files (`dali read`: the reader alone) plus the host side of "
+        "nvJPEG (parsing; for the hybrid backend also the Huffman decode of small images), "
+        "which this machine cannot measure. Cores per GPU below are therefore a floor: GPU "
+        "rate / (`dali read` img/s per core).",
+        "",
+        "| px | workers | dali img/s | img/s/core | vs torchvision.io | vs ffcv ours, jpeg "
+        "| dali read img/s/core | cores per A100, floor | cores per H100, floor |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for res in RESOLUTIONS:
+        for w in WORKER_COUNTS:
+            dali = rates[(f"dali w{w}", res, w)]
+            read = _median(rates[(f"dali read w{w}", res, w)]) / w
+            lines.append(
+                f"| {res} | {w} | {_median(dali):.0f} | {_median(dali) / w:.0f} "
+                f"| {_ratio(dali, rates[(f'torchvision io w{w}', res, w)])} "
+                f"| {_ratio(dali, rates[(f'ffcv ours jpeg', res, w)])} | {read:.0f} "
+                f"| {A100_RN50 / read:.2f} | {args.h100_rate / read:.2f} |")
     lines += [
         "",
         "## Where the time goes (one core, ms per image)",
