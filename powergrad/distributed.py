@@ -35,7 +35,15 @@ def init_distributed(device_kind: str) -> DistInfo:
         backend = "nccl" if device_kind == "cuda" else "gloo"
         if device_kind == "cuda":
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend=backend)
+        store, _, _ = next(dist.rendezvous("env://"))
+        # A torchrun restart (--max-restarts) keeps the static rendezvous's store but, since
+        # torch 2.14, no longer prefixes the workers' keys per attempt: a restarted rank would
+        # read the previous attempt's gloo/NCCL addresses and fail to connect. One prefix per
+        # attempt keeps each attempt's keys apart (tests/test_distributed.py kills a worker).
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"attempt{attempt}", store)
+        dist.init_process_group(backend=backend, store=store, rank=info.rank,
+                                world_size=world_size)
     return info
 
 
