@@ -36,10 +36,11 @@ def init_distributed(device_kind: str) -> DistInfo:
         if device_kind == "cuda":
             torch.cuda.set_device(info.local_rank)
         store, _, _ = next(dist.rendezvous("env://"))
-        # A torchrun restart (--max-restarts) keeps the static rendezvous's store but, since
-        # torch 2.14, no longer prefixes the workers' keys per attempt: a restarted rank would
-        # read the previous attempt's gloo/NCCL addresses and fail to connect. One prefix per
-        # attempt keeps each attempt's keys apart (tests/test_distributed.py kills a worker).
+        # A torchrun restart (--max-restarts) keeps the static rendezvous's store, but torch
+        # 2.14's env:// handler assumes a new store per attempt and adds no prefix: a restarted
+        # rank could read the previous attempt's gloo/NCCL address (whichever rank wrote its
+        # key first wins the race) and fail to connect. One prefix per attempt keeps them
+        # apart (tests/test_distributed.py kills a worker and checks the restart).
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = dist.PrefixStore(f"attempt{attempt}", store)
         dist.init_process_group(backend=backend, store=store, rank=info.rank,
