@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from .runlog import RESULT_FIELDS
+
 MISSING = "n/a"
 
 
@@ -92,12 +94,10 @@ def summarize(run_dir: str | Path) -> dict:
         note = f"diverged: non-finite {bad[0]} at step {bad[1]}"
     elif series.get("numerics/non_finite_stop"):
         note = f"stopped: non-finite values at step {series['numerics/non_finite_stop'][-1][0]}"
+    read = {"last": _last, "best": _best}
     return {
         "run": run_dir.name,
-        "final_test_top1": _last(series, "eval/top1"),
-        "best_test_top1": _best(series, "eval/top1"),
-        "final_train_top1": _last(series, "epoch/train_top1"),
-        "final_train_loss": _last(series, "epoch/train_loss"),
+        **{name: read[which](series, tag) for name, (_, tag, which) in RESULT_FIELDS.items()},
         "img_per_sec": _mean_img_per_sec(run_dir, series),
         "paper": paper,
         "note": note,
@@ -223,55 +223,3 @@ def main(runs: list[str], target: float | None = None, out: str | Path | None = 
         print(f"wrote {md} and {png}")
     return 0
 
-
-def block_profile(series: dict, kind: str, last: int = 5) -> list[float]:
-    """Per-block values of a ViT run's probe (kind 'var' or 'grad_norm'), each the mean of the
-    last `last` logged points: index i holds block i."""
-    tags = sorted(t for t in series if t.startswith(f"gpas/{kind}/block"))
-    return [sum(v for _, v in series[t][-last:]) / len(series[t][-last:]) for t in tags]
-
-
-def block_report(runs: list[str], out: str, command: str) -> int:
-    """Markdown and PNG of residual-stream variance and gradient norm against depth. Refuses
-    (exit 1, nothing written) when a run has no per-block record."""
-    profiles, problems = {}, []
-    for run in runs:
-        try:
-            series = read_scalars(run)
-        except FileNotFoundError as err:
-            problems.append(str(err))
-            continue
-        prof = {k: block_profile(series, k) for k in ("var", "grad_norm")}
-        if not prof["var"]:
-            problems.append(f"{run}: no per-block scalars (gpas/var/block*); they need a ViT "
-                            "run with log.diagnostics: true and at least log.log_interval "
-                            "optimizer steps")
-        profiles[Path(run).name] = prof
-    if problems:
-        print("plot_blocks: nothing written:\n  " + "\n  ".join(problems), file=sys.stderr)
-        return 1
-    plt = pyplot()
-    depth = max(len(p["var"]) for p in profiles.values())
-    lines = [f"# {Path(out).name}", "", f"Command: `{command}`", "",
-             "Mean of the last 5 logged steps of each run.", ""]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, kind, label in zip(axes, ("var", "grad_norm"),
-                               ("residual-stream variance", "gradient norm of the block")):
-        lines += [f"| {label} | " + " | ".join(f"block {i}" for i in range(depth)) + " |",
-                  "|---" * (1 + depth) + "|"]
-        for name, prof in profiles.items():
-            values = [f"{v:.4g}" for v in prof[kind]] + [MISSING] * (depth - len(prof[kind]))
-            lines.append(f"| {name} | " + " | ".join(values) + " |")
-            ax.plot(range(len(prof[kind])), prof[kind], marker="o", label=name)
-        lines.append("")
-        ax.set(xlabel="block", ylabel=label, yscale="log", title=label)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(f"{out}.png", dpi=110)
-    plt.close(fig)
-    Path(f"{out}.md").write_text("\n".join(lines) + f"\n![blocks]({Path(out).name}.png)\n")
-    print("\n".join(lines))
-    print(f"wrote {out}.md and {out}.png")
-    return 0

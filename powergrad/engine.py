@@ -32,7 +32,7 @@ from .models import build_model
 from .preemption import Preempted, StopRequest
 from .recipe import Recipe, load_recipe
 from .rundir import RunDirError, RunLock, check_same_recipe, recipe_changes
-from .runlog import Progress, RunLog
+from .runlog import EPOCH_TAGS, RESULT_FIELDS, Progress, RunLog
 from .transform import logit_stats
 
 
@@ -203,7 +203,7 @@ def _run_epoch(ctx: EpochContext, train_loader, eval_loader, epoch: int, state: 
            "img_per_sec": train_stats["img_per_sec"],
            "data_wait_frac": train_stats["data_wait_frac"],
            "epoch_seconds": train_stats["seconds"]}
-    log.scalars({"epoch/train_loss": row["train_loss"], "epoch/train_top1": row["train_top1"],
+    log.scalars({**{tag: row[column] for column, tag in EPOCH_TAGS.items()},
                  "epoch/number": epoch + 1}, state.num_updates)
     state.history.append(row)
     log.write_summary(state.history)
@@ -483,16 +483,13 @@ def _best_row(history: list[dict]) -> dict | None:
 
 def _final_summary(recipe: Recipe, state: TrainState, run_dir: Path) -> dict:
     history = state.history
-    last = history[-1] if history else {}
-    best = _best_row(history) or {}
+    rows = {"last": history[-1] if history else {}, "best": _best_row(history) or {}}
     return {
         "run_dir": str(run_dir), "recipe": recipe.source, "digest": recipe.digest(),
         "epochs": state.epoch, "updates": state.num_updates,
-        "final_test_top1": last.get("eval_top1", float("nan")),
-        "best_test_top1": best.get("eval_top1", float("nan")),
-        "best_epoch": best.get("epoch", -1) + 1,
-        "final_train_top1": last.get("train_top1", float("nan")),
-        "final_train_loss": last.get("train_loss", float("nan")),
+        **{name: rows[which].get(column, float("nan"))
+           for name, (column, _, which) in RESULT_FIELDS.items()},
+        "best_epoch": rows["best"].get("epoch", -1) + 1,
         "mean_img_per_sec": (sum(r["img_per_sec"] for r in history) / len(history)
                              if history else float("nan")),
         "train_seconds": sum(r["epoch_seconds"] for r in history),

@@ -18,6 +18,20 @@ from .recipe import Recipe, dump_recipe
 SUMMARY_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr",
                    "train_top1", "img_per_sec", "data_wait_frac", "epoch_seconds"]
 
+# A run's results, as final.json records them (from the epoch history) and as
+# `powergrad compare` reads them back (from the TensorBoard scalars): one list for both, so
+# the two cannot drift apart. result -> (summary.csv column, TensorBoard tag, which epoch:
+# the last one, or the best by that column).
+RESULT_FIELDS = {
+    "final_test_top1": ("eval_top1", "eval/top1", "last"),
+    "best_test_top1": ("eval_top1", "eval/top1", "best"),
+    "final_train_top1": ("train_top1", "epoch/train_top1", "last"),
+    "final_train_loss": ("train_loss", "epoch/train_loss", "last"),
+}
+# the per-epoch training scalars the engine logs under these tags
+EPOCH_TAGS = {column: tag for column, tag, _ in RESULT_FIELDS.values()
+              if tag.startswith("epoch/")}
+
 
 class RunLog:
     def __init__(self, run_dir: Path, recipe: Recipe, enabled: bool = True):

@@ -15,6 +15,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from powergrad import check, cli, compare, train
+from powergrad.runlog import RESULT_FIELDS
 
 
 def run(*args):
@@ -210,9 +211,19 @@ def test_compare_reads_img_per_sec_of_runs_shorter_than_log_interval(finished_ru
         assert row["img_per_sec"] == pytest.approx(float(list(csv.DictReader(f))[0]["img_per_sec"]))
 
 
+def test_compare_reads_back_every_result_final_json_records(finished_run):
+    _, run_dir = finished_run
+    final = json.loads((run_dir / "final.json").read_text())
+    row = compare.summarize(run_dir)
+    assert set(RESULT_FIELDS) <= set(final) and set(RESULT_FIELDS) <= set(row)
+    for name in RESULT_FIELDS:  # TensorBoard keeps float32
+        assert row[name] == pytest.approx(final[name], rel=1e-6, abs=1e-6), name
+
+
 def test_plot_blocks_refuses_runs_without_block_records(finished_run, tmp_path, capsys):
     _, run_dir = finished_run
-    assert compare.block_report([str(run_dir)], str(tmp_path / "blocks"), "cmd") == 1
+    plot_blocks = runpy.run_path(str(REPO / "tools" / "plot_blocks.py"))
+    assert plot_blocks["block_report"]([str(run_dir)], str(tmp_path / "blocks"), "cmd") == 1
     assert "no per-block scalars" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 

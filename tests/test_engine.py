@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -17,11 +18,12 @@ import torch
 from helpers_net import free_port
 from powergrad import checkpoint as ckpt
 from powergrad import engine
-from powergrad.compare import block_profile, markdown_table, read_scalars, summarize
+from powergrad.compare import markdown_table, read_scalars, summarize
 from powergrad.preemption import Preempted
 from powergrad.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "fashion_mnist"
+PLOT_BLOCKS = runpy.run_path(str(RECIPES.parents[1] / "tools" / "plot_blocks.py"))
 TINY = ["model.kwargs.channels=[8, 16, 32, 64]", "data.train_subset=512",
         "data.eval_subset=300", "train.batch_size=64", "train.eval_batch_size=150",
         "train.epochs=2", "log.log_interval=2", "train.channels_last=false"]
@@ -173,7 +175,7 @@ def test_vit_recipes_smoke(tmp_path, name):
     assert summary["updates"] == 4 and math.isfinite(summary["final_train_loss"])
     assert {"gpas/var/block00", "gpas/var/block01", "gpas/grad_norm/block01"} <= set(scalars)
     assert ("gpas/gate/block01" in scalars) == recipe.model.gpas.enabled
-    variance = block_profile(scalars, "var")
+    variance = PLOT_BLOCKS["block_profile"](scalars, "var")
     assert len(variance) == 2
     assert variance[1] == pytest.approx(sum(v for _, v in scalars["gpas/var/block01"][-5:])
                                         / len(scalars["gpas/var/block01"][-5:]))
