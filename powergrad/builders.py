@@ -85,5 +85,5 @@ def build_train_loss(recipe: Recipe):
     else:
         loss_fn = nn.CrossEntropyLoss()
     if recipe.pgt.enabled:
-        loss_fn = wrap_loss(loss_fn, recipe.pgt.alpha)
+        loss_fn = wrap_loss(loss_fn, recipe.pgt.alpha, recipe.pgt.emulate_fork_fp16)
     return mixup, loss_fn

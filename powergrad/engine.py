@@ -28,6 +28,7 @@ from .builders import (AMP_DTYPES, build_optimizer, build_scheduler, build_train
 from .clipping import clip_gradients, clip_parameters
 from .data import build_loaders
 from .distributed import DistInfo, all_reduce_sum, barrier, gather_objects, init_distributed
+from .filters import FilterCollapse
 from .models import build_model
 from .preemption import Preempted, StopRequest
 from .recipe import Recipe, load_recipe
@@ -87,6 +88,8 @@ def _train(recipe: Recipe, run_dir: Path, fast_dev_run: int) -> dict:
 
     # --- model, data, optimizer, schedule, loss: all from timm's factories ---------------
     model = build_model(recipe.model).to(device)
+    # reference norms from the seed's initial weights (before any checkpoint is loaded)
+    filters = FilterCollapse(model) if recipe.log.filter_collapse else None
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_loader, eval_loader = build_loaders(
@@ -131,7 +134,7 @@ def _train(recipe: Recipe, run_dir: Path, fast_dev_run: int) -> dict:
         scaler=scaler, loss_fn=train_loss_fn, mixup=mixup, ema=ema, device=device,
         amp_dtype=amp_dtype, dist_info=dist_info, log=log,
         clip_params=clip_parameters(model, recipe.clip.clip_mode, recipe.clip.exclude_head),
-        probe=probe, accum_steps=plan.accum_steps, total_epochs=total_epochs,
+        probe=probe, filters=filters, accum_steps=plan.accum_steps, total_epochs=total_epochs,
         max_updates=fast_dev_run or None, save_checkpoints=saving,
         save_step=(lambda st: _save(ctx, st, run_dir, model, step=True))
         if saving and recipe.log.checkpoint_every else None)
@@ -234,6 +237,7 @@ class EpochContext:
     log: RunLog
     clip_params: list
     probe: object = None  # gpas.ResidualStreamProbe on ViTs when diagnostics are on
+    filters: FilterCollapse | None = None  # log.filter_collapse
     accum_steps: int = 1  # micro-batches per optimizer step (batching.plan_batch)
     total_epochs: int = 1  # epochs + the schedule's cool-down
     max_updates: int | None = None  # fast_dev_run: stop the epoch after this many steps
@@ -307,6 +311,8 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, state: TrainState,
                     scalars.update(diagnostics)
                     stats = logit_stats(logits, recipe.pgt.alpha if recipe.pgt.enabled else 1.0)
                     scalars.update({f"pgt/{k}": v for k, v in stats.items()})
+                if ctx.filters is not None:
+                    scalars.update(ctx.filters.counts())
                 ctx.log.scalars(scalars, state.num_updates)
                 window.update(loss=0.0, correct=0.0, seen=0, start=time.perf_counter(), wait=0.0)
             if stop is not None and stop.agreed(ctx.device):

@@ -148,6 +148,9 @@ class LossConfig:
 class PGTConfig:
     enabled: bool = False
     alpha: float = 1.0  # 1 = ordinary gradient; the paper uses 0.05 - 0.3 (0.92 once)
+    # The study's emulation of the authors' fp16 hook (p rounded to float16 first, so p below
+    # ~3e-8 counts as 0); false = the paper's formula, exact (powergrad/transform.py)
+    emulate_fork_fp16: bool = False
 
 
 @dataclass
@@ -184,6 +187,9 @@ class LogConfig:
     experiment: str | None = None  # default: the recipe file's name
     log_interval: int = 50  # optimizer steps between scalar logs
     diagnostics: bool = True  # PGT logit stats, clipping stats (and GPAS probes)
+    # conv filters whose weight norm fell below 1 % of its initial value, per layer, every
+    # log_interval steps (powergrad/filters.py: the BN-free "filters zero out" observation)
+    filter_collapse: bool = False
     # auto: continue from the run directory's newest readable checkpoint | none | a path
     # (a training checkpoint: last.pth or step-*.pth; the run directory's own newer one wins)
     resume: str = "auto"

@@ -26,7 +26,7 @@ from .recipe import Recipe, RecipeError, load_recipe, parse_yaml
 
 EXIT_PREEMPTED = 75  # as `powergrad train`: stopped with a checkpoint, run the same command again
 RECORD_FILES = ("final.json", "summary.csv", "recipe.yaml")
-DIAGNOSTIC_PREFIXES = ("pgt/", "gpas/", "clip/")
+DIAGNOSTIC_PREFIXES = ("pgt/", "gpas/", "clip/", "filters/")
 TAIL_POINTS = 5  # diagnostics: mean of the last logged points (one point is one batch)
 DIRECTIONS = ("higher", "lower", "no_gain")
 

@@ -114,6 +114,9 @@ METRICS = {
                              lambda rec, base: max(_blocks("var", rec), default=None)),
     "mean_block_grad_norm": Metric("mean per-block gradient norm", lambda rec, base: (
         sum(g) / len(g) if (g := _blocks("grad_norm", rec)) else None)),
+    "collapsed_filters": Metric("conv filters below 1 % of their initial norm (last logged "
+                                "batches, powergrad/filters.py)",
+                                _diag("filters/collapsed_total")),
     "epochs_to_baseline": Metric("epochs to the baseline's final test top-1",
                                  _epochs_to_baseline),
 }

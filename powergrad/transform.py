@@ -11,6 +11,10 @@ authors' public hook instead rebuilds p from the incoming gradient assuming a lo
 which is only right at one batch size and loss scale. Here the upstream gradient (loss scale,
 accumulation factor, mean over the batch) simply multiplies (p' - q) / N, as it would for
 ordinary cross-entropy.
+
+For the study only, `emulate_fork_fp16=True` reproduces what that hook computes in float16 when
+its assumption holds (loss scale N^2): p as float16 holds it, so classes with p below 2^-25
+(about 3e-8) become 0 and small ones are coarsely rounded, then p'_i = p16_i^alpha / sum.
 """
 from __future__ import annotations
 
@@ -45,10 +49,11 @@ class _PowerGradCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, alpha, smoothing):
+    def forward(ctx, logits, target, alpha, smoothing, emulate_fork_fp16=False):
         log_p = _log_probs(logits)
         ctx.save_for_backward(log_p, target)
         ctx.alpha, ctx.smoothing, ctx.dtype = alpha, smoothing, logits.dtype
+        ctx.emulate_fork_fp16 = emulate_fork_fp16
         return _cross_entropy(log_p, target, smoothing)
 
     @staticmethod
@@ -56,7 +61,10 @@ class _PowerGradCE(torch.autograd.Function):
         log_p, target = ctx.saved_tensors
         n, c = log_p.shape
         eps, scale = ctx.smoothing, grad_out / n
-        if ctx.alpha == 1.0:
+        if ctx.emulate_fork_fp16:  # p as the fork's hook holds it, in float16
+            grad = log_p.exp().half().to(log_p.dtype).pow_(ctx.alpha)
+            row_scale = scale / grad.sum(dim=-1, keepdim=True)
+        elif ctx.alpha == 1.0:
             grad, row_scale = log_p.exp(), scale  # exp(log p) is p, already normalised
         else:
             grad = log_p.mul(ctx.alpha).exp_()
@@ -68,7 +76,7 @@ class _PowerGradCE(torch.autograd.Function):
             grad.addcmul_(target, scale * (eps - 1.0))
         else:
             grad.scatter_add_(1, target.unsqueeze(1), (scale * (eps - 1.0)).expand(n, 1))
-        return grad.to(ctx.dtype), None, None, None
+        return grad.to(ctx.dtype), None, None, None, None
 
 
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -99,9 +107,10 @@ class PowerGradCrossEntropy(nn.Module):
     cross-entropy. alpha = 1 gives exactly the ordinary gradient.
     """
 
-    def __init__(self, alpha: float, smoothing: float = 0.0):
+    def __init__(self, alpha: float, smoothing: float = 0.0, emulate_fork_fp16: bool = False):
         super().__init__()
         self.alpha = check_alpha(alpha)
+        self.emulate_fork_fp16 = bool(emulate_fork_fp16)
         if not 0.0 <= smoothing < 1.0:
             raise ValueError(f"label smoothing must lie in [0, 1), got {smoothing}")
         self.smoothing = float(smoothing)
@@ -114,14 +123,18 @@ class PowerGradCrossEntropy(nn.Module):
                              f"got {tuple(target.shape)}")
         if not (torch.is_grad_enabled() and logits.requires_grad):
             return _cross_entropy(_log_probs(logits), target, self.smoothing)
-        return _PowerGradCE.apply(logits, target, self.alpha, self.smoothing)
+        return _PowerGradCE.apply(logits, target, self.alpha, self.smoothing,
+                                  self.emulate_fork_fp16)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, smoothing={self.smoothing}"
+        fork = ", emulate_fork_fp16=True" if self.emulate_fork_fp16 else ""
+        return f"alpha={self.alpha}, smoothing={self.smoothing}{fork}"
 
 
-def wrap_loss(loss_fn: nn.Module, alpha: float) -> PowerGradCrossEntropy:
-    """Return the PGT version of one of timm's cross-entropy-family training losses.
+def wrap_loss(loss_fn: nn.Module, alpha: float,
+              emulate_fork_fp16: bool = False) -> PowerGradCrossEntropy:
+    """Return the PGT version of one of timm's cross-entropy-family training losses
+    (emulate_fork_fp16: see the module's docstring; the study's option, not for training).
 
     Supported exactly: nn.CrossEntropyLoss (mean reduction, no class weights),
     timm's LabelSmoothingCrossEntropy and SoftTargetCrossEntropy. Anything else (BCE, JSD,
@@ -134,13 +147,13 @@ def wrap_loss(loss_fn: nn.Module, alpha: float) -> PowerGradCrossEntropy:
         if loss_fn.weight is not None or loss_fn.reduction != "mean":
             raise TypeError("wrap_loss: nn.CrossEntropyLoss with class weights or reduction "
                             f"{loss_fn.reduction!r} is not supported (only weight=None, 'mean')")
-        return PowerGradCrossEntropy(alpha, smoothing=loss_fn.label_smoothing)
+        return PowerGradCrossEntropy(alpha, loss_fn.label_smoothing, emulate_fork_fp16)
     if kind is LabelSmoothingCrossEntropy:
-        return PowerGradCrossEntropy(alpha, smoothing=loss_fn.smoothing)
+        return PowerGradCrossEntropy(alpha, loss_fn.smoothing, emulate_fork_fp16)
     if kind is SoftTargetCrossEntropy:
-        return PowerGradCrossEntropy(alpha)
+        return PowerGradCrossEntropy(alpha, 0.0, emulate_fork_fp16)
     if kind is PowerGradCrossEntropy:
-        return PowerGradCrossEntropy(alpha, smoothing=loss_fn.smoothing)
+        return PowerGradCrossEntropy(alpha, loss_fn.smoothing, emulate_fork_fp16)
     raise TypeError(
         f"wrap_loss: cannot apply PGT exactly to {kind.__module__}.{kind.__qualname__}; "
         "supported: nn.CrossEntropyLoss, timm LabelSmoothingCrossEntropy, "

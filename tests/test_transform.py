@@ -285,3 +285,27 @@ def test_logit_stats_against_numpy():
     assert stats["entropy_p"] == pytest.approx(entropy(zz), rel=1e-5)
     assert stats["entropy_p_alpha"] == pytest.approx(entropy(0.25 * zz), rel=1e-5)
     assert stats["entropy_p_alpha"] > stats["entropy_p"]  # alpha < 1 flattens p
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.25, 1.0])
+@pytest.mark.parametrize("kind", ["hard", "smoothed", "soft"])
+def test_fork_fp16_emulation_rounds_p_to_float16_before_the_power(kind, alpha):
+    # The study's emulation of the authors' hook (p held in float16), against numpy in float64.
+    z, target, smoothing = make_batch(64, kind, seed=5, scale=12.0)  # many p below 3e-8
+    z64 = z.double()
+    log_p = z64.numpy() - z64.numpy().max(1, keepdims=True)
+    p = np.exp(log_p) / np.exp(log_p).sum(1, keepdims=True)
+    p16 = p.astype(np.float16).astype(np.float64)
+    assert ((p16 == 0) & (p > 0)).any() and (p16 == 0).sum() > 50  # the flush happens here
+    powered = p16 ** alpha
+    q = target_distribution(target.numpy(), NUM_CLASSES, smoothing)
+    want = (powered / powered.sum(1, keepdims=True) - q) / len(z)
+    loss = wrap_loss(nn.CrossEntropyLoss(label_smoothing=smoothing), alpha,
+                     emulate_fork_fp16=True)
+    if kind == "soft":
+        loss = wrap_loss(SoftTargetCrossEntropy(), alpha, emulate_fork_fp16=True)
+    logits = z64.clone().requires_grad_()
+    loss(logits, target.double() if kind == "soft" else target).backward()
+    assert rel_err(logits.grad.numpy(), want) < 1e-12
+    exact = closed_form_grad(z64.numpy(), target.numpy(), alpha, smoothing)
+    assert rel_err(want, exact) > 1e-9  # the emulation is not the exact transform
