@@ -415,7 +415,40 @@ def plot_claim(plan: StudyPlan, claim: Claim, records: dict, png_dir: Path) -> l
         paths.append(_plot_sweep(plt, plan, claim, records, png_dir / f"{claim.name}_sweep.png"))
     if claim.profiles:
         paths.append(_plot_blocks(plt, plan, claim, records, png_dir / f"{claim.name}_blocks.png"))
+    if "collapsed_filters" in claim.expect:
+        paths.append(_plot_filter_layers(plt, plan, claim, records,
+                                         png_dir / f"{claim.name}_layers.png"))
     return paths
+
+
+def _layer_counts(rec: Record) -> dict[str, float]:
+    """Conv layer -> collapsed filters (mean of the last logged points), in model order."""
+    prefix = "filters/collapsed/"
+    return {t[len(prefix):]: v for t, v in rec.diag.items() if t.startswith(prefix)}
+
+
+def _plot_filter_layers(plt, plan, claim, records, path: Path) -> Path:
+    """Collapsed filters per conv layer at the end of training, mean over seeds, per arm."""
+    fig, ax = plt.subplots(figsize=(12, 4))
+    layers: list[str] = []
+    for color, name in enumerate(claim.arm_names()):
+        counts = [_layer_counts(records[(name, s)]) for s in plan.arms[name].seeds
+                  if (name, s) in records]
+        counts = [c for c in counts if c]
+        if not counts:
+            continue
+        layers = layers or list(counts[0])
+        mean = [sum(c.get(layer, 0.0) for c in counts) / len(counts) for layer in layers]
+        ax.plot(range(len(layers)), mean, marker="o", color=f"C{color}",
+                label=f"{name}, {len(counts)} seed(s)")
+    ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=7)
+    ax.set(xlabel="conv layer", ylabel="filters below 1 % of their initial norm",
+           title=f"{claim.name}: collapsed filters per layer, end of training (mean over seeds)")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    _save(fig, path, plt)
+    return path
 
 
 def _save(fig, path: Path, plt) -> None:

@@ -175,6 +175,28 @@ def test_block_profiles_give_the_peak_variance_and_mean_gradient_norm(tmp_path):
     assert (tmp_path / "study" / "pgt_tiny_blocks.png").stat().st_size > 1000
 
 
+def test_collapsed_filters_are_compared_and_plotted_per_layer(tmp_path):
+    plan_file = tiny_plan(tmp_path, seeds=(0, 1, 2))
+    plan_file.write_text(plan_file.read_text().replace("    sweep: pgt.alpha\n", "").replace(
+        "{final_test_top1: higher, logit_norm: higher, epochs_to_baseline: lower}",
+        "{collapsed_filters: lower}"))
+    plan, records = load_plan(plan_file), tmp_path / "records"
+
+    def layers(counts):
+        tags = {f"filters/collapsed/layer{i}.conv": c for i, c in enumerate(counts)}
+        return tags | {"filters/collapsed_total": sum(counts)}
+
+    for seed, extra in enumerate([0, 2, 4]):
+        write_record(records, "base", seed, [80.0], diag=layers([3, 5 + extra]))
+        write_record(records, "pgt", seed, [80.0], diag=layers([1, 2]))
+    text = write_report(plan, list(plan.claims.values()), records, tmp_path / "study",
+                        "cmd").read_text()
+    # totals 3 against 8, 10, 12: differences -5, -7, -9, sd 2; half width
+    # 4.302653 * 2 / sqrt(3) = 4.968
+    assert "| collapsed_filters (lower) | - | -7.00 [-11.97, -2.03], n = 3 | reproduces |" in text
+    assert (tmp_path / "study" / "pgt_tiny_layers.png").stat().st_size > 1000
+
+
 def test_epochs_to_a_target_count_from_one():
     history = [{"epoch": 0, "eval_top1": 80.0}, {"epoch": 1, "eval_top1": 88.5},
                {"epoch": 2, "eval_top1": 88.0}]
