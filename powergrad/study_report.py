@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -214,6 +215,27 @@ def verdict(interval: Interval, direction: str, margin: float) -> str:
     raise ValueError(f"direction: got {direction!r}; expected higher, lower or no_gain")
 
 
+def why(interval: Interval, direction: str, margin: float) -> str:
+    """The verdict rule's reason in words, for the README's verdict table."""
+    if interval.n == 0:
+        return "no run recorded yet"
+    if interval.not_reached:
+        return (f"{interval.n - interval.not_reached} of {interval.n} seeds reached the "
+                "baseline's accuracy")
+    if interval.low is None:
+        return "one seed pair: no interval"
+    low, high = interval.low, interval.high
+    if direction == "no_gain":
+        return ("the interval's upper end is within the margin" if high <= margin else
+                "the interval lies above 0: a gain" if low > 0 else
+                "the interval reaches past the margin and below 0")
+    if direction == "higher" and low > 0 or direction == "lower" and high < 0:
+        return f"the interval lies {'above' if direction == 'higher' else 'below'} 0"
+    if direction == "higher" and high <= margin or direction == "lower" and low >= -margin:
+        return "the interval rules out an effect as large as the margin"
+    return "the interval spans 0 and the margin: more seeds or a longer schedule needed"
+
+
 def regime(plan: StudyPlan, claim: Claim, records: dict) -> str:
     base = plan.arms[claim.baseline]
     train = metric_values("final_train_top1", records, base.name, base.name, base.seeds)
@@ -276,6 +298,48 @@ def verdict_rows(plan: StudyPlan, claims: list[Claim], records: dict) -> list[li
     return rows
 
 
+README_BEGIN = "<!-- study verdicts: written by tools/study.py, do not edit by hand -->"
+README_END = "<!-- end of study verdicts -->"
+
+
+def readme_verdicts(plan: StudyPlan, claims: list[Claim], records: dict, report: str,
+                    command: str) -> list[str]:
+    """The verdict table for results/README.md: each claim, the paper's number, ours with its
+    interval, the verdict and the rule's reason."""
+    rows = []
+    for claim in claims:
+        if claim.requires:
+            rows.append([claim.name, "-", "-", "-", "not measured", f"needs {claim.requires}"])
+            continue
+        seeds = plan.arms[claim.baseline].seeds
+        for arm in claim.arms:
+            for metric, direction in claim.expect.items():
+                interval = paired(metric, records, arm, claim.baseline, seeds)
+                margin = plan.margin_points if METRICS[metric].points else 0.0
+                rows.append([claim.name, f"{arm} vs {claim.baseline}: {metric} ({direction})",
+                             claim.paper_for(arm, metric),
+                             _interval_text(interval, _digits(metric)),
+                             verdict(interval, direction, margin) if interval.n else
+                             "not measured yet", why(interval, direction, margin)])
+    return [README_BEGIN, "", f"From `{report}` (regime, runs and plots there), written by "
+            f"`{command}`:", "",
+            *_table(["claim", "comparison: metric (expected)", "paper",
+                     "ours: paired difference [95 % CI]", "verdict", "why"], rows),
+            "", README_END]
+
+
+def update_readme(readme: Path, block: list[str]) -> None:
+    """Replace the verdict block of `readme` (or append it under a heading)."""
+    text = readme.read_text() if readme.exists() else ""
+    new = "\n".join(block)
+    if README_BEGIN in text and README_END in text:
+        head, rest = text.split(README_BEGIN, 1)
+        text = head + new + rest.split(README_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n## The study: a verdict per claim\n\n" + new + "\n"
+    readme.write_text(text)
+
+
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return (["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             + ["| " + " | ".join(r) + " |" for r in rows])
@@ -326,8 +390,9 @@ def claim_section(plan: StudyPlan, claim: Claim, records: dict, png_dir: Path,
 
 
 def write_report(plan: StudyPlan, claims: list[Claim], records_root: Path, out: Path,
-                 command: str) -> Path:
-    """OUT.md and OUT/<claim>*.png from the records under records_root."""
+                 command: str, readme: Path | None = None) -> Path:
+    """OUT.md and OUT/<claim>*.png from the records under records_root; with `readme`, its
+    verdict table too."""
     records = read_records(plan, claims, records_root)
     md, png_dir = Path(f"{out}.md"), Path(out)
     png_dir.mkdir(parents=True, exist_ok=True)
@@ -367,6 +432,9 @@ def write_report(plan: StudyPlan, claims: list[Claim], records_root: Path, out: 
     for claim in claims:
         lines += claim_section(plan, claim, records, png_dir, md.parent)
     md.write_text("\n".join(lines))
+    if readme is not None:
+        report = os.path.relpath(md, readme.parent)
+        update_readme(readme, readme_verdicts(plan, claims, records, report, command))
     return md
 
 

@@ -144,6 +144,29 @@ def test_paired_differences_and_the_report_from_records(tmp_path):
     assert (tmp_path / "out" / "study" / "pgt_tiny_sweep.png").stat().st_size > 1000
 
 
+def test_the_verdict_table_lands_in_the_readme_between_its_markers(tmp_path):
+    plan = load_plan(tiny_plan(tmp_path, seeds=(0, 1, 2)))
+    records, readme = tmp_path / "records", tmp_path / "README.md"
+    for seed, (base, pgt) in enumerate([(91.34, 91.89), (91.54, 91.64), (91.53, 92.08)]):
+        write_record(records, "base", seed, [90.0, base], logit_norm=13.0)
+        write_record(records, "pgt", seed, [91.0, pgt], logit_norm=50.0 + seed)
+    readme.write_text("# Results\n\nkept above\n")
+    for _ in range(2):  # the second run replaces the block, it does not add another
+        write_report(plan, list(plan.claims.values()), records, tmp_path / "out" / "study",
+                     "python tools/study.py --report-only", readme=readme)
+    text = readme.read_text()
+    assert text.startswith("# Results\n\nkept above\n") and text.count("| claim |") == 1
+    assert "From `out/study.md`" in text and "`python tools/study.py --report-only`" in text
+    half = T975[2] * 0.15
+    assert (f"| pgt_tiny | pgt vs base: final_test_top1 (higher) | +0.09 | +0.40 "
+            f"[{0.4 - half:+.2f}, {0.4 + half:+.2f}], n = 3 | inconclusive at this scale | "
+            "the interval spans 0 and the margin: more seeds or a longer schedule needed |"
+            ) in text
+    assert "pgt vs base: logit_norm (higher) | - | +38.00 [" in text
+    assert "| reproduces | the interval lies above 0 |" in text
+    assert "| unbuilt | - | - | - | not measured | needs a feature the suite lacks |" in text
+
+
 def test_block_profiles_give_the_peak_variance_and_mean_gradient_norm(tmp_path):
     plan_file = tiny_plan(tmp_path, seeds=(0, 1, 2))
     plan_file.write_text(plan_file.read_text().replace(

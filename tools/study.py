@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/study",
                         help="the report: OUT.md, plots in OUT/ (default: %(default)s)")
     mode = parser.add_mutually_exclusive_group()
+    parser.add_argument("--readme", default=None,
+                        help="also write the verdict table into this markdown file, between "
+                             "its markers (default: results/README.md when --out is the "
+                             "default)")
     mode.add_argument("--status", action="store_true",
                       help="print each claim's runs by state and the time left; train nothing")
     mode.add_argument("--report-only", action="store_true",
@@ -76,11 +80,17 @@ def main(argv: list[str] | None = None) -> int:
         options = [(flag, value) for flag, value, default in (
             ("--plan", args.plan, parser.get_default("plan")),
             ("--records", args.records, parser.get_default("records")),
-            ("--out", args.out, parser.get_default("out"))) if value != default]
+            ("--out", args.out, parser.get_default("out")),
+            ("--readme", args.readme, parser.get_default("readme"))) if value != default]
         command = shlex.join(["python", "tools/study.py", "--report-only",
                               *[part for option in options for part in option]])
-        md = write_report(plan, list(plan.claims.values()), records, Path(args.out), command)
-        print(f"wrote {md} and its plots in {args.out}/")
+        readme = args.readme or ("results/README.md" if args.out == parser.get_default("out")
+                                 else None)
+        readme = Path(readme) if readme else None
+        md = write_report(plan, list(plan.claims.values()), records, Path(args.out), command,
+                          readme=readme)
+        print(f"wrote {md} and its plots in {args.out}/"
+              + (f", and the verdict table in {readme}" if readme else ""))
     return code
 
 
