@@ -225,6 +225,8 @@ def why(interval: Interval, direction: str, margin: float) -> str:
     if interval.low is None:
         return "one seed pair: no interval"
     low, high = interval.low, interval.high
+    if low == high == 0.0:
+        return "every seed pair gave the same value: no difference to explain"
     if direction == "no_gain":
         return ("the interval's upper end is within the margin" if high <= margin else
                 "the interval lies above 0: a gain" if low > 0 else

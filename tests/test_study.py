@@ -18,7 +18,7 @@ from powergrad.recipe import load_recipe
 from powergrad.study import (EXIT_PREEMPTED, StudyError, load_plan, run_recipe, run_study,
                              status_lines, subprocess_train)
 from powergrad.study_report import (Interval, first_epoch_reaching, paired, read_records,
-                                    t_interval, verdict, write_report)
+                                    t_interval, verdict, why, write_report)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -217,6 +217,7 @@ def test_collapsed_filters_are_compared_and_plotted_per_layer(tmp_path):
     # totals 3 against 8, 10, 12: differences -5, -7, -9, sd 2; half width
     # 4.302653 * 2 / sqrt(3) = 4.968
     assert "| collapsed_filters (lower) | - | -7.00 [-11.97, -2.03], n = 3 | reproduces |" in text
+    assert why(t_interval([0.0, 0.0, 0.0]), "lower", 0.0).startswith("every seed pair gave")
     assert (tmp_path / "study" / "pgt_tiny_layers.png").stat().st_size > 1000
 
 
