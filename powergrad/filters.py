@@ -16,9 +16,9 @@ def filter_norms(conv: nn.Conv2d) -> torch.Tensor:
 
 
 class FilterCollapse:
-    """Built on the freshly initialised model: the seed decides the initial weights, so a
-    resumed run (which rebuilds the model from the seed before loading its checkpoint) gets
-    the same reference norms."""
+    """Built on the freshly initialised model, already on its device: the seed decides the
+    initial weights, so a resumed run (which rebuilds the model from the seed before loading
+    its checkpoint) gets the same reference norms."""
 
     def __init__(self, model: nn.Module, fraction: float = COLLAPSE_FRACTION):
         self.convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
@@ -29,7 +29,7 @@ class FilterCollapse:
         """filters/collapsed/LAYER per conv layer, their total and the share of all filters."""
         out, total, filters = {}, 0, 0
         for (name, conv), threshold in zip(self.convs, self.thresholds):
-            hits = int((filter_norms(conv) < threshold.to(conv.weight.device)).sum())
+            hits = int((filter_norms(conv) < threshold).sum())
             out[f"filters/collapsed/{name}"] = hits
             total, filters = total + hits, filters + len(threshold)
         out["filters/collapsed_total"] = total

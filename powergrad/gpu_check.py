@@ -37,6 +37,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,23 +175,29 @@ def device_overrides(ctx: Context) -> list[str]:
 # --- training steps from the paper recipe ----------------------------------------------------
 
 class RecipeSteps:
-    """Forward, PGT loss, backward and optimizer step of a recipe's model, with its AMP and
+    """Forward, loss, backward and optimizer step of a recipe's model, with its AMP and
     channels_last, `accum` micro-batches per optimizer step: the work of one training step
     without the engine's logging, for timing against different data sources."""
 
-    def __init__(self, recipe, ctx: Context, accum: int = 1):
+    def __init__(self, recipe, device: torch.device, amp_dtype: torch.dtype,
+                 sync: Callable[[], None], accum: int = 1):
         from .builders import build_optimizer, build_train_loss
         from .models import build_model
 
-        self.ctx, self.accum = ctx, accum
-        self.model = build_model(recipe.model).to(ctx.device, memory_format=torch.channels_last)
+        self.device, self.amp_dtype, self.sync, self.accum = device, amp_dtype, sync, accum
+        self.model = build_model(recipe.model).to(device, memory_format=torch.channels_last)
         self.optimizer = build_optimizer(recipe, self.model)
-        _, self.loss_fn = build_train_loss(recipe)
-        self.scaler = torch.amp.GradScaler(ctx.device.type,
-                                           enabled=ctx.amp_dtype is torch.float16)
+        self.mixup, self.loss_fn = build_train_loss(recipe)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """One whole optimizer step on one batch."""
+        self.micro_step(images, labels, last=True)
 
     def micro_step(self, images: torch.Tensor, labels: torch.Tensor, last: bool) -> None:
-        with torch.autocast(self.ctx.device.type, dtype=self.ctx.amp_dtype):
+        if self.mixup is not None:  # as the engine does: the loss then takes soft targets
+            images, labels = self.mixup(images, labels)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype):
             loss = self.loss_fn(self.model(images), labels) / self.accum
         self.scaler.scale(loss).backward()
         if last:
@@ -203,11 +210,11 @@ class RecipeSteps:
         start, count = None, 0
         for i, (images, labels) in enumerate(batches):
             if i == warmup:
-                self.ctx.sync()
+                self.sync()
                 start = time.perf_counter()
             self.micro_step(images, labels, last=(i + 1) % self.accum == 0)
             count += images.shape[0] if i >= warmup else 0
-        self.ctx.sync()
+        self.sync()
         if start is None or count == 0:
             raise RuntimeError(f"only {i + 1 if count else 0} batches: nothing timed")
         return count / (time.perf_counter() - start), count
@@ -309,7 +316,7 @@ def gpu_hours_row(ctx: Context) -> Row:
         micro, accum, res = plan.micro_batch, plan.accum_steps, recipe.data.img_size
     else:
         micro, accum, res = ctx.sizes.step_batch, 2, ctx.sizes.res
-    steps = RecipeSteps(recipe, ctx, accum)
+    steps = RecipeSteps(recipe, ctx.device, ctx.amp_dtype, ctx.sync, accum)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(micro, 3, res, res, generator=gen).to(
         ctx.device, memory_format=torch.channels_last)
@@ -446,7 +453,7 @@ def run(workdir: Path, device: torch.device | None = None) -> list[Row]:
         def loader(name=name):
             nonlocal steps
             if steps is None:  # one model for every loader: same work per step
-                steps = RecipeSteps(paper_recipe(ctx, []), ctx)
+                steps = RecipeSteps(paper_recipe(ctx, []), ctx.device, ctx.amp_dtype, ctx.sync)
             return loader_row(ctx, data(), name, steps)
         attempt(f"loader {name}", loader)
     steps = None  # free the model before the next rows

@@ -278,26 +278,38 @@ def _digits(metric: str) -> int:
     return 3 if metric in ("final_train_loss",) else 2
 
 
-def verdict_rows(plan: StudyPlan, claims: list[Claim], records: dict) -> list[list[str]]:
-    rows = []
+def comparisons(plan: StudyPlan, claims: list[Claim], records: dict):
+    """(claim, arm, metric, direction, interval, margin) for every expected effect of every
+    measured claim: what both verdict tables are made of."""
     for claim in claims:
         if claim.requires:
-            rows.append([claim.name, "-", "-", "-", "-", f"not measured: needs {claim.requires}",
-                         "not measured"])
             continue
         seeds = plan.arms[claim.baseline].seeds
         for arm in claim.arms:
             for metric, direction in claim.expect.items():
                 interval = paired(metric, records, arm, claim.baseline, seeds)
-                measured = interval.n > 0
                 margin = plan.margin_points if METRICS[metric].points else 0.0
-                rows.append([claim.name, regime(plan, claim, records),
-                             f"{arm} vs {claim.baseline}", f"{metric} ({direction})",
-                             claim.paper_for(arm, metric),
-                             _interval_text(interval, _digits(metric)),
-                             verdict(interval, direction, margin) if measured else
-                             "not measured yet"])
-    return rows
+                yield claim, arm, metric, direction, interval, margin
+
+
+def _verdict_text(interval: Interval, direction: str, margin: float) -> str:
+    return verdict(interval, direction, margin) if interval.n else "not measured yet"
+
+
+def verdict_rows(plan: StudyPlan, claims: list[Claim], records: dict) -> list[list[str]]:
+    rows = [[claim.name, "-", "-", "-", "-", f"not measured: needs {claim.requires}",
+             "not measured"] for claim in claims if claim.requires]
+    for claim, arm, metric, direction, interval, margin in comparisons(plan, claims, records):
+        rows.append([claim.name, regime(plan, claim, records), f"{arm} vs {claim.baseline}",
+                     f"{metric} ({direction})", claim.paper_for(arm, metric),
+                     _interval_text(interval, _digits(metric)),
+                     _verdict_text(interval, direction, margin)])
+    return _in_claim_order(rows, claims)
+
+
+def _in_claim_order(rows: list[list[str]], claims: list[Claim]) -> list[list[str]]:
+    order = {claim.name: i for i, claim in enumerate(claims)}
+    return sorted(rows, key=lambda row: order[row[0]])  # stable: arms and metrics keep theirs
 
 
 README_BEGIN = "<!-- study verdicts: written by tools/study.py, do not edit by hand -->"
@@ -308,21 +320,14 @@ def readme_verdicts(plan: StudyPlan, claims: list[Claim], records: dict, report:
                     command: str) -> list[str]:
     """The verdict table for results/README.md: each claim, the paper's number, ours with its
     interval, the verdict and the rule's reason."""
-    rows = []
-    for claim in claims:
-        if claim.requires:
-            rows.append([claim.name, "-", "-", "-", "not measured", f"needs {claim.requires}"])
-            continue
-        seeds = plan.arms[claim.baseline].seeds
-        for arm in claim.arms:
-            for metric, direction in claim.expect.items():
-                interval = paired(metric, records, arm, claim.baseline, seeds)
-                margin = plan.margin_points if METRICS[metric].points else 0.0
-                rows.append([claim.name, f"{arm} vs {claim.baseline}: {metric} ({direction})",
-                             claim.paper_for(arm, metric),
-                             _interval_text(interval, _digits(metric)),
-                             verdict(interval, direction, margin) if interval.n else
-                             "not measured yet", why(interval, direction, margin)])
+    rows = [[claim.name, "-", "-", "-", "not measured", f"needs {claim.requires}"]
+            for claim in claims if claim.requires]
+    for claim, arm, metric, direction, interval, margin in comparisons(plan, claims, records):
+        rows.append([claim.name, f"{arm} vs {claim.baseline}: {metric} ({direction})",
+                     claim.paper_for(arm, metric), _interval_text(interval, _digits(metric)),
+                     _verdict_text(interval, direction, margin),
+                     why(interval, direction, margin)])
+    rows = _in_claim_order(rows, claims)
     return [README_BEGIN, "", f"From `{report}` (regime, runs and plots there), written by "
             f"`{command}`:", "",
             *_table(["claim", "comparison: metric (expected)", "paper",

@@ -25,32 +25,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from powergrad.builders import AMP_DTYPES, build_optimizer, pick_device  # noqa: E402
+from powergrad.builders import AMP_DTYPES, pick_device  # noqa: E402
 from powergrad.data import TrainLoader, build_loaders  # noqa: E402
 from powergrad.distributed import DistInfo  # noqa: E402
-from powergrad.models import build_model  # noqa: E402
+# the training step `powergrad gpu-check` times: the recipe's model (channels_last), loss,
+# optimizer, autocast and GradScaler
+from powergrad.gpu_check import RecipeSteps  # noqa: E402
 from powergrad.recipe import Recipe, load_recipe  # noqa: E402
-
-
-class TrainStep:
-    """Forward, cross-entropy, backward and optimizer step of the recipe's model, channels_last
-    under autocast (a GradScaler for float16): the GPU work of one training step."""
-
-    def __init__(self, recipe: Recipe, device: torch.device, amp_dtype: torch.dtype):
-        self.device, self.amp_dtype = device, amp_dtype
-        self.model = build_model(recipe.model).to(device, memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(recipe, self.model)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        with torch.autocast(self.device.type, dtype=self.amp_dtype):
-            loss = F.cross_entropy(self.model(images), labels)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:
@@ -125,9 +107,9 @@ def main(argv=None) -> dict:
         recipe.data, batch_size=recipe.train.batch_size,
         eval_batch_size=recipe.train.eval_batch_size, seed=recipe.train.seed, device=device,
         dist_info=DistInfo(), channels_last=True)
-    step = TrainStep(recipe, device, amp_dtype)
-    result = feed_ratio(step, endless(train_loader), args.steps, args.warmup,
-                        synchronizer(device), args.rounds)
+    sync = synchronizer(device)
+    step = RecipeSteps(recipe, device, amp_dtype, sync)
+    result = feed_ratio(step, endless(train_loader), args.steps, args.warmup, sync, args.rounds)
     cores = len(os.sched_getaffinity(0))
     print(f"{recipe.model.model} on {device} ({str(amp_dtype).removeprefix('torch.')} autocast, "
           f"channels_last), batch {result['batch']} at {result['resolution'][0]} px, "
