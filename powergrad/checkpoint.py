@@ -15,11 +15,22 @@ import numpy as np
 import torch
 
 
+TEMP_SUFFIX = ".tmp"
+
+
+def umask_mode(mode: int = 0o666) -> int:
+    """`mode` as the process's umask leaves it, what open() gives any new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def save_atomic(state: dict, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
+        os.chmod(fd, umask_mode())  # mkstemp makes 0600; colleagues on the cluster read it too
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -89,13 +100,14 @@ def weights_payload(training: dict) -> dict:
     return {"format": WEIGHTS_FORMAT, **{k: training[k] for k in keep}}
 
 
-def read_training(path: Path) -> dict:
-    """The payload of a training checkpoint, or a CheckpointError saying why it cannot be one."""
+def read_training(path: Path, mmap: bool = False) -> dict:
+    """The payload of a training checkpoint, or a CheckpointError saying why it cannot be one.
+    mmap=True maps the file instead of reading it: cheap when only the state is looked at."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
-        payload = load(path)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # truncated zip, pickle refused by weights_only, not torch at all
         raise CheckpointError(f"{path}: cannot be read ({type(err).__name__}: "
                               f"{str(err).splitlines()[0][:200]}); the file is damaged or not "
@@ -110,29 +122,59 @@ def read_training(path: Path) -> dict:
     return payload
 
 
-def training_checkpoints(run_dir: Path) -> list[Path]:
-    """last.pth and the step checkpoints of a run directory, newest first."""
+def progress(payload: dict) -> tuple[int, int, int]:
+    """How far a training checkpoint got: (optimizer steps, finished epochs, end of epoch
+    first). File times are not used: a cp or rsync resets them."""
+    state = payload["state"]
+    return state["num_updates"], state["epoch"], int(not state.get("batch_in_epoch"))
+
+
+def _readable_checkpoints(run_dir: Path) -> tuple[list[Path], list[str]]:
+    """The readable training checkpoints of a run directory, most progress first (read
+    mapped, so only the state is touched), and a note for each damaged one."""
     run_dir = Path(run_dir)
-    found = [p for p in [run_dir / "last.pth", *run_dir.glob(f"{STEP_PREFIX}*.pth")]
-             if p.is_file()]
-    return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    found = sorted(p for p in [run_dir / "last.pth", *run_dir.glob(f"{STEP_PREFIX}*.pth")]
+                   if p.is_file())
+    readable, notes = [], []
+    for path in found:
+        try:
+            readable.append((progress(read_training(path, mmap=True)), path))
+        except CheckpointError as err:
+            notes.append(f"skipped {err}")
+    readable.sort(key=lambda item: item[0], reverse=True)  # stable: last.pth first on a tie
+    return [path for _, path in readable], notes
+
+
+def training_checkpoints(run_dir: Path) -> list[Path]:
+    """last.pth and the step checkpoints of a run directory that can be read, most progress
+    first."""
+    return _readable_checkpoints(run_dir)[0]
+
+
+def remove_temp_files(run_dir: Path) -> list[str]:
+    """Remove what a killed save left (.last.pth.*.tmp, .step-*.pth.*.tmp); notes saying so.
+    Call only while holding the run's lock: a live save's file looks the same."""
+    notes = []
+    for tmp in sorted(Path(run_dir).glob(f".*.pth.*{TEMP_SUFFIX}")):
+        size = tmp.stat().st_size
+        tmp.unlink(missing_ok=True)
+        notes.append(f"removed {tmp.name} ({size / 2**20:.1f} MiB), left by a save that was "
+                     "killed")
+    return notes
 
 
 def choose_resume(run_dir: Path, setting: str) -> tuple[Path | None, dict | None, list[str]]:
     """(checkpoint, its payload, notes) for log.resume = auto | none | PATH.
 
-    The run directory's own newest readable checkpoint wins over a PATH (after a preemption
-    the run's newer state supersedes the starting point); a damaged one is skipped with a
-    note and the next newest is used; a run directory whose every checkpoint is damaged is an
-    error, never a silent restart from scratch."""
+    The run directory's own readable checkpoint with the most optimizer steps wins over a
+    PATH (after a preemption the run's newer state supersedes the starting point); a damaged
+    one is skipped with a note and the next is used; a run directory whose every checkpoint
+    is damaged is an error, never a silent restart from scratch."""
     if setting == "none":
         return None, None, []
-    notes = []
-    for path in training_checkpoints(run_dir):
-        try:
-            return path, read_training(path), notes
-        except CheckpointError as err:
-            notes.append(f"skipped {err}")
+    readable, notes = _readable_checkpoints(run_dir)
+    if readable:
+        return readable[0], read_training(readable[0]), notes
     if notes:
         raise CheckpointError(f"{run_dir}: no readable checkpoint to resume from: "
                               + "; ".join(notes))

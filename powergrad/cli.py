@@ -1,4 +1,4 @@
-"""The `powergrad` command: check, train, describe, compare, export."""
+"""The `powergrad` command: check, train, torchrun, describe, compare, export."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +16,9 @@ _HINTS = {
     "compare": "name run folders (runs/<output>/<experiment>); see `powergrad compare --help`",
     "export": "name one run folder (runs/<output>/<experiment>); see `powergrad export --help`",
     "check": "`powergrad check` takes no arguments",
-    "gpu-check": "`powergrad gpu-check` takes only --workdir DIR; see `powergrad gpu-check --help`",
+    "gpu-check": "`powergrad gpu-check` takes --workdir DIR, --out DIR and --recipe FILE; see "
+                 "`powergrad gpu-check --help`",
+    "torchrun": "powergrad torchrun [TORCHRUN OPTIONS] train RECIPE.yaml [key=value ...]",
 }
 
 
@@ -55,6 +57,12 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     gpu_check.add_argument("--workdir", default=None, metavar="DIR",
                            help="keep the synthetic JPEGs and .beton files here and reuse them "
                                 "(default: a temporary folder, removed afterwards)")
+    gpu_check.add_argument("--out", default=None, metavar="DIR",
+                           help="also write the table to DIR/gpu_check.md and its rows to "
+                                "DIR/gpu_check.json (default: print only)")
+    gpu_check.add_argument("--recipe", default=None, metavar="RECIPE.yaml",
+                           help="the ResNet-50 recipe the engine rows train (default: the "
+                                "checkout's recipes/imagenet/resnet50_cosine_pgt.yaml)")
 
     train = subs["train"] = sub.add_parser(
         "train", help="train from recipe files",
@@ -71,6 +79,15 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                        help="train N optimizer steps and evaluate N batches of the real data, "
                             "save nothing: a minute's check of the data path before a long job "
                             "(default: 0, a normal run)")
+
+    subs["torchrun"] = sub.add_parser(
+        "torchrun", help="torchrun with exit codes a job script can act on (75: preempted)",
+        description="powergrad torchrun [TORCHRUN OPTIONS] train RECIPE.yaml [key=value ...]: "
+                    "torchrun's own launcher and options, starting `powergrad train` on every "
+                    "process. SIGTERM and SIGUSR1 reach the workers, which save; the launcher "
+                    "then exits 75 (plain torchrun exits 1, and dies on SIGUSR1). A failure "
+                    "prints one line naming the rank and exits with that rank's code (2 for a "
+                    "recipe error) instead of torchrun's traceback.")
 
     describe = subs["describe"] = sub.add_parser(
         "describe", help="what a recipe will train, without loading data",
@@ -122,6 +139,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     """Subcommand arguments in any order: options may come before, between or after the
     recipes and key=value settings (argparse's intermixed parsing, one subcommand at a time)."""
     parser, subs = _build_parser()
+    if argv[:1] == ["torchrun"] and not {"-h", "--help"} & set(argv[1:2]):
+        return argparse.Namespace(command="torchrun", launcher_args=argv[1:])
     if argv and argv[0] in subs:
         args = subs[argv[0]].parse_intermixed_args(argv[1:])
         args.command = argv[0]
@@ -134,9 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         from .check import main as check_main
         return check_main()
+    if args.command == "torchrun":
+        from .launch import main as launch_main
+        return launch_main(args.launcher_args)
     if args.command == "gpu-check":
         from .gpu_check import main as gpu_check_main
-        return gpu_check_main(args.workdir)
+        return gpu_check_main(args.workdir, out=args.out, recipe=args.recipe)
     if args.command in ("train", "describe"):
         bad = _not_recipes(args.items)
         if bad:

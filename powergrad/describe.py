@@ -90,22 +90,27 @@ def describe(recipe: Recipe, png: Path | None = None) -> str:
         lines.append(f"gradient clipping: {clip_cfg.clip_mode} at {clip_cfg.clip_grad:g}; "
                      f"left out: {', '.join(left_out) or 'nothing'}")
 
+    sync = "on (train.sync_bn)" if recipe.train.sync_bn else "off"
     lines += ["", "batch (train.global_batch "
-              f"{recipe.train.global_batch}, train.batch_size {recipe.train.batch_size}):"]
+              f"{recipe.train.global_batch}, train.batch_size {recipe.train.batch_size}; "
+              f"BatchNorm synchronised over processes: {sync}):"]
     for world_size in WORLD_SIZES:
         try:
             plan = plan_batch(recipe.train.global_batch, recipe.train.batch_size,
                               recipe.train.grad_accum_steps, world_size)
-            lines.append(f"  {plan.describe()}")
+            bn = (plan.micro_batch * world_size if recipe.train.sync_bn and world_size > 1
+                  else plan.micro_batch)
+            lines.append(f"  {plan.describe()}; BatchNorm batch {bn}")
         except BatchPlanError as err:
             lines.append(f"  {world_size} process(es): refused: {err}")
     source = recipe.source or "RECIPE.yaml"
     lines += ["launch lines:",
               f"  1 GPU:   powergrad train {source}",
-              f"  4 GPUs:  torchrun --nproc_per_node 4 -m powergrad train {source}",
-              f"  8 GPUs:  torchrun --nproc_per_node 8 -m powergrad train {source}",
-              "  2 nodes: torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d "
-              f"--rdzv_endpoint HOST:29500 -m powergrad train {source}  (on each node)"]
+              f"  4 GPUs:  powergrad torchrun --nproc_per_node 4 train {source}",
+              f"  8 GPUs:  powergrad torchrun --nproc_per_node 8 train {source}",
+              "  2 nodes: powergrad torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d "
+              f"--rdzv_endpoint HOST:29500 train {source}  (on each node)",
+              "  SLURM:   README, \"On a cluster\" (srun tasks or one torchrun per node)"]
 
     images, why = train_images(recipe)
     step_batch = plan_batch(recipe.train.global_batch, recipe.train.batch_size,

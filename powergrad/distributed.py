@@ -1,13 +1,20 @@
-"""torchrun-aware process group set-up. One process without torchrun; NCCL on GPUs, gloo on
-the CPU (which is how the tests exercise the same code path)."""
+"""Process-group set-up for both launch forms: torchrun (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR/PORT) or SLURM's `srun` with one task per GPU (SLURM_PROCID, SLURM_NTASKS,
+SLURM_LOCALID, the job's node list). One process without either; NCCL on GPUs, gloo on the CPU
+(which is how the tests exercise the same code path)."""
 from __future__ import annotations
 
 import io
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+# SLURM without MASTER_PORT: a port from the job id, so every task of one job computes the same
+# one and two jobs sharing a node rarely collide (the range sits below Linux's ephemeral ports).
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 17000
 
 
 @dataclass(frozen=True)
@@ -15,6 +22,7 @@ class DistInfo:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    local_world_size: int = 1  # processes on this node (they share its page cache and GPUs)
 
     @property
     def enabled(self) -> bool:
@@ -25,26 +33,86 @@ class DistInfo:
         return self.rank == 0
 
 
+def world_from_env(env=None) -> DistInfo:
+    """Rank, local rank and world size as torchrun or srun set them, torchrun's names first
+    (the order of timm's world_info_from_env; timm's helper is not used because it reads only
+    the first of several names and says nothing of the node's process count)."""
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        return DistInfo(int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), world,
+                        int(env.get("LOCAL_WORLD_SIZE", "1")))
+    if "SLURM_NTASKS" in env and "SLURM_PROCID" in env:
+        world = int(env["SLURM_NTASKS"])
+        nodes = int(env.get("SLURM_NNODES", env.get("SLURM_JOB_NUM_NODES", "1")))
+        per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]  # "4" or "4(x2)"
+        local_world = int(per_node) if per_node.isdigit() else max(1, world // max(nodes, 1))
+        return DistInfo(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0")), world,
+                        local_world)
+    return DistInfo()
+
+
+def first_host(nodelist: str) -> str:
+    """The first host name of a SLURM node list: 'gpu[03-04,07],cpu1' -> 'gpu03'."""
+    first = re.match(r"([^,\[]+)(\[([^\]]*)\])?", nodelist.strip())
+    if first is None:
+        raise ValueError(f"cannot read the SLURM node list {nodelist!r}")
+    prefix, _, ranges = first.groups()
+    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
+
+
+def rendezvous_address(env=None) -> tuple[str, int]:
+    """MASTER_ADDR:MASTER_PORT, or under srun alone the job's first node and a port from its
+    job id: every task computes the same address without talking to the others."""
+    env = os.environ if env is None else env
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get(
+        "SLURM_NODELIST")
+    host = env.get("MASTER_ADDR") or (first_host(nodelist) if nodelist else None)
+    if host is None:
+        raise RuntimeError("several processes but no MASTER_ADDR and no SLURM node list: "
+                           "launch with torchrun, or srun, or set MASTER_ADDR and MASTER_PORT")
+    if "MASTER_PORT" in env:
+        return host, int(env["MASTER_PORT"])
+    job = int(env.get("SLURM_JOB_ID", "0"))
+    return host, SLURM_PORT_BASE + job % SLURM_PORT_SPAN
+
+
+def cuda_index(local_rank: int, visible: int) -> int | None:
+    """The CUDA device of the process with this local rank: its own index when the node's GPUs
+    are all visible (torchrun, srun --gpus-per-node), 0 when the launcher shows each process
+    only its own GPU (srun --gpus-per-task=1); None when there are fewer GPUs than processes."""
+    if local_rank < visible:
+        return local_rank
+    return 0 if visible == 1 else None
+
+
 def init_distributed(device_kind: str) -> DistInfo:
-    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, ...)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size)
-    if not dist.is_initialized():
-        backend = "nccl" if device_kind == "cuda" else "gloo"
-        if device_kind == "cuda":
-            torch.cuda.set_device(info.local_rank)
+    """Join the process group the launcher describes in the environment."""
+    info = world_from_env()
+    if not info.enabled or dist.is_initialized():
+        return info
+    backend = "nccl" if device_kind == "cuda" else "gloo"
+    if device_kind == "cuda":
+        torch.cuda.set_device(cuda_index(info.local_rank, torch.cuda.device_count()))
+    if "WORLD_SIZE" in os.environ:  # torchrun (or its variables set by hand)
         store, _, _ = next(dist.rendezvous("env://"))
-        # A torchrun restart (--max-restarts) keeps the static rendezvous's store, but torch
-        # 2.14's env:// handler assumes a new store per attempt and adds no prefix: a restarted
-        # rank could read the previous attempt's gloo/NCCL address (whichever rank wrote its
-        # key first wins the race) and fail to connect. One prefix per attempt keeps them
-        # apart (tests/test_distributed.py kills a worker and checks the restart).
+    else:  # srun: rank 0 hosts the store at the job's first node
+        host, port = rendezvous_address()
+        store = dist.TCPStore(host, port, info.world_size, is_master=info.rank == 0,
+                              wait_for_workers=False)
+    # A torchrun restart (--max-restarts) keeps the static rendezvous's store, but torch
+    # 2.14's env:// handler assumes a new store per attempt and adds no prefix: a restarted
+    # rank could read the previous attempt's gloo/NCCL address (whichever rank wrote its
+    # key first wins the race) and fail to connect. One prefix per attempt keeps them
+    # apart. Only with one agent, though: with several nodes each agent counts its own
+    # restarts (a node whose workers are restarted for another's failure does not count it),
+    # so the counts disagree, and there the c10d rendezvous gives every round a new store.
+    # (tests/test_distributed.py kills a worker on one node and on two, and checks the restart)
+    if os.environ.get("GROUP_WORLD_SIZE", "1") == "1":
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = dist.PrefixStore(f"attempt{attempt}", store)
-        dist.init_process_group(backend=backend, store=store, rank=info.rank,
-                                world_size=world_size)
+    dist.init_process_group(backend=backend, store=store, rank=info.rank,
+                            world_size=info.world_size)
     return info
 
 

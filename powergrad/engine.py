@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,12 +27,14 @@ from .builders import (AMP_DTYPES, build_optimizer, build_scheduler, build_train
                        pick_device)
 from .clipping import clip_gradients, clip_parameters
 from .data import build_loaders
-from .distributed import DistInfo, all_reduce_sum, barrier, gather_objects, init_distributed
+from .distributed import (DistInfo, all_reduce_sum, barrier, cuda_index, gather_objects,
+                          init_distributed, world_from_env)
 from .filters import FilterCollapse
 from .models import build_model
-from .preemption import Preempted, StopRequest
+from .preemption import Preempted, StopRequest, exit_code_unsaved
 from .recipe import Recipe, load_recipe
 from .rundir import RunDirError, RunLock, check_same_recipe, recipe_changes
+from .sync_batchnorm import convert_to_sync_bn
 from .runlog import EPOCH_TAGS, RESULT_FIELDS, Progress, RunLog
 from .transform import logit_stats
 
@@ -58,36 +60,48 @@ class NonFiniteError(FloatingPointError):
     """The loss, the weights or the evaluation went non-finite; nothing of it was saved."""
 
 
-def train(recipe: Recipe, run_dir: Path | None = None, fast_dev_run: int = 0) -> dict:
+def train(recipe: Recipe, run_dir: Path | None = None, fast_dev_run: int = 0,
+          stop: StopRequest | None = None) -> dict:
     """Train `recipe` into run_dir (default: log.output/experiment) and return its summary.
     fast_dev_run=N instead trains N optimizer steps and evaluates N batches, writing nothing.
 
-    Raises Preempted after saving on SIGTERM (the CLI exits 75), RunDirError when the run
+    stop: a StopRequest the caller entered before its own set-up (the CLI's, so a signal
+    during preflight is not lost); by default one covering this call.
+
+    Raises Preempted after saving on SIGTERM or SIGUSR1 (the CLI exits 75), RunDirError when the run
     directory is in use or holds another recipe's run, CheckpointError for a checkpoint that
     cannot be resumed, NonFiniteError when training diverges (nothing non-finite is saved)."""
     run_dir = Path(run_dir) if run_dir else run_dir_for(recipe)
-    if fast_dev_run:
-        return _train(recipe, run_dir, fast_dev_run)
-    check_same_recipe(run_dir, recipe)
-    is_main = int(os.environ.get("RANK", "0")) == 0  # one lock per run, held by rank 0
-    with RunLock(run_dir) if is_main else contextlib.nullcontext():
-        return _train(recipe, run_dir, fast_dev_run)
+    world = world_from_env()
+    own_stop = stop is None
+    stop = StopRequest(world.world_size) if own_stop else stop
+    # The handlers go in first: a signal during set-up stops the run after its first
+    # agreement step, with a checkpoint, instead of killing it unsaved.
+    with stop if own_stop else contextlib.nullcontext():
+        if fast_dev_run:
+            return _train(recipe, run_dir, fast_dev_run, stop)
+        check_same_recipe(run_dir, recipe)
+        lock = RunLock(run_dir, recipe.log.lock_stale_after)  # one per run, held by rank 0
+        with lock if world.is_main else contextlib.nullcontext():
+            return _train(recipe, run_dir, fast_dev_run, stop)
 
 
-def _train(recipe: Recipe, run_dir: Path, fast_dev_run: int) -> dict:
+def _train(recipe: Recipe, run_dir: Path, fast_dev_run: int, stop: StopRequest) -> dict:
     cfg = recipe.train
     device = pick_device(cfg.device)
     dist_info = init_distributed(device.type)
     plan = plan_batch(cfg.global_batch, cfg.batch_size, cfg.grad_accum_steps,
                       dist_info.world_size)
     if device.type == "cuda":
-        device = torch.device("cuda", dist_info.local_rank)
+        device = torch.device("cuda", cuda_index(dist_info.local_rank, torch.cuda.device_count()))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     random_seed(cfg.seed, dist_info.rank)
 
     # --- model, data, optimizer, schedule, loss: all from timm's factories ---------------
     model = build_model(recipe.model).to(device)
+    if cfg.sync_bn and dist_info.enabled:  # one process: BatchNorm already sees the batch
+        model = convert_to_sync_bn(model, device)
     # reference norms from the seed's initial weights (before any checkpoint is loaded)
     filters = FilterCollapse(model) if recipe.log.filter_collapse else None
     if cfg.channels_last:
@@ -107,6 +121,8 @@ def _train(recipe: Recipe, run_dir: Path, fast_dev_run: int) -> dict:
     state = TrainState()
     if not fast_dev_run:
         resume_from, payload, notes = ckpt.choose_resume(run_dir, recipe.log.resume)
+        if dist_info.is_main:  # it holds the run's lock: no save of another process is live
+            notes = ckpt.remove_temp_files(run_dir) + notes
         for note in notes if dist_info.is_main else []:
             print(f"note: {note}", flush=True)
         if payload is not None:
@@ -147,24 +163,19 @@ def _train(recipe: Recipe, run_dir: Path, fast_dev_run: int) -> dict:
         total_epochs = min(total_epochs, state.epoch + 1)
 
     # --- the epoch loop --------------------------------------------------------------------
-    with StopRequest() as stop:
-        for epoch in range(state.epoch, total_epochs):
-            try:
-                _run_epoch(ctx, train_loader, eval_loader, epoch, state, stop, run_dir, model)
-            except Preempted:
-                if ctx.save_checkpoints:
-                    _save(ctx, state, run_dir, model)
-                barrier()
-                log.close()
-                raise Preempted(f"preempted: saved {run_dir / 'last.pth'} at epoch "
-                                f"{epoch + 1}, batch {state.batch_in_epoch}; run the same "
-                                "command to resume") from None
-            except NonFiniteError as err:
-                log.scalars({"numerics/non_finite_stop": 1.0}, state.num_updates)
-                log.close()
-                good = ckpt.training_checkpoints(run_dir) if saving else []
-                raise NonFiniteError(f"{err}; stopped, nothing of it saved; last good "
-                                     f"checkpoint: {good[0] if good else 'none'}") from None
+    for epoch in range(state.epoch, total_epochs):
+        try:
+            _run_epoch(ctx, train_loader, eval_loader, epoch, state, stop, run_dir, model)
+            if epoch + 1 < total_epochs and stop.agreed(device):  # signalled in evaluation
+                raise Preempted
+        except Preempted:
+            raise _preempted(ctx, state, run_dir, model, stop) from None
+        except NonFiniteError as err:
+            log.scalars({"numerics/non_finite_stop": 1.0}, state.num_updates)
+            log.close()
+            good = ckpt.training_checkpoints(run_dir) if saving else []
+            raise NonFiniteError(f"{err}; stopped, nothing of it saved; last good "
+                                 f"checkpoint: {good[0] if good else 'none'}") from None
 
     summary = _final_summary(recipe, state, run_dir)
     log.hparams(recipe, {"final_top1": summary["final_test_top1"],
@@ -172,6 +183,23 @@ def _train(recipe: Recipe, run_dir: Path, fast_dev_run: int) -> dict:
     log.final(summary)
     log.close()
     return summary
+
+
+def _preempted(ctx: EpochContext, state: TrainState, run_dir: Path, model: nn.Module,
+               stop: StopRequest) -> Preempted:
+    """Save the place (when checkpoints are on) and say what the next command will do."""
+    where = f"epoch {state.epoch + 1}, batch {state.batch_in_epoch}"
+    if ctx.save_checkpoints:
+        _save(ctx, state, run_dir, model)
+    barrier()
+    ctx.log.close()
+    if ctx.save_checkpoints:
+        return Preempted(f"preempted: saved {run_dir / 'last.pth'} at {where}; run the same "
+                         "command to resume")
+    why = "--fast-dev-run" if ctx.max_updates is not None else "log.checkpoint is false"
+    return Preempted(f"preempted at {where}: nothing saved ({why}), so this run cannot "
+                     f"resume; exit code {exit_code_unsaved(stop.signum or signal.SIGTERM)}",
+                     exit_code_unsaved(stop.signum or signal.SIGTERM))
 
 
 def _run_epoch(ctx: EpochContext, train_loader, eval_loader, epoch: int, state: TrainState,
@@ -315,7 +343,7 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, state: TrainState,
                     scalars.update(ctx.filters.counts())
                 ctx.log.scalars(scalars, state.num_updates)
                 window.update(loss=0.0, correct=0.0, seen=0, start=time.perf_counter(), wait=0.0)
-            if stop is not None and stop.agreed(ctx.device):
+            if stop is not None and stop.should_stop(state.num_updates, ctx.device):
                 _fold_pending(pending, (totals, window), where)
                 state.batch_in_epoch, state.epoch_totals = micro_step + 1, dict(totals)
                 progress.close()

@@ -11,6 +11,7 @@ config.json also carries the recipe's model section under "powergrad", and
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint as ckpt
+from .checkpoint import umask_mode
 from .recipe import ModelConfig, Recipe, RecipeError, load_recipe
 
 FILES = ("model.safetensors", "config.json")
@@ -56,6 +58,9 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, checkpoint: s
         from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                   str(out / "model.safetensors"))
+    for name in FILES:  # safetensors writes 0600; exports are for colleagues to read
+        if (out / name).exists():
+            os.chmod(out / name, umask_mode())
     return {"out": out, "plain_timm": plain is not None,
             "weights": f"{checkpoint}.pth {'EMA' if ema else 'model'} weights"}
 

@@ -89,6 +89,7 @@ class Context:
     device: torch.device
     sizes: Sizes
     workdir: Path
+    recipe: Path = PAPER_RECIPE  # the ResNet-50 paper recipe the engine rows train
     feed_ratios: dict = field(default_factory=dict)  # loader name -> measured feed ratio
 
     @property
@@ -142,7 +143,7 @@ def synthetic_data(ctx: Context) -> Path:
                                    ("val", max(1, ctx.sizes.images // 40), 1)):
         write_synthetic_image_folder(root / split, classes, per_class, width_range=px,
                                      height_range=px, seed=seed)
-        if _import_error("ffcv.loader") is None:
+        if _skip_reason("ffcv") is None:
             with contextlib.redirect_stderr(io.StringIO()):  # the writer's progress bar
                 write_imagefolder_beton(root / split, root / f"{split}.beton",
                                         workers=ctx.sizes.workers, overwrite=True)
@@ -150,11 +151,21 @@ def synthetic_data(ctx: Context) -> Path:
     return root
 
 
-def _import_error(module: str) -> str | None:
+# The loaders' modules and the distributions that install them.
+LOADER_MODULES = {"ffcv": ("ffcv.loader", "ffcv"),
+                  "dali": ("nvidia.dali.plugin.pytorch", "nvidia-dali"),
+                  "torchvision": ("torchvision", "torchvision")}
+
+
+def _skip_reason(loader: str) -> str | None:
+    """None when the loader imports, else the row's "skipped: ..." status."""
+    module, distribution = LOADER_MODULES[loader]
     try:
         __import__(module)
-    except Exception as e:  # ImportError, or a broken native build
-        return f"{type(e).__name__}: {e}"
+    except ModuleNotFoundError:
+        return f"skipped: {distribution} not installed"
+    except Exception as e:  # installed, but a broken native build
+        return f"skipped: {distribution} does not import ({type(e).__name__}: {e})"
     return None
 
 
@@ -223,7 +234,7 @@ class RecipeSteps:
 def paper_recipe(ctx: Context, overrides: list[str]):
     from .recipe import load_recipe
 
-    return load_recipe(PAPER_RECIPE, [*device_overrides(ctx), *overrides])
+    return load_recipe(ctx.recipe, [*device_overrides(ctx), *overrides])
 
 
 # --- rows ------------------------------------------------------------------------------------
@@ -271,11 +282,9 @@ def loader_row(ctx: Context, root: Path, name: str, steps: RecipeSteps) -> Row:
     from .data.images import build_image_loaders
     from .recipe import DataConfig
 
-    why = _import_error("ffcv.loader" if name == "ffcv" else "nvidia.dali.plugin.pytorch"
-                        if name == "dali" else "torchvision")
-    if why is not None:
-        return Row(f"loader {name}", _loader_path(ctx, name),
-                   f"skipped: {name} does not import ({why})")
+    skipped = _skip_reason(name)
+    if skipped is not None:
+        return Row(f"loader {name}", _loader_path(ctx, name), skipped)
     s = ctx.sizes
     cfg = DataConfig(dataset="imagefolder", loader=name, train_dir=str(root / "train"),
                      val_dir=str(root / "val"), train_beton=str(root / "train.beton"),
@@ -428,9 +437,10 @@ def ddp_row(ctx: Context) -> Row:
 
 # --- the command -----------------------------------------------------------------------------
 
-def run(workdir: Path, device: torch.device | None = None) -> list[Row]:
+def run(workdir: Path, device: torch.device | None = None,
+        recipe: Path = PAPER_RECIPE) -> list[Row]:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ctx = Context(device, FULL if device.type == "cuda" else REDUCED, workdir)
+    ctx = Context(device, FULL if device.type == "cuda" else REDUCED, workdir, recipe)
     rows: list[Row] = []
 
     def attempt(name: str, make_row) -> None:
@@ -477,13 +487,36 @@ def format_table(rows: list[Row], device: torch.device) -> str:
     return "\n".join(lines)
 
 
-def main(workdir: str | None = None) -> int:
-    """Run the checks, print the table; exit code 1 when any row failed."""
+def write_results(out: Path, table: str, rows: list[Row], device: torch.device) -> None:
+    """OUT/gpu_check.md (the printed table) and OUT/gpu_check.json (the same rows)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.md").write_text(table + "\n")
+    record = {"title": table.splitlines()[0], "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+              "host": socket.gethostname(), "torch": torch.__version__,
+              "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                         else "cpu"),
+              "rows": [{"check": r.name, "path": r.path, "result": r.status,
+                        "numbers": r.numbers, "seconds": round(r.seconds, 2)} for r in rows]}
+    (out / "gpu_check.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def main(workdir: str | None = None, out: str | None = None, recipe: str | None = None) -> int:
+    """Run the checks, print the table (and write it to OUT); exit 1 when any row failed,
+    2 when the recipe is missing."""
+    recipe_path = Path(recipe) if recipe else PAPER_RECIPE
+    if not recipe_path.is_file():
+        print(f"gpu-check: {recipe_path}: recipe not found; run from a checkout of the "
+              "repository (PYTHONPATH=.) or pass --recipe recipes/imagenet/"
+              f"{PAPER_RECIPE.name}", file=sys.stderr)
+        return 2
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="gpu_check_"))
         Path(workdir).mkdir(parents=True, exist_ok=True)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        rows = run(Path(workdir), device)
-    print(format_table(rows, device), flush=True)
+        rows = run(Path(workdir), device, recipe_path)
+    table = format_table(rows, device)
+    print(table, flush=True)
+    if out is not None:
+        write_results(Path(out), table, rows, device)
     return 1 if any(r.failed for r in rows) else 0

@@ -1,6 +1,12 @@
-"""Clean preemption: SIGTERM (what torchrun, SLURM and cloud schedulers send before a kill)
-asks the run to stop at the next optimizer step, save `last.pth` with its place inside the
-epoch, and exit; running the same command again resumes exactly there."""
+"""Clean preemption. SIGTERM (what SLURM, torchrun, systemd and cloud schedulers send before a
+kill) or SIGUSR1 (SLURM's usual early warning, `--signal=USR1@120`) asks the run to stop after
+an optimizer step that every rank agrees on, save `last.pth` with its place inside the epoch,
+and exit 75; running the same command again resumes exactly there.
+
+Schedulers signal every process of the job, data-loader workers included: workers ignore both
+signals (`ignore_in_worker`), the main process saves and then shuts them down. A second signal
+while the first is handled changes nothing.
+"""
 from __future__ import annotations
 
 import signal
@@ -9,32 +15,73 @@ import threading
 from .distributed import all_reduce_sum
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: neither success nor failure; run the command again
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Under DDP the ranks agree on a stop every this many optimizer steps (one all-reduce of one
+# number, a host sync): a run trains at most this many steps past the signal. One process
+# reads its own flag at every step, which costs nothing.
+AGREE_EVERY = 10
+
+
+def exit_code_unsaved(signum: int) -> int:
+    """Stopped by a signal with nothing saved (log.checkpoint: false): the shell's code for
+    "killed by signal N" (143 for SIGTERM, 138 for SIGUSR1), never 75, so a requeue loop that
+    resumes on 75 does not restart this run from scratch forever."""
+    return 128 + signum
 
 
 class Preempted(Exception):
-    """Raised inside the training loop once a stop was requested and agreed by all ranks."""
+    """Raised inside the training loop once a stop was requested and agreed by all ranks;
+    `exit_code` is what the command exits with."""
+
+    def __init__(self, message: str = "", exit_code: int = EXIT_PREEMPTED):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def ignore_in_worker(_worker_id: int | None = None) -> None:
+    """A DataLoader worker_init_fn: the stop signals are the main process's to handle."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class StopRequest:
-    """Set by SIGTERM; `agreed(device)` is true on every rank once any rank received it, so
-    all ranks stop after the same step (a per-step all-reduce of one number under DDP)."""
+    """Set by SIGTERM or SIGUSR1 in the main thread. `should_stop(num_updates, device)` is true
+    on every rank at the same optimizer step once any rank received a signal."""
 
-    def __init__(self):
-        self.requested = False
-        self._previous = None
+    def __init__(self, world_size: int = 1):
+        self.signum: int | None = None
+        self.world_size = world_size
+        self._previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signals need the main thread
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            # After a stop, further signals (SLURM and torchrun both send one) must not kill
+            # the process between its save and its exit.
+            signal.signal(signum, signal.SIG_IGN if self.requested else previous)
+        self._previous = {}
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if self.signum is None:
+            self.signum = signum
+
+    def should_stop(self, num_updates: int, device) -> bool:
+        if self.world_size == 1:
+            return self.requested
+        if num_updates % AGREE_EVERY:
+            return False
+        return self.agreed(device)
 
     def agreed(self, device) -> bool:
+        """Whether any rank received a signal: a collective, so every rank must call it."""
+        if self.world_size == 1:
+            return self.requested
         return all_reduce_sum([float(self.requested)], device)[0] > 0

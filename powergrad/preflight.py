@@ -18,14 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .batching import BatchPlan, BatchPlanError, plan_batch
+from .distributed import cuda_index, world_from_env
 from .recipe import Recipe, RecipeError
 
 
 def preflight(recipe: Recipe, world_size: int | None = None) -> None:
     """Raise RecipeError for the first check `recipe` fails. world_size defaults to the
-    WORLD_SIZE that torchrun sets (1 without torchrun)."""
+    launcher's (torchrun's or srun's; 1 without either)."""
     if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        world_size = world_from_env().world_size
     check_model_builds(recipe)
     check_device(recipe)
     plan = check_batch_plan(recipe, world_size)
@@ -89,9 +90,9 @@ def check_device(recipe: Recipe) -> None:
     if name == "cuda" and not torch.cuda.is_available():
         _fail(recipe, "train.device", "got 'cuda', but torch sees no CUDA device; expected "
                                       "cpu or auto on this machine")
-    if name != "cpu" and torch.cuda.is_available():  # torchrun gives each process one GPU
-        local_rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
-        if local_rank >= count:
+    if name != "cpu" and torch.cuda.is_available():  # the launcher gives each process one GPU
+        local_rank, count = world_from_env().local_rank, torch.cuda.device_count()
+        if cuda_index(local_rank, count) is None:
             _fail(recipe, "train.device", f"got {name!r} in the process with LOCAL_RANK "
                                           f"{local_rank}, but only {count} CUDA device(s) are "
                                           f"visible; expected at most {count} processes per node")

@@ -179,6 +179,9 @@ class TrainConfig:
     model_ema_decay: float = 0.9998
     tta_flip: bool = False  # evaluate on the mean of the image's and its mirror's logits
     threads: int | None = None  # torch CPU threads; null = torch's default
+    # BatchNorm over all processes' micro-batches (timm's --sync-bn); matters when the
+    # per-process batch is small: the paper's BN saw 256 images per GPU
+    sync_bn: bool = False
 
 
 @dataclass
@@ -196,6 +199,9 @@ class LogConfig:
     checkpoint: bool = True  # last.pth every epoch and on SIGTERM, best.pth (weights only)
     checkpoint_every: int = 0  # also step-N.pth every N optimizer steps (0: off)
     keep_checkpoints: int = 2  # step checkpoints kept, newest first
+    # run.lock without a heartbeat for this many seconds is stale, whatever host wrote it
+    # (the holder beats every min(30, this / 4) s), so a requeue on another node takes over
+    lock_stale_after: float = 120.0
 
 
 @dataclass
@@ -243,10 +249,17 @@ class Recipe:
         return section not in ("description", "paper", "source", "log") and key != "train.threads"
 
     def digest(self) -> str:
-        """A short hash of the settings that decide what trains (Recipe.decides_training)."""
-        settings = {k: v for k, v in self.flat().items() if self.decides_training(k)}
+        """A short hash of the settings that decide what trains (Recipe.decides_training).
+        Settings added after runs were recorded count only when set away from their default,
+        so those runs' digests (run folders, the study's records) still match."""
+        settings = {k: v for k, v in self.flat().items() if self.decides_training(k)
+                    and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()
                               ).hexdigest()[:12]
+
+
+# Settings added after the first recorded runs, with the default those runs trained with.
+ADDED_SETTINGS = {"train.sync_bn": False}
 
 
 # Every numeric setting's range, in interval notation ("[" includes the bound, "(" excludes
@@ -304,6 +317,7 @@ RANGES = {
     "log.log_interval": "[1, inf)",
     "log.checkpoint_every": "[0, inf)",
     "log.keep_checkpoints": "[1, inf)",
+    "log.lock_stale_after": "(0, inf)",
 }
 
 

@@ -2,9 +2,10 @@
 then train them one after the other, optionally ending with a comparison table and plot."""
 from __future__ import annotations
 
-import os
 import sys
 
+from .distributed import world_from_env
+from .preemption import StopRequest
 from .preflight import check_run_dirs, preflight
 from .recipe import Recipe, RecipeError, load_recipe
 
@@ -15,22 +16,22 @@ def split_items(items: list[str]) -> tuple[list[str], list[str]]:
     return recipes, overrides
 
 
-def _train_or_exit_code(train, recipe: Recipe):
+def _train_or_exit_code(train, recipe: Recipe, stop):
     """The run's summary, or the exit code for how it stopped: 75 when preempted (SIGTERM:
     the checkpoint holds the place, run the same command again), 2 for a run directory or
     checkpoint that cannot take this run, 1 for a diverged run. One line, no traceback."""
     from .checkpoint import CheckpointError
     from .distributed import shutdown
     from .engine import NonFiniteError
-    from .preemption import EXIT_PREEMPTED, Preempted
+    from .preemption import Preempted
     from .rundir import RunDirError
 
     try:
-        return train(recipe)
+        return train(recipe, stop=stop)
     except Preempted as stop:
-        if os.environ.get("RANK", "0") == "0":
+        if world_from_env().is_main:
             print(stop, flush=True)
-        code = EXIT_PREEMPTED
+        code = stop.exit_code
     except (RunDirError, CheckpointError) as err:
         print(f"run error: {err}", file=sys.stderr, flush=True)
         code = 2
@@ -42,29 +43,39 @@ def _train_or_exit_code(train, recipe: Recipe):
 
 
 def main(items: list[str], compare_name: str | None = None, fast_dev_run: int = 0) -> int:
+    # SIGTERM/SIGUSR1 are caught from the first moment: a job preempted while it checks its
+    # recipes or loads its data still stops with a checkpoint and exit 75.
+    with StopRequest(world_from_env().world_size) as stop:
+        return _main(items, compare_name, fast_dev_run, stop)
+
+
+def _main(items: list[str], compare_name: str | None, fast_dev_run: int,
+          stop: StopRequest) -> int:
     paths, overrides = split_items(items)
     if not paths:
         print("powergrad train: name at least one recipe file", file=sys.stderr)
         return 2
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    world = world_from_env()  # torchrun's or srun's
     try:  # every recipe is checked, the files first, then data and machine, before any trains
         recipes = [load_recipe(p, overrides) for p in paths]
         for recipe in recipes:
-            preflight(recipe, world_size)
+            preflight(recipe, world.world_size)
         if not fast_dev_run:  # a fast dev run writes no run directory
             check_run_dirs(recipes)
-    except RecipeError as err:
-        print(f"recipe error: {err}", file=sys.stderr)
+    except RecipeError as err:  # every rank finds it; one line says it
+        if world.is_main:
+            print(f"recipe error: {err}", file=sys.stderr)
         return 2
     from .engine import run_dir_for, train
 
-    say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
+    say = print if world.is_main else (lambda *a, **k: None)
     run_dirs = []
     for recipe in recipes:
         if fast_dev_run:
             say(f"== {recipe.source}: fast dev run, {fast_dev_run} step(s), nothing saved",
                 flush=True)
-            outcome = _train_or_exit_code(lambda r: train(r, fast_dev_run=fast_dev_run), recipe)
+            outcome = _train_or_exit_code(
+                lambda r, stop: train(r, fast_dev_run=fast_dev_run, stop=stop), recipe, stop)
             if isinstance(outcome, int):
                 return outcome
             summary = outcome
@@ -73,7 +84,7 @@ def main(items: list[str], compare_name: str | None = None, fast_dev_run: int = 
                 f"{summary['final_test_top1']:.2f} %", flush=True)
             continue
         say(f"== {recipe.source} -> {run_dir_for(recipe)}", flush=True)
-        outcome = _train_or_exit_code(train, recipe)
+        outcome = _train_or_exit_code(train, recipe, stop)
         if isinstance(outcome, int):
             return outcome
         summary = outcome
@@ -83,7 +94,7 @@ def main(items: list[str], compare_name: str | None = None, fast_dev_run: int = 
               f"{summary['train_seconds']:.0f} s", flush=True)
     from .distributed import shutdown
     shutdown()
-    if compare_name and run_dirs and os.environ.get("RANK", "0") == "0":
+    if compare_name and run_dirs and world.is_main:
         from .compare import main as compare_main, out_path_for
         return compare_main(run_dirs, out=out_path_for(compare_name, run_dirs),
                             command="powergrad train " + " ".join(items)

@@ -3,10 +3,8 @@ clear message, options come in any order, and nothing is written where it was no
 import csv
 import json
 import runpy
-import signal
 import subprocess
 import sys
-import time
 from importlib import metadata
 from pathlib import Path
 
@@ -42,24 +40,6 @@ def test_compare_on_a_folder_without_events(tmp_path):
 def test_check_passes():
     done = run("check")
     assert done.returncode == 0 and "OK" in done.stdout
-
-
-def test_sigterm_exits_75_and_the_same_command_finishes(tmp_path):
-    recipe = Path(__file__).resolve().parent.parent / "recipes" / "fashion_mnist" / "resnet_pgt.yaml"
-    args = [sys.executable, "-m", "powergrad", "train", str(recipe), "train.epochs=2",
-            "data.train_subset=8192", "data.eval_subset=200", "train.batch_size=64",
-            "model.kwargs.channels=[8, 16, 32, 64]", "train.threads=1", f"log.output={tmp_path}"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while "epoch 1/2 50/128" not in proc.stdout.readline():  # a plain progress line
-        assert time.time() < deadline and proc.poll() is None
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 75, out
-    assert "preempted: saved" in out
-    done = run(*args[3:])
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "resumed from" in done.stdout and "epoch 2/2:" in done.stdout
 
 
 # --- a CLI that forgives order and explains itself ----------------------------------------

@@ -324,7 +324,8 @@ def test_ddp_without_os_cache_is_refused_when_private_caches_cannot_fit(data, mo
 
     info = read_beton_info(data[0] / "train.beton")
     monkeypatch.setattr(ffcv_loaders, "memory_bytes", lambda: 3 * info.path.stat().st_size)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # as torchrun sets it
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # as torchrun sets them
+    monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(ValueError, match=f"{info.path}: data.os_cache is false under DDP, so "
                                          "each of the 4 processes on this machine"):
         ffcv_loaders.FfcvTrainLoader(info, make_cfg(data[0], "ffcv", os_cache=False),

@@ -26,6 +26,7 @@ import os
 import numpy as np
 import torch
 
+from ..distributed import world_from_env
 from .beton_meta import BetonInfo
 from .device_batches import ImageBatches, TrainImageBatches
 
@@ -81,8 +82,8 @@ class FfcvTrainLoader(TrainImageBatches):
         from ffcv.transforms import RandomHorizontalFlip
 
         device = torch.device(device)
-        if distributed and not cfg.os_cache:  # torchrun says how many processes share a node
-            check_private_page_caches(info, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        if distributed and not cfg.os_cache:  # the launcher says how many share a node
+            check_private_page_caches(info, world_from_env().local_world_size)
         super().__init__(None, cfg=cfg, seed=seed, device=device, channels_last=channels_last,
                          class_names=info.class_names)
         res = self.resolution

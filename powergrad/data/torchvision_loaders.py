@@ -21,6 +21,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2 as T
 
+from ..preemption import ignore_in_worker
 from .device_batches import ImageBatches, TrainImageBatches
 
 
@@ -60,7 +61,8 @@ class TorchvisionTrainLoader(TrainImageBatches):
         # The generator also seeds the workers, so augmentations replay with the order.
         self.batches = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
                                   num_workers=cfg.workers, drop_last=True,
-                                  generator=self.generator, pin_memory=device.type == "cuda")
+                                  generator=self.generator, pin_memory=device.type == "cuda",
+                                  worker_init_fn=ignore_in_worker)
         self.set_epoch(0)
 
     def _apply_epoch(self, epoch: int, resolution: int) -> None:
@@ -81,7 +83,8 @@ class TorchvisionEvalLoader(ImageBatches):
         dataset = _subset(dataset, cfg.eval_subset)
         sampler = DistributedSampler(dataset, shuffle=False) if distributed else None
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
-                            num_workers=cfg.workers, pin_memory=device.type == "cuda")
+                            num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                            worker_init_fn=ignore_in_worker)
         super().__init__(loader, device=device, mean=cfg.mean, std=cfg.std,
                          channels_last=channels_last, class_names=class_names)
         self.resolution = res

@@ -1,0 +1,26 @@
+"""Run under torchrun: train a recipe through the engine while counting the collectives
+(torch.distributed.all_reduce calls) made inside the training epoch; rank 0 prints them."""
+import json
+import sys
+import traceback
+
+import torch.distributed as dist
+
+from powergrad import engine
+from powergrad.recipe import load_recipe
+
+in_epoch = []
+real_all_reduce = dist.all_reduce
+
+
+def counting_all_reduce(*args, **kwargs):
+    in_epoch.append(any(f.name == "train_one_epoch" for f in traceback.extract_stack()))
+    return real_all_reduce(*args, **kwargs)
+
+
+dist.all_reduce = counting_all_reduce
+summary = engine.train(load_recipe(sys.argv[1], sys.argv[2:]))
+if dist.get_rank() == 0:
+    print("collectives " + json.dumps({"in_epoch": sum(in_epoch), "updates": summary["updates"]}),
+          flush=True)
+dist.destroy_process_group()
