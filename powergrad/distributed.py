@@ -100,20 +100,34 @@ def init_distributed(device_kind: str) -> DistInfo:
         host, port = rendezvous_address()
         store = dist.TCPStore(host, port, info.world_size, is_master=info.rank == 0,
                               wait_for_workers=False)
-    # A torchrun restart (--max-restarts) keeps the static rendezvous's store, but torch
-    # 2.14's env:// handler assumes a new store per attempt and adds no prefix: a restarted
-    # rank could read the previous attempt's gloo/NCCL address (whichever rank wrote its
-    # key first wins the race) and fail to connect. One prefix per attempt keeps them
-    # apart. Only with one agent, though: with several nodes each agent counts its own
-    # restarts (a node whose workers are restarted for another's failure does not count it),
-    # so the counts disagree, and there the c10d rendezvous gives every round a new store.
-    # (tests/test_distributed.py kills a worker on one node and on two, and checks the restart)
-    if os.environ.get("GROUP_WORLD_SIZE", "1") == "1":
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.PrefixStore(f"attempt{attempt}", store)
+    store = _per_attempt(store)
     dist.init_process_group(backend=backend, store=store, rank=info.rank,
                             world_size=info.world_size)
     return info
+
+
+def _per_attempt(store):
+    """A store whose keys no earlier torchrun attempt wrote.
+
+    When torchrun's agent shares its own store with the workers (TORCHELASTIC_USE_AGENT_STORE,
+    torch's default), that store outlives a restart (--max-restarts), yet torch 2.14's env://
+    handler adds no per-attempt prefix: a restarted rank can read the previous attempt's
+    gloo/NCCL address and fail to connect. With one agent its restart count names the attempt
+    for every rank. With several nodes the counts disagree (a node whose workers restart for
+    another node's failure does not count it), so `powergrad torchrun` turns the sharing off
+    (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: every rendezvous round gets a new store) and plain
+    torchrun gets a warning. (tests/test_distributed.py kills a worker on one node and on two.)
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return store  # a new store for every attempt
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if os.environ.get("GROUP_WORLD_SIZE", "1") == "1":
+        return dist.PrefixStore(f"attempt{attempt}", store)
+    if attempt != "0" and os.environ.get("RANK") == "0":
+        print("warning: a multi-node torchrun restart with the agent's shared store can pick up "
+              "the previous attempt's addresses and fail to connect; launch with `powergrad "
+              "torchrun`, or set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", flush=True)
+    return store
 
 
 def all_reduce_sum(values: list[float], device) -> list[float]:

@@ -13,6 +13,7 @@ and it dies on SIGUSR1 (SLURM's usual warning signal) without telling its worker
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from .preemption import EXIT_PREEMPTED, exit_code_unsaved
@@ -33,11 +34,13 @@ def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def exit_code(failures: dict) -> tuple[int, str]:
-    """The launcher's exit code and its one line, from torchrun's {rank: ProcessFailure}."""
+    """The launcher's exit code and its one line, from torchrun's {rank: ProcessFailure}: the
+    first rank to fail is the cause (torchrun then signals the others)."""
     codes = {rank: failure.exitcode for rank, failure in failures.items()}
     if set(codes.values()) == {EXIT_PREEMPTED}:
         return EXIT_PREEMPTED, "preempted: every worker saved and exited 75"
-    rank = min(r for r, c in codes.items() if c != EXIT_PREEMPTED)
+    rank = min((r for r, c in codes.items() if c != EXIT_PREEMPTED),
+               key=lambda r: (failures[r].timestamp, r))
     code = codes[rank]
     if code < 0:  # torchrun reports a worker killed by a signal as minus its number
         return 128 - code, f"rank {rank} was killed by signal {-code}"
@@ -59,6 +62,9 @@ def main(argv: list[str]) -> int:
         given = (option, option.replace("-", "_").replace("__", "--"))
         if not any(a.split("=")[0] in given for a in launcher):
             launcher = [option, value, *launcher]
+    # Every rendezvous round a new store: torchrun's shared one outlives a restart, and with
+    # several nodes no rank can tell which attempt wrote its keys (distributed._per_attempt).
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     args = parse_args([*launcher, "-m", "powergrad", *command])
     try:
         run(args)

@@ -34,11 +34,15 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", GLOO_SOCKET_IF
 
 
 def torchrun(tmp_path, *extra, launcher=("--nproc_per_node", "2"),
-             program=("-m", "powergrad", "train"), host=None, log=subprocess.PIPE):
+             program=("-m", "powergrad", "train"), host=None, log=subprocess.PIPE,
+             powergrad_launcher=False):
+    """Plain torchrun, or `powergrad torchrun` (then the program is `powergrad train`)."""
     if "--rdzv_endpoint" not in launcher:
         launcher = ("--master_addr", "127.0.0.1", "--master_port", str(free_port()), *launcher)
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, *program, *RUN,
-           f"log.output={tmp_path}", *extra]
+    start = ([sys.executable, "-m", "powergrad", "torchrun", *launcher, "train"]
+             if powergrad_launcher else
+             [sys.executable, "-m", "torch.distributed.run", *launcher, *program])
+    cmd = [*start, *RUN, f"log.output={tmp_path}", *extra]
     if host is not None:  # its own hostname: another "node" (a UTS namespace; root only)
         cmd = ["unshare", "-u", "sh", "-c", f'hostname {host} && exec "$@"', "sh", *cmd]
     return subprocess.Popen(cmd, env=ENV, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -182,15 +186,16 @@ def test_two_tasks_with_only_slurms_variables_train_the_same_run(tmp_path, unint
 
 
 def two_nodes(tmp_path, *extra, max_restarts=0):
-    """Two torchrun agents on 127.0.0.1, each with its own hostname and one worker, joined by
-    torchrun's c10d rendezvous: the multi-node launch on one machine. The made-up hostnames do
-    not resolve, so each agent gives its address (--local_addr) as a real node's name would."""
+    """Two `powergrad torchrun` agents on 127.0.0.1 (the README's multi-node launch), each
+    with its own hostname and one worker, joined by torchrun's c10d rendezvous. The made-up
+    hostnames do not resolve, so each agent gives its address (--local_addr) as a real node's
+    name would."""
     endpoint, run_id = f"127.0.0.1:{free_port()}", f"two-nodes-{os.getpid()}"
     launcher = ("--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
                 "--rdzv_endpoint", endpoint, "--rdzv_id", run_id, "--local_addr", "127.0.0.1",
                 "--max-restarts", str(max_restarts))
     # Output to files: one agent blocked on a full pipe would stall the other's rendezvous.
-    return [torchrun(tmp_path, *extra, launcher=launcher, host=host,
+    return [torchrun(tmp_path, *extra, launcher=launcher, host=host, powergrad_launcher=True,
                      log=open(tmp_path / f"{host}.log", "w")) for host in ("nodeA", "nodeB")]
 
 
