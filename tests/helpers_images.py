@@ -18,6 +18,13 @@ def textured_folder(root: Path, per_class: int = 8, seed: int = 0) -> list[tuple
     return write_synthetic_image_folder(root, CLASSES, per_class, seed=seed)
 
 
+def imagenet_format(root: Path, train_per_class: int, val_per_class: int) -> Path:
+    """root/train and root/val in ImageNet's ImageFolder layout, of textured images."""
+    textured_folder(root / "train", per_class=train_per_class)
+    textured_folder(root / "val", per_class=val_per_class, seed=1)
+    return root
+
+
 def constant_colour_folder(root: Path, per_class: int = 3) -> list[tuple[np.ndarray, int]]:
     """One flat colour per image, varied sizes; returns [(decoded RGB colour, label)] in
     ImageFolder order, the colour read back from the file with PIL (JPEG may shift it)."""

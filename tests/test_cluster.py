@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers_images import textured_folder
+from helpers_images import imagenet_format
 from helpers_net import free_port
 from powergrad import checkpoint as ckpt
 from powergrad import engine
@@ -65,10 +65,7 @@ def powergrad(*args) -> list[str]:
 
 @pytest.fixture(scope="module")
 def imagenet_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imagenet_format")
-    textured_folder(root / "train", per_class=24)
-    textured_folder(root / "val", per_class=4, seed=1)
-    return root
+    return imagenet_format(tmp_path_factory.mktemp("imagenet_format"), 24, 4)
 
 
 def test_sigterm_twice_to_the_process_group_with_loader_workers_exits_75_and_resumes(

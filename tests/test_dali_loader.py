@@ -26,7 +26,7 @@ from powergrad.data.images import build_image_loaders
 from powergrad.data.synthetic_images import write_synthetic_image_folder
 from powergrad.recipe import DataConfig, load_recipe
 
-from helpers_images import CLASSES, constant_colour_folder, textured_folder
+from helpers_images import CLASSES, constant_colour_folder, imagenet_format, textured_folder
 from test_recipe_smoke import (RECIPES, batch_overrides, cpu_overrides, image_overrides,
                                vit_overrides)
 
@@ -246,10 +246,7 @@ SMOKE_RECIPES = ["imagenet/resnet18_cosine_pgt", "imagenet/resnet18_nobn_b256_ag
 @pytest.fixture(scope="module")
 def tiny_imagenet(tmp_path_factory):
     # the recipe smoke test's folder (tests/test_recipe_smoke.py), JPEGs only
-    root = tmp_path_factory.mktemp("tiny_imagenet")
-    textured_folder(root / "train", per_class=4)
-    textured_folder(root / "val", per_class=2, seed=1)
-    return root
+    return imagenet_format(tmp_path_factory.mktemp("tiny_imagenet"), 4, 2)
 
 
 @pytest.mark.parametrize("name", SMOKE_RECIPES)

@@ -207,13 +207,11 @@ def finish(agents, tmp_path) -> list[str]:
     return logs
 
 
-def test_two_torchrun_agents_as_two_nodes_train_the_same_run(tmp_path, uninterrupted):
-    finish(two_nodes(tmp_path), tmp_path)
-    assert_same_training(uninterrupted, ckpt.load(tmp_path / "resnet_pgt" / "last.pth"))
-
-
-def test_a_worker_killed_on_one_node_is_restarted_and_the_run_resumes_exactly(
+def test_two_torchrun_agents_as_two_nodes_train_one_run_and_survive_a_killed_worker(
         tmp_path, uninterrupted):
+    """`--nnodes 2`: the agents form one 2-process job; kill -9 of the worker on one "node"
+    makes both agents restart their workers (--max-restarts 1), which resume from the newest
+    step checkpoint and end with the 2-process single-node run's weights."""
     agents = two_nodes(tmp_path, "log.checkpoint_every=4", max_restarts=1)
     deadline = time.time() + 240
     while not list((tmp_path / "resnet_pgt").glob("step-*.pth")):  # trained past a checkpoint
