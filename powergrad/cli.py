@@ -85,9 +85,10 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
         description="powergrad torchrun [TORCHRUN OPTIONS] train RECIPE.yaml [key=value ...]: "
                     "torchrun's own launcher and options, starting `powergrad train` on every "
                     "process. SIGTERM and SIGUSR1 reach the workers, which save; the launcher "
-                    "then exits 75 (plain torchrun exits 1, and dies on SIGUSR1). A failure "
-                    "prints one line naming the rank and exits with that rank's code (2 for a "
-                    "recipe error) instead of torchrun's traceback.")
+                    "then exits 75 (plain torchrun exits 1, and dies on SIGUSR1). The recipes "
+                    "are checked once before any worker starts (an error: one line, exit 2); a "
+                    "worker's failure prints one line naming the rank and exits with its code "
+                    "instead of torchrun's traceback.")
 
     describe = subs["describe"] = sub.add_parser(
         "describe", help="what a recipe will train, without loading data",
@@ -165,13 +166,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"powergrad {args.command}: {bad}\n  {_HINTS[args.command]}", file=sys.stderr)
             return 2
     if args.command == "train":
-        from .train import main as train_main
         if args.compare and args.fast_dev_run:
             print("powergrad train: --compare needs saved runs; --fast-dev-run saves nothing",
                   file=sys.stderr)
             return 2
-        return train_main(args.items, compare_name=args.compare,
-                          fast_dev_run=args.fast_dev_run)
+        from .preemption import StopRequest
+        with StopRequest() as stop:  # before torch's import: a scheduler's signal is never lost
+            from .train import main as train_main
+            return train_main(args.items, compare_name=args.compare,
+                              fast_dev_run=args.fast_dev_run, stop=stop)
     if args.command == "describe":
         return _describe(args.items, args.png)
     if args.command == "compare":

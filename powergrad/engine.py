@@ -68,13 +68,14 @@ def train(recipe: Recipe, run_dir: Path | None = None, fast_dev_run: int = 0,
     stop: a StopRequest the caller entered before its own set-up (the CLI's, so a signal
     during preflight is not lost); by default one covering this call.
 
-    Raises Preempted after saving on SIGTERM or SIGUSR1 (the CLI exits 75), RunDirError when the run
-    directory is in use or holds another recipe's run, CheckpointError for a checkpoint that
-    cannot be resumed, NonFiniteError when training diverges (nothing non-finite is saved)."""
+    Raises Preempted after saving on SIGTERM or SIGUSR1 (the CLI exits 75), RunDirError when
+    the run directory is in use or holds another recipe's run, CheckpointError for a
+    checkpoint that cannot be resumed, NonFiniteError when training diverges (nothing
+    non-finite is saved)."""
     run_dir = Path(run_dir) if run_dir else run_dir_for(recipe)
     world = world_from_env()
     own_stop = stop is None
-    stop = StopRequest(world.world_size) if own_stop else stop
+    stop = StopRequest() if own_stop else stop
     # The handlers go in first: a signal during set-up stops the run after its first
     # agreement step, with a checkpoint, instead of killing it unsaved.
     with stop if own_stop else contextlib.nullcontext():

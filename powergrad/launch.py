@@ -8,8 +8,9 @@ and it dies on SIGUSR1 (SLURM's usual warning signal) without telling its worker
 - SIGTERM, SIGUSR1 (and torchrun's own SIGINT, SIGHUP, SIGQUIT) to the launcher are forwarded
   to the workers, which save and exit 75; the launcher then exits 75;
 - workers that all exit 75 (they were signalled directly, as SLURM does) give 75;
-- otherwise the first failed rank's code (2: a recipe or run-folder error, already printed
-  once by rank 0; 1: diverged), with one line instead of the traceback.
+- the recipes are checked here before any worker starts: a recipe error is one line, exit 2;
+- otherwise the failed rank's code (2: a run-folder error, printed by rank 0; 1: diverged),
+  with one line instead of the traceback.
 """
 from __future__ import annotations
 
@@ -34,13 +35,14 @@ def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def exit_code(failures: dict) -> tuple[int, str]:
-    """The launcher's exit code and its one line, from torchrun's {rank: ProcessFailure}: the
-    first rank to fail is the cause (torchrun then signals the others)."""
+    """The launcher's exit code and its one line, from torchrun's {rank: ProcessFailure}.
+    torchrun signals the other workers once one fails, so a rank that exited with a code of
+    its own is the cause before one killed by a signal (the earliest, then the lowest rank)."""
     codes = {rank: failure.exitcode for rank, failure in failures.items()}
     if set(codes.values()) == {EXIT_PREEMPTED}:
         return EXIT_PREEMPTED, "preempted: every worker saved and exited 75"
     rank = min((r for r, c in codes.items() if c != EXIT_PREEMPTED),
-               key=lambda r: (failures[r].timestamp, r))
+               key=lambda r: (codes[r] < 0, failures[r].timestamp, r))
     code = codes[rank]
     if code < 0:  # torchrun reports a worker killed by a signal as minus its number
         return 128 - code, f"rank {rank} was killed by signal {-code}"
@@ -62,10 +64,14 @@ def main(argv: list[str]) -> int:
         given = (option, option.replace("-", "_").replace("__", "--"))
         if not any(a.split("=")[0] in given for a in launcher):
             launcher = [option, value, *launcher]
+    args = parse_args([*launcher, "-m", "powergrad", *command])
+    refused = check_recipes(command, _world_size(args))
+    if refused is not None:  # said once, here, before any worker starts
+        print(refused, file=sys.stderr)
+        return 2
     # Every rendezvous round a new store: torchrun's shared one outlives a restart, and with
     # several nodes no rank can tell which attempt wrote its keys (distributed._per_attempt).
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    args = parse_args([*launcher, "-m", "powergrad", *command])
     try:
         run(args)
     except ChildFailedError as err:
@@ -82,6 +88,28 @@ def main(argv: list[str]) -> int:
               "exit 75", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
     return 0
+
+
+def _world_size(args) -> int | None:
+    """Processes the launch will start, when its options say so (not for elastic ranges)."""
+    nodes, per_node = str(args.nnodes), str(args.nproc_per_node)
+    return int(nodes) * int(per_node) if nodes.isdigit() and per_node.isdigit() else None
+
+
+def check_recipes(command: list[str], world_size: int | None) -> str | None:
+    """The recipe error every worker would find, or None: the same checks as `powergrad
+    train`, made once in the launcher, so the message is one line, not one per rank."""
+    from .preflight import preflight
+    from .recipe import RecipeError, load_recipe
+    from .train import split_items
+
+    paths, overrides = split_items(command[1:])
+    try:
+        for path in paths:
+            preflight(load_recipe(path, overrides), world_size or 1)
+    except RecipeError as err:
+        return f"recipe error: {err}"
+    return None
 
 
 def checkpoints_on(command: list[str]) -> bool:

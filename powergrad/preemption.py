@@ -12,8 +12,6 @@ from __future__ import annotations
 import signal
 import threading
 
-from .distributed import all_reduce_sum
-
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: neither success nor failure; run the command again
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # Under DDP the ranks agree on a stop every this many optimizer steps (one all-reduce of one
@@ -48,9 +46,11 @@ class StopRequest:
     """Set by SIGTERM or SIGUSR1 in the main thread. `should_stop(num_updates, device)` is true
     on every rank at the same optimizer step once any rank received a signal."""
 
-    def __init__(self, world_size: int = 1):
+    def __init__(self, world_size: int | None = None):
+        """world_size None: the launcher's, read when first needed. This module imports no
+        torch, so the CLI can catch signals before its slow imports."""
         self.signum: int | None = None
-        self.world_size = world_size
+        self._world_size = world_size
         self._previous: dict = {}
 
     @property
@@ -73,6 +73,13 @@ class StopRequest:
         if self.signum is None:
             self.signum = signum
 
+    @property
+    def world_size(self) -> int:
+        if self._world_size is None:
+            from .distributed import world_from_env
+            self._world_size = world_from_env().world_size
+        return self._world_size
+
     def should_stop(self, num_updates: int, device) -> bool:
         if self.world_size == 1:
             return self.requested
@@ -84,4 +91,5 @@ class StopRequest:
         """Whether any rank received a signal: a collective, so every rank must call it."""
         if self.world_size == 1:
             return self.requested
+        from .distributed import all_reduce_sum
         return all_reduce_sum([float(self.requested)], device)[0] > 0

@@ -32,8 +32,9 @@ def _train_or_exit_code(train, recipe: Recipe, stop):
         if world_from_env().is_main:
             print(stop, flush=True)
         code = stop.exit_code
-    except (RunDirError, CheckpointError) as err:
-        print(f"run error: {err}", file=sys.stderr, flush=True)
+    except (RunDirError, CheckpointError) as err:  # rank 0's lock, or every rank's file
+        if world_from_env().is_main:
+            print(f"run error: {err}", file=sys.stderr, flush=True)
         code = 2
     except NonFiniteError as err:
         print(f"diverged: {err}", file=sys.stderr, flush=True)
@@ -42,10 +43,14 @@ def _train_or_exit_code(train, recipe: Recipe, stop):
     return code
 
 
-def main(items: list[str], compare_name: str | None = None, fast_dev_run: int = 0) -> int:
-    # SIGTERM/SIGUSR1 are caught from the first moment: a job preempted while it checks its
-    # recipes or loads its data still stops with a checkpoint and exit 75.
-    with StopRequest(world_from_env().world_size) as stop:
+def main(items: list[str], compare_name: str | None = None, fast_dev_run: int = 0,
+         stop: StopRequest | None = None) -> int:
+    """stop: the CLI's StopRequest, entered before its slow imports (SIGTERM/SIGUSR1 are then
+    caught from the first moment: a job preempted while it checks its recipes or loads its
+    data still stops with a checkpoint and exit 75); by default one covering this call."""
+    if stop is not None:
+        return _main(items, compare_name, fast_dev_run, stop)
+    with StopRequest() as stop:
         return _main(items, compare_name, fast_dev_run, stop)
 
 
