@@ -41,8 +41,8 @@ def save_atomic(state: dict, path: Path) -> None:
         raise
 
 
-def load(path: Path, map_location="cpu") -> dict:
-    return torch.load(path, map_location=map_location, weights_only=True)
+def load(path: Path, map_location="cpu", mmap: bool = False) -> dict:
+    return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
 def rng_state() -> dict:
@@ -107,7 +107,7 @@ def read_training(path: Path, mmap: bool = False) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        payload = load(path, mmap=mmap)
     except Exception as err:  # truncated zip, pickle refused by weights_only, not torch at all
         raise CheckpointError(f"{path}: cannot be read ({type(err).__name__}: "
                               f"{str(err).splitlines()[0][:200]}); the file is damaged or not "

@@ -198,9 +198,9 @@ def _preempted(ctx: EpochContext, state: TrainState, run_dir: Path, model: nn.Mo
         return Preempted(f"preempted: saved {run_dir / 'last.pth'} at {where}; run the same "
                          "command to resume")
     why = "--fast-dev-run" if ctx.max_updates is not None else "log.checkpoint is false"
+    code = exit_code_unsaved(stop.signum or signal.SIGTERM)
     return Preempted(f"preempted at {where}: nothing saved ({why}), so this run cannot "
-                     f"resume; exit code {exit_code_unsaved(stop.signum or signal.SIGTERM)}",
-                     exit_code_unsaved(stop.signum or signal.SIGTERM))
+                     f"resume; exit code {code}", code)
 
 
 def _run_epoch(ctx: EpochContext, train_loader, eval_loader, epoch: int, state: TrainState,

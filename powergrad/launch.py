@@ -65,10 +65,12 @@ def main(argv: list[str]) -> int:
         if not any(a.split("=")[0] in given for a in launcher):
             launcher = [option, value, *launcher]
     args = parse_args([*launcher, "-m", "powergrad", *command])
-    refused = check_recipes(command, _world_size(args))
+    recipes, refused = check_recipes(command, _world_size(args))
     if refused is not None:  # said once, here, before any worker starts
         print(refused, file=sys.stderr)
         return 2
+    # after a signal torchrun returns no worker's code: the recipes say whether they saved
+    saves = all(recipe.log.checkpoint for recipe in recipes)
     # Every rendezvous round a new store: torchrun's shared one outlives a restart, and with
     # several nodes no rank can tell which attempt wrote its keys (distributed._per_attempt).
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
@@ -80,7 +82,7 @@ def main(argv: list[str]) -> int:
         return code
     except SignalException as err:
         # torchrun has passed the signal on and waited for its workers to save
-        if not checkpoints_on(command):
+        if not saves:
             print(f"powergrad torchrun: {err.sigval.name}: nothing saved (log.checkpoint is "
                   "false)", file=sys.stderr, flush=True)
             return exit_code_unsaved(err.sigval)
@@ -96,30 +98,17 @@ def _world_size(args) -> int | None:
     return int(nodes) * int(per_node) if nodes.isdigit() and per_node.isdigit() else None
 
 
-def check_recipes(command: list[str], world_size: int | None) -> str | None:
-    """The recipe error every worker would find, or None: the same checks as `powergrad
-    train`, made once in the launcher, so the message is one line, not one per rank."""
-    from .preflight import preflight
-    from .recipe import RecipeError, load_recipe
-    from .train import split_items
+def check_recipes(command: list[str], world_size: int | None) -> tuple[list, str | None]:
+    """(the recipes, None), or ([], the recipe error every worker would find): the checks of
+    `powergrad train`, made once in the launcher, so the message is one line, not one per
+    rank."""
+    from .cli import parse_args
+    from .recipe import RecipeError
+    from .train import checked_recipes, split_items
 
-    paths, overrides = split_items(command[1:])
+    train_args = parse_args(command)  # argparse answers a bad option itself, exit 2
+    paths, overrides = split_items(train_args.items)
     try:
-        for path in paths:
-            preflight(load_recipe(path, overrides), world_size or 1)
+        return checked_recipes(paths, overrides, world_size or 1, train_args.fast_dev_run), None
     except RecipeError as err:
-        return f"recipe error: {err}"
-    return None
-
-
-def checkpoints_on(command: list[str]) -> bool:
-    """Whether every recipe of `train RECIPE ... key=value` saves checkpoints (the workers'
-    own exit codes are lost when torchrun is signalled, so the recipes say what they did)."""
-    from .recipe import RecipeError, load_recipe
-    from .train import split_items
-
-    paths, overrides = split_items(command[1:])
-    try:
-        return all(load_recipe(p, overrides).log.checkpoint for p in paths)
-    except RecipeError:
-        return True  # the workers refused it before training and exited 2
+        return [], f"recipe error: {err}"

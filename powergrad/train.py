@@ -16,6 +16,18 @@ def split_items(items: list[str]) -> tuple[list[str], list[str]]:
     return recipes, overrides
 
 
+def checked_recipes(paths: list[str], overrides: list[str], world_size: int,
+                    fast_dev_run: int = 0) -> list[Recipe]:
+    """Every recipe loaded and checked, the files first, then data and machine, before any
+    trains; RecipeError for the first that fails."""
+    recipes = [load_recipe(p, overrides) for p in paths]
+    for recipe in recipes:
+        preflight(recipe, world_size)
+    if not fast_dev_run:  # a fast dev run writes no run directory
+        check_run_dirs(recipes)
+    return recipes
+
+
 def _train_or_exit_code(train, recipe: Recipe, stop):
     """The run's summary, or the exit code for how it stopped: 75 when preempted (SIGTERM:
     the checkpoint holds the place, run the same command again), 2 for a run directory or
@@ -61,12 +73,8 @@ def _main(items: list[str], compare_name: str | None, fast_dev_run: int,
         print("powergrad train: name at least one recipe file", file=sys.stderr)
         return 2
     world = world_from_env()  # torchrun's or srun's
-    try:  # every recipe is checked, the files first, then data and machine, before any trains
-        recipes = [load_recipe(p, overrides) for p in paths]
-        for recipe in recipes:
-            preflight(recipe, world.world_size)
-        if not fast_dev_run:  # a fast dev run writes no run directory
-            check_run_dirs(recipes)
+    try:
+        recipes = checked_recipes(paths, overrides, world.world_size, fast_dev_run)
     except RecipeError as err:  # every rank finds it; one line says it
         if world.is_main:
             print(f"recipe error: {err}", file=sys.stderr)
