@@ -16,6 +16,8 @@ _HINTS = {
     "compare": "name run folders (runs/<output>/<experiment>); see `powergrad compare --help`",
     "export": "name one run folder (runs/<output>/<experiment>); see `powergrad export --help`",
     "check": "`powergrad check` takes no arguments",
+    "check-data": "name ImageFolder directories (root/<class>/<image>) or .beton files; see "
+                  "`powergrad check-data --help`",
     "gpu-check": "`powergrad gpu-check` takes --workdir DIR, --out DIR and --recipe FILE; see "
                  "`powergrad gpu-check --help`",
     "torchrun": "powergrad torchrun [TORCHRUN OPTIONS] train RECIPE.yaml [key=value ...]",
@@ -46,6 +48,18 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                     "batch sizes, alphas and loss scales in float32 and float64, and under "
                     "bf16 autocast and fp16 autocast with a GradScaler (on the CPU, and on "
                     "CUDA when a GPU is present). Exit 0 when every case is within its limit.")
+
+    check_data = subs["check-data"] = sub.add_parser(
+        "check-data", help="open every image of ImageFolder trees or .beton files; list the bad",
+        description="Before a long job: check each ImageFolder tree's structure (class folders, "
+                    "no stray or hidden-format files, no empty class) and open every image "
+                    "(header, size, structure; a JPEG must not be cut short) in parallel "
+                    "processes, with a progress bar; a .beton's layout and sidecar. Every bad "
+                    "file is listed on a line of its own. Exit 0 when all is sound, 2 if not.")
+    check_data.add_argument("paths", nargs="+", metavar="DIR|BETON")
+    check_data.add_argument("--workers", type=_count, default=None, metavar="N",
+                            help="processes that open images (default: one per CPU core; 0: "
+                                 "this process only)")
 
     gpu_check = subs["gpu-check"] = sub.add_parser(
         "gpu-check", help="run every GPU path for a few steps: a pass/fail table with numbers",
@@ -136,6 +150,17 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     return parser, subs
 
 
+def _count(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Subcommand arguments in any order: options may come before, between or after the
     recipes and key=value settings (argparse's intermixed parsing, one subcommand at a time)."""
@@ -154,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         from .check import main as check_main
         return check_main()
+    if args.command == "check-data":
+        from .data.check_data import main as check_data_main
+        return check_data_main(args.paths, workers=args.workers)
     if args.command == "torchrun":
         from .launch import main as launch_main
         return launch_main(args.launcher_args)

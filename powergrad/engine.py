@@ -209,6 +209,7 @@ def _run_epoch(ctx: EpochContext, train_loader, eval_loader, epoch: int, state: 
     recipe, cfg, dist_info, log = ctx.recipe, ctx.recipe.train, ctx.dist_info, ctx.log
     device, amp_dtype, optimizer, ema = ctx.device, ctx.amp_dtype, ctx.optimizer, ctx.ema
     train_loader.set_epoch(epoch)
+    bad_before = _bad_images_seen(train_loader, eval_loader)
     train_stats = train_one_epoch(ctx, train_loader, epoch, state, stop)
     if dist_info.enabled:  # average BN running statistics so every rank evaluates one model
         distribute_bn(model, dist_info.world_size, reduce=True)
@@ -225,6 +226,8 @@ def _run_epoch(ctx: EpochContext, train_loader, eval_loader, epoch: int, state: 
                              f"test loss {eval_stats['loss']}: the weights diverged in the "
                              f"epoch's last steps (optimizer step {state.num_updates})")
     log.scalars({f"eval/{k}": v for k, v in eval_stats.items()}, state.num_updates)
+    bad_images = int(all_reduce_sum(
+        [float(_bad_images_seen(train_loader, eval_loader) - bad_before)], device)[0])
     if ema is not None:
         ema_stats = evaluate(ema.module, eval_loader, device, amp_dtype, cfg.tta_flip,
                              max_batches=ctx.max_updates)
@@ -234,16 +237,18 @@ def _run_epoch(ctx: EpochContext, train_loader, eval_loader, epoch: int, state: 
            "eval_top5": eval_stats["top5"], "lr": optimizer.param_groups[0]["lr"],
            "img_per_sec": train_stats["img_per_sec"],
            "data_wait_frac": train_stats["data_wait_frac"],
-           "epoch_seconds": train_stats["seconds"]}
+           "epoch_seconds": train_stats["seconds"], "bad_images": bad_images}
     log.scalars({**{tag: row[column] for column, tag in EPOCH_TAGS.items()},
-                 "epoch/number": epoch + 1}, state.num_updates)
+                 "epoch/number": epoch + 1, "data/bad_images": bad_images}, state.num_updates)
     state.history.append(row)
     log.write_summary(state.history)
     if dist_info.is_main:
         print(f"epoch {epoch + 1}/{ctx.total_epochs}: train loss {row['train_loss']:.4f} "
               f"top1 {row['train_top1']:.2f} | test loss {row['eval_loss']:.4f} "
               f"top1 {row['eval_top1']:.2f} top5 {row['eval_top5']:.2f} | "
-              f"{row['img_per_sec']:.0f} img/s", flush=True)
+              f"{row['img_per_sec']:.0f} img/s"
+              + (f" | {bad_images} unreadable image(s) skipped" if bad_images else ""),
+              flush=True)
     state.epoch = epoch + 1
     if ctx.save_checkpoints:
         _save(ctx, state, run_dir, model, is_best=_best_row(state.history) is row)
@@ -511,6 +516,11 @@ def _restore(payload: dict, model, optimizer, scheduler, scaler, ema,
     return state
 
 
+def _bad_images_seen(*loaders) -> int:
+    """Unreadable images the loaders skipped so far (data.bad_images: skip), this process."""
+    return sum(loader.bad_images.count for loader in loaders if hasattr(loader, "bad_images"))
+
+
 def _best_row(history: list[dict]) -> dict | None:
     """The epoch with the highest test top-1 (the earliest on a tie)."""
     return max(history, key=lambda r: r["eval_top1"], default=None)
@@ -528,5 +538,6 @@ def _final_summary(recipe: Recipe, state: TrainState, run_dir: Path) -> dict:
         "mean_img_per_sec": (sum(r["img_per_sec"] for r in history) / len(history)
                              if history else float("nan")),
         "train_seconds": sum(r["epoch_seconds"] for r in history),
+        "bad_images_skipped": sum(r.get("bad_images", 0) for r in history),
         "paper": recipe.paper,
     }

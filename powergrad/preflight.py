@@ -6,8 +6,8 @@ its own.
 
 recipe.py checks what a file can say wrong by itself (keys, types, ranges); this module looks
 at the machine and the disk, reading as little as it can: IDX headers, .beton headers and
-sidecars, ImageFolder class folders (their files counted only up to one optimizer step's
-worth). Every failure is one RecipeError naming the file (or command line) that set the key,
+sidecars, ImageFolder listings (names only, no image opened: `powergrad check-data` opens
+them all). Every failure is one RecipeError naming the file (or command line) that set the key,
 the key, the value and what was expected.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def preflight(recipe: Recipe, world_size: int | None = None) -> None:
     check_device(recipe)
     plan = check_batch_plan(recipe, world_size)
     check_resume_file(recipe)
-    data = inspect_data(recipe, enough=plan.global_batch)
+    data = inspect_data(recipe)
     check_data_matches_model(recipe, data)
     check_steps_per_epoch(recipe, plan, data)
 
@@ -129,18 +129,17 @@ class DataFacts:
     where: str  # the data as a reader of the message knows it
     num_classes: int
     channels: int
-    # Training images (after data.train_subset); counting may stop once it reaches `enough`.
-    train_images: int
-    train_images_all: int  # before data.train_subset (same caveat)
+    train_images: int  # after data.train_subset
+    train_images_all: int  # before data.train_subset
 
 
-def inspect_data(recipe: Recipe, enough: int) -> DataFacts:
-    """Find the data, check it is readable, and count it; counting ImageFolder files stops
-    at `enough` (the images one optimizer step takes), which is all the checks need."""
+def inspect_data(recipe: Recipe) -> DataFacts:
+    """Find the data, check it is readable, and count it (ImageFolder trees are listed whole:
+    a few seconds for ImageNet's 1.3 M files, and every stray file is found now)."""
     if recipe.data.dataset == "fashion_mnist":
         facts = _fashion_mnist_facts(recipe)
     else:
-        facts = _image_facts(recipe, enough)
+        facts = _image_facts(recipe)
     subset = recipe.data.train_subset
     if subset is not None and subset < facts.train_images:
         facts = DataFacts(facts.where, facts.num_classes, facts.channels, subset,
@@ -163,7 +162,7 @@ def _fashion_mnist_facts(recipe: Recipe) -> DataFacts:
     return DataFacts(f"Fashion-MNIST at {root}", len(CLASS_NAMES), 1, train_images, train_images)
 
 
-def _image_facts(recipe: Recipe, enough: int) -> DataFacts:
+def _image_facts(recipe: Recipe) -> DataFacts:
     from .data.imagefolder_checks import ImageDataError
     from .data.images import choose_loader
 
@@ -174,6 +173,10 @@ def _image_facts(recipe: Recipe, enough: int) -> DataFacts:
             backend = choose_loader(data_cfg)
     except (ValueError, ImportError) as err:
         _fail(recipe, "data.loader", f"got {data_cfg.loader!r}: {_one_line(err)}")
+    if backend == "dali" and data_cfg.bad_images == "skip":
+        _fail(recipe, "data.bad_images", "got 'skip', but DALI decodes inside its pipeline and "
+                                         "cannot skip a file; expected error with data.loader "
+                                         "dali (`powergrad check-data` lists bad files first)")
     if backend == "ffcv":
         from .data.beton_meta import read_beton_info
 
@@ -188,25 +191,33 @@ def _image_facts(recipe: Recipe, enough: int) -> DataFacts:
         _check_same_classes(recipe, "data.val_beton", train.class_names, val.class_names)
         return DataFacts(f".beton {data_cfg.train_beton}", train.num_classes, 3,
                          train.num_samples, train.num_samples)
-    train_classes = _class_folders(recipe, "data.train_dir")
-    _check_same_classes(recipe, "data.val_dir", train_classes,
-                        _class_folders(recipe, "data.val_dir"))
-    count = _count_images(Path(data_cfg.train_dir), train_classes, enough)
-    return DataFacts(f"ImageFolder {data_cfg.train_dir}", len(train_classes), 3, count, count)
+    train_classes, train_count = _scan_folder(recipe, "data.train_dir")
+    val_classes, _ = _scan_folder(recipe, "data.val_dir")
+    _check_same_classes(recipe, "data.val_dir", train_classes, val_classes)
+    return DataFacts(f"ImageFolder {data_cfg.train_dir}", len(train_classes), 3, train_count,
+                     train_count)
 
 
-def _class_folders(recipe: Recipe, key: str) -> list[str]:
-    from torchvision.datasets.folder import find_classes
+def _scan_folder(recipe: Recipe, key: str) -> tuple[list[str], int]:
+    """(class names, image count) of the ImageFolder tree `key` names, listed as the loader
+    will list it; a missing tree, a class folder without images or a file that is not an
+    image fails here (every such file counted in the message), not hours into an epoch."""
+    from .data.imagefolder_checks import ImageDataError, scan_image_folder
 
     root = getattr(recipe.data, key.split(".")[1])
+    tree = f"expected an ImageFolder tree ({root}/<class>/<image>)"
     if not Path(root).is_dir():
-        _fail(recipe, key, f"got {root!r}: no such directory; expected an ImageFolder tree "
-                           f"({root}/<class>/<image>)")
+        _fail(recipe, key, f"got {root!r}: no such directory; {tree}")
+    problems: list[str] = []
     try:
-        return find_classes(root)[0]
-    except FileNotFoundError:
-        _fail(recipe, key, f"got {root!r}: no class folders in it; expected an ImageFolder "
-                           f"tree ({root}/<class>/<image>)")
+        classes, samples = scan_image_folder(root, problems=problems)
+    except (ImageDataError, OSError) as err:  # no class folders; an unreadable folder
+        _fail(recipe, key, f"got {root!r}: {_one_line(err)}; {tree}")
+    if problems:
+        more = f" (and {len(problems) - 1} more: `powergrad check-data {root}` lists them)" \
+            if len(problems) > 1 else ""
+        _fail(recipe, key, f"got {root!r}: {problems[0]}{more}")
+    return classes, len(samples)
 
 
 def _check_same_classes(recipe: Recipe, val_key: str, train_classes: list[str],
@@ -216,23 +227,6 @@ def _check_same_classes(recipe: Recipe, val_key: str, train_classes: list[str],
         _fail(recipe, val_key, f"got {getattr(recipe.data, val_key.split('.')[1])!r} with "
                                f"{len(val_classes)} classes; expected the same classes as the "
                                f"training data's {len(train_classes)} (differing: {differ})")
-
-
-def _count_images(root: Path, classes: list[str], enough: int) -> int:
-    """Image files in the class folders, counting no further than `enough` (ImageNet's
-    1.28 M files need not be listed to know a batch fits). Hidden files are ignored and other
-    files counted as torchvision's ImageFolder counts them: by extension."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
-    count = 0
-    for name in classes:
-        with os.scandir(root / name) as entries:
-            for entry in entries:
-                if not entry.name.startswith(".") and entry.name.lower().endswith(IMG_EXTENSIONS):
-                    count += 1
-                    if count >= enough:
-                        return count
-    return count
 
 
 def check_data_matches_model(recipe: Recipe, data: DataFacts) -> None:

@@ -30,6 +30,7 @@ GPASVariant = Literal["pre", "sandwich", "deepnorm", "lns"]
 GPASGate = Literal["block", "add"]
 DatasetName = Literal["fashion_mnist", "imagefolder"]
 LoaderName = Literal["auto", "ffcv", "torchvision", "dali"]
+BadImages = Literal["error", "skip"]
 MixupMode = Literal["batch", "pair", "elem"]
 ClipMode = Literal["none", "norm", "value", "agc"]
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -107,6 +108,10 @@ class DataConfig:
     train_subset: int | None = None
     eval_subset: int | None = None
     num_classes: int | None = None  # checked against the data when set
+    # An image that cannot be decoded while training (torchvision loader): error stops with
+    # one line naming it; skip trains on the next image instead and counts it (TensorBoard's
+    # data/bad_images, final.json). `powergrad check-data` lists them all before a run.
+    bad_images: BadImages = "error"
     extra: dict = field(default_factory=dict)
 
 
@@ -259,7 +264,7 @@ class Recipe:
 
 
 # Settings added after the first recorded runs, with the default those runs trained with.
-ADDED_SETTINGS = {"train.sync_bn": False}
+ADDED_SETTINGS = {"train.sync_bn": False, "data.bad_images": "error"}
 
 
 # Every numeric setting's range, in interval notation ("[" includes the bound, "(" excludes

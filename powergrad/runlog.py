@@ -88,25 +88,31 @@ class Progress:
     """A tqdm bar with rate and ETA on a terminal; plain log lines every `every` steps when
     output goes to a file or CI."""
 
-    def __init__(self, total: int, desc: str, enabled: bool = True, every: int = 50):
+    def __init__(self, total: int, desc: str, enabled: bool = True, every: int = 50,
+                 unit: str = "batch"):
         self.interactive = enabled and sys.stderr.isatty()
         self.enabled, self.every, self.total, self.desc = enabled, every, total, desc
-        self.count, self.start = 0, time.perf_counter()
-        self.bar = tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True,
+        self.unit = unit
+        self.count, self.start, self.next_line = 0, time.perf_counter(), every
+        self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True,
                         leave=True) if self.interactive else None
 
-    def update(self, postfix: dict[str, str]) -> None:
-        self.count += 1
+    def update(self, postfix: dict[str, str] | int | None = None) -> None:
+        """One step done (a batch, with its postfix values), or `postfix` items when an int."""
+        steps = postfix if isinstance(postfix, int) else 1
+        postfix = postfix if isinstance(postfix, dict) else {}
+        self.count += steps
         if self.bar is not None:
             self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(1)
-        elif self.enabled and (self.count % self.every == 0 or self.count == self.total):
+            self.bar.update(steps)
+        elif self.enabled and (self.count >= self.next_line or self.count == self.total):
+            self.next_line = (self.count // self.every + 1) * self.every
             elapsed = time.perf_counter() - self.start
             rate = self.count / elapsed if elapsed > 0 else 0.0
             eta = (self.total - self.count) / rate if rate > 0 else 0.0
             items = " ".join(f"{k} {v}" for k, v in postfix.items())
             print(f"{self.desc} {self.count}/{self.total} {items} "
-                  f"[{rate:.1f} batch/s, eta {eta:.0f}s]", flush=True)
+                  f"[{rate:.1f} {self.unit}/s, eta {eta:.0f}s]", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -33,6 +33,7 @@ def _train_or_exit_code(train, recipe: Recipe, stop):
     the checkpoint holds the place, run the same command again), 2 for a run directory or
     checkpoint that cannot take this run, 1 for a diverged run. One line, no traceback."""
     from .checkpoint import CheckpointError
+    from .data.imagefolder_checks import ImageDataError
     from .distributed import shutdown
     from .engine import NonFiniteError
     from .preemption import Preempted
@@ -47,6 +48,9 @@ def _train_or_exit_code(train, recipe: Recipe, stop):
     except (RunDirError, CheckpointError) as err:  # rank 0's lock, or every rank's file
         if world_from_env().is_main:
             print(f"run error: {err}", file=sys.stderr, flush=True)
+        code = 2
+    except ImageDataError as err:  # found while training: the rank that read it says so
+        print(f"data error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
         code = 2
     except NonFiniteError as err:
         print(f"diverged: {err}", file=sys.stderr, flush=True)

@@ -13,14 +13,22 @@ class ImageDataError(ValueError):
     """Bad image data on disk; the message names the path."""
 
 
-def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
+def scan_image_folder(root: str | os.PathLike, problems: list[str] | None = None
+                      ) -> tuple[list[str], list[tuple[str, int]]]:
     """Return (class names, [(path, class index)]) exactly as torchvision's ImageFolder orders
     them (sorted class folders, sorted files), after checking the tree's structure.
 
     Raises ImageDataError for a missing root, a root with no class folders, a class folder with
     no images, or a file whose extension is not an image's (torchvision would silently skip it,
-    hiding a broken copy). Hidden files (.DS_Store and the like) are ignored.
+    hiding a broken copy). Hidden files (.DS_Store and the like) are ignored. With a
+    `problems` list, the problems of files and class folders are appended to it instead (each
+    a line naming the path) and those files left out, so every one can be listed.
     """
+    def problem(message: str) -> None:
+        if problems is None:
+            raise ImageDataError(message)
+        problems.append(message)
+
     root = Path(root)
     if not root.is_dir():
         raise ImageDataError(f"{root}: image folder does not exist or is not a directory")
@@ -35,26 +43,48 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[st
         entries = sorted((e for e in os.scandir(class_dir) if not e.name.startswith(".")),
                          key=lambda e: e.name)
         if not entries:
-            raise ImageDataError(f"{class_dir}: class folder is empty")
+            problem(f"{class_dir}: class folder is empty; expected images in every class "
+                    "folder (remove the folder, or add its images)")
         for entry in entries:
             path = class_dir / entry.name
             if not entry.is_file():
-                raise ImageDataError(f"{path}: nested folders are not supported in a class folder")
-            if not entry.name.lower().endswith(IMG_EXTENSIONS):
-                raise ImageDataError(f"{path}: not an image file (extensions allowed: "
-                                     f"{', '.join(IMG_EXTENSIONS)})")
-            samples.append((str(path), class_to_idx[name]))
+                problem(f"{path}: nested folders are not supported in a class folder")
+            elif not entry.name.lower().endswith(IMG_EXTENSIONS):
+                problem(f"{path}: not an image file (extensions allowed: "
+                        f"{', '.join(IMG_EXTENSIONS)}); move it out of the class folder")
+            else:
+                samples.append((str(path), class_to_idx[name]))
     return classes, samples
 
 
-def verify_image(path: str | os.PathLike) -> None:
-    """Raise ImageDataError naming `path` when PIL cannot identify or parse it (cheap: reads
-    the header and structure, not every pixel)."""
+# A JPEG ends with FF D9; some cameras and editors pad after it, so look in the last bytes.
+_JPEG_END = b"\xff\xd9"
+_JPEG_TAIL_BYTES = 4096
+
+
+def image_problem(path: str) -> str | None:
+    """Why the image file at `path` cannot be trained on, or None when it is sound."""
     try:
         with Image.open(path) as img:
+            kind, (width, height) = img.format, img.size
             img.verify()
-    except Exception as e:  # PIL raises several unrelated types for bad files
-        raise ImageDataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from e
+        if width < 1 or height < 1:
+            return f"{width} x {height} px"
+        if kind == "JPEG":
+            with open(path, "rb") as f:
+                f.seek(max(0, os.path.getsize(path) - _JPEG_TAIL_BYTES))
+                if _JPEG_END not in f.read():
+                    return "JPEG is truncated (no end-of-image marker)"
+    except Exception as err:  # PIL raises many unrelated types for bad files
+        return f"{type(err).__name__}: {' '.join(str(err).split())}"
+    return None
+
+
+def verify_image(path: str | os.PathLike) -> None:
+    """Raise ImageDataError naming `path` when it is not a sound image (image_problem)."""
+    why = image_problem(str(path))
+    if why is not None:
+        raise ImageDataError(f"{path}: unreadable image ({why})")
 
 
 def verify_sample(samples: list[tuple[str, int]], per_class: int = 2) -> None:

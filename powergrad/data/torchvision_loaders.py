@@ -23,6 +23,7 @@ from torchvision.transforms import v2 as T
 
 from ..preemption import ignore_in_worker
 from .device_batches import ImageBatches, TrainImageBatches
+from .imagefolder_checks import ImageDataError
 
 
 # What torchvision.io decodes (CMYK and greyscale JPEGs come out as RGB, as with PIL).
@@ -37,6 +38,48 @@ def read_rgb(path: str) -> torch.Tensor:
         return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
 
 
+_MAX_BAD_IN_A_ROW = 16  # then the folder itself is suspect, not a few files in it
+
+
+class ScreenedImageFolder(ImageFolder):
+    """ImageFolder whose samples are (image, label, bad): an image that does not decode is
+    not raised in a worker process (a traceback from another process, hours in) but named in
+    `bad` ('' when all was well, else one line per unreadable file), and the folder's next
+    readable image stands in for it, as timm's ImageDataset does. The main process then
+    stops or counts (BadImageTally)."""
+
+    def __getitem__(self, index: int):
+        bad = []
+        for offset in range(min(len(self.samples), _MAX_BAD_IN_A_ROW)):
+            i = (index + offset) % len(self.samples)
+            try:
+                image, label = super().__getitem__(i)
+            except (RuntimeError, OSError, ValueError) as err:  # torchvision.io's and PIL's
+                bad.append(f"{self.samples[i][0]}: unreadable image ({type(err).__name__}: "
+                           f"{' '.join(str(err).split())})")
+                continue
+            return image, label, "\n".join(bad)
+        raise ImageDataError(f"{self.root}: {len(bad)} unreadable images in a row, the first "
+                             f"{bad[0]}; run `powergrad check-data {self.root}`")
+
+
+class BadImageTally:
+    """What the main process does with the unreadable images a batch reports: `error` raises
+    ImageDataError naming the first, `skip` counts them (`count`, over the loader's life)."""
+
+    def __init__(self, policy: str, root: str):
+        self.policy, self.root, self.count = policy, root, 0
+
+    def screen(self, batches):
+        for images, labels, bad in batches:
+            lines = [line for entry in bad if entry for line in entry.split("\n")]
+            if lines and self.policy == "error":
+                raise ImageDataError(f"{lines[0]}; `powergrad check-data {self.root}` lists "
+                                     "every bad file, data.bad_images=skip trains past them")
+            self.count += len(lines)
+            yield images, labels
+
+
 def _subset(dataset, n: int | None):
     return dataset if n is None else Subset(dataset, range(min(n, len(dataset))))
 
@@ -49,8 +92,9 @@ class TorchvisionTrainLoader(TrainImageBatches):
                          class_names=[])
         res = self.resolution
         self.crop = T.RandomResizedCrop(res, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio))
-        dataset = ImageFolder(root, loader=read_rgb, transform=T.Compose(
+        dataset = ScreenedImageFolder(root, loader=read_rgb, transform=T.Compose(
             [self.crop, T.RandomHorizontalFlip(cfg.hflip)]))
+        self.bad_images = BadImageTally(cfg.bad_images, root)
         self.class_names = dataset.classes
         dataset = _subset(dataset, cfg.train_subset)
         self.generator = torch.Generator()
@@ -65,6 +109,9 @@ class TorchvisionTrainLoader(TrainImageBatches):
                                   worker_init_fn=ignore_in_worker)
         self.set_epoch(0)
 
+    def source_batches(self):
+        return self.bad_images.screen(self.batches)
+
     def _apply_epoch(self, epoch: int, resolution: int) -> None:
         self.crop.size = (resolution, resolution)
         self.generator.manual_seed(self.seed + epoch)
@@ -77,8 +124,9 @@ class TorchvisionEvalLoader(ImageBatches):
                  distributed: bool, channels_last: bool):
         device = torch.device(device)
         res = cfg.val_img_size or cfg.img_size
-        dataset = ImageFolder(root, loader=read_rgb, transform=T.Compose(
+        dataset = ScreenedImageFolder(root, loader=read_rgb, transform=T.Compose(
             [T.Resize(math.floor(res / cfg.crop_pct)), T.CenterCrop(res)]))
+        self.bad_images = BadImageTally(cfg.bad_images, root)
         class_names = dataset.classes
         dataset = _subset(dataset, cfg.eval_subset)
         sampler = DistributedSampler(dataset, shuffle=False) if distributed else None
@@ -88,3 +136,6 @@ class TorchvisionEvalLoader(ImageBatches):
         super().__init__(loader, device=device, mean=cfg.mean, std=cfg.std,
                          channels_last=channels_last, class_names=class_names)
         self.resolution = res
+
+    def source_batches(self):
+        return self.bad_images.screen(self.batches)
