@@ -36,6 +36,14 @@ def save_atomic(state: dict, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+        Path(tmp).unlink(missing_ok=True)
+        why = err.strerror if isinstance(err, OSError) and err.strerror else " ".join(
+            str(err).split())
+        kept = "the previous one is untouched" if path.exists() else "nothing was written"
+        raise CheckpointError(f"{path}: could not write the checkpoint ({why}); {kept}. "
+                              "Free space there (or choose another log.output) and run the "
+                              "same command to resume") from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

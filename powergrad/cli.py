@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -84,12 +85,14 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                     "(dotted keys, e.g. optim.lr=0.2 pgt.alpha=0.25) apply to every recipe; "
                     "recipes, settings and options may come in any order. A run writes to "
                     "LOG.OUTPUT/EXPERIMENT (the recipe's log section).")
-    train.add_argument("items", nargs="+", metavar="RECIPE.yaml|key=value")
+    train.add_argument("items", nargs="+", metavar="RECIPE.yaml|RUN_DIR|key=value",
+                       help="recipe files, or run folders (continued from their own "
+                            "recipe.yaml), and dotted key=value settings")
     train.add_argument("--compare", metavar="NAME|PATH",
                        help="after training, write a table NAME.md and plot NAME.png of the runs: "
                             "a bare NAME goes beside the runs (in their LOG.OUTPUT folder), a "
                             "path (with a '/') goes where it says; default: no comparison")
-    train.add_argument("--fast-dev-run", type=int, default=0, metavar="N",
+    train.add_argument("--fast-dev-run", type=_count, default=0, metavar="N",
                        help="train N optimizer steps and evaluate N batches of the real data, "
                             "save nothing: a minute's check of the data path before a long job "
                             "(default: 0, a normal run)")
@@ -175,7 +178,43 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every command's one error path: an expected failure has already printed its one line
+    and returns its code (2 bad input, 1 divergence, 75 preempted); an OS error on a path the
+    user named becomes one line naming it; anything else is a bug, said as one."""
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"powergrad {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as err:  # a full disk, a read-only or missing folder, a file for a folder
+        print(f"powergrad {args.command}: {os_error_line(err)}", file=sys.stderr)
+        return 2
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        print(f"powergrad {args.command}: this is a bug in powergrad {__version__}, not in your "
+              "input: please report it with the command line and the traceback above",
+              file=sys.stderr)
+        return 1
+
+
+def os_error_line(err: OSError) -> str:
+    """'PATH: what went wrong; what to do' for an OSError from a path."""
+    where = f"{err.filename}: " if err.filename else ""
+    what = err.strerror or str(err)
+    fix = {errno.ENOSPC: "free space there or choose another place",
+           errno.EDQUOT: "free space there or choose another place",
+           errno.EACCES: "choose a place you can write to, or change its permissions",
+           errno.EROFS: "the file system is read-only: choose another place",
+           errno.ENOTDIR: "a part of this path is a file, not a folder",
+           errno.EISDIR: "this is a folder; name a file",
+           errno.ENOENT: "no such file or folder"}.get(err.errno)
+    return f"{where}{what}" + (f"; {fix}" if fix and fix != what.lower() else "")
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "check":
         from .check import main as check_main
         return check_main()
@@ -217,9 +256,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _not_recipes(items: list[str]) -> str | None:
     """A message for an item that is neither key=value nor an existing file, else None:
-    `train.epochs 3` (a space for '=') should not read as a missing recipe file."""
+    `train.epochs 3` (a space for '=') should not read as a missing recipe file. A run folder
+    stands for its recipe.yaml."""
     for item in items:
-        if "=" not in item and not Path(item).is_file():
+        if "=" not in item and Path(item).is_dir():
+            if not (Path(item) / "recipe.yaml").is_file():
+                return f"{item}: a folder without a recipe.yaml, so not a run folder"
+        elif "=" not in item and not Path(item).is_file():
             if Path(item).suffix in (".yaml", ".yml"):
                 return f"{item}: recipe file not found"
             return f"{item!r}: not a recipe file and not a key=value setting"

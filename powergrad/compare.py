@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from .runlog import RESULT_FIELDS
+from .runlog import RESULT_FIELDS, train_img_per_sec
 
 MISSING = "n/a"
 
@@ -61,18 +61,21 @@ def _first_non_finite(series) -> tuple[str, int] | None:
     return (min(hits)[1], min(hits)[0]) if hits else None
 
 
-def _mean_img_per_sec(run_dir: Path, series) -> float | None:
-    """Images/s from the step logs; a run shorter than log_interval has none, so fall back to
-    the per-epoch rates of summary.csv, then to final.json."""
-    rates = [v for _, v in series.get("perf/img_per_sec", [])]
-    if not rates and (run_dir / "summary.csv").exists():
+def _img_per_sec(run_dir: Path, series) -> float | None:
+    """The run's images/s as final.json and the epoch lines define it (train_img_per_sec):
+    from final.json, else the epochs of summary.csv (a run still training), else the step
+    logs' mean (a run without a finished epoch)."""
+    rate = None
+    if (run_dir / "final.json").exists():
+        final = json.loads((run_dir / "final.json").read_text())
+        rate = final.get("img_per_sec", final.get("mean_img_per_sec"))
+    if rate is None and (run_dir / "summary.csv").exists():
         with open(run_dir / "summary.csv", newline="") as f:
-            rates = [float(r["img_per_sec"]) for r in csv.DictReader(f) if r.get("img_per_sec")]
-    if not rates and (run_dir / "final.json").exists():
-        value = json.loads((run_dir / "final.json").read_text()).get("mean_img_per_sec")
-        rates = [value] if isinstance(value, (int, float)) else []
-    rates = [r for r in rates if math.isfinite(r)]
-    return sum(rates) / len(rates) if rates else None
+            rate = train_img_per_sec(list(csv.DictReader(f)))
+    if rate is None or not math.isfinite(rate):
+        rates = [v for _, v in series.get("perf/img_per_sec", []) if math.isfinite(v)]
+        rate = sum(rates) / len(rates) if rates else None
+    return rate
 
 
 def summarize(run_dir: str | Path) -> dict:
@@ -98,7 +101,7 @@ def summarize(run_dir: str | Path) -> dict:
     return {
         "run": run_dir.name,
         **{name: read[which](series, tag) for name, (_, tag, which) in RESULT_FIELDS.items()},
-        "img_per_sec": _mean_img_per_sec(run_dir, series),
+        "img_per_sec": _img_per_sec(run_dir, series),
         "paper": paper,
         "note": note,
         "series": series,

@@ -11,6 +11,7 @@ import math
 import signal
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,12 +31,13 @@ from .data import build_loaders
 from .distributed import (DistInfo, all_reduce_sum, barrier, cuda_index, gather_objects,
                           init_distributed, world_from_env)
 from .filters import FilterCollapse
+from .machine_fit import MachineFit, fit_to_machine
 from .models import build_model
 from .preemption import Preempted, StopRequest, exit_code_unsaved
 from .recipe import Recipe, load_recipe
 from .rundir import RunDirError, RunLock, check_same_recipe, recipe_changes
 from .sync_batchnorm import convert_to_sync_bn
-from .runlog import EPOCH_TAGS, RESULT_FIELDS, Progress, RunLog
+from .runlog import EPOCH_TAGS, RESULT_FIELDS, Progress, RunLog, train_img_per_sec
 from .transform import logit_stats
 
 
@@ -95,6 +97,10 @@ def _train(recipe: Recipe, run_dir: Path, fast_dev_run: int, stop: StopRequest) 
                       dist_info.world_size)
     if device.type == "cuda":
         device = torch.device("cuda", cuda_index(dist_info.local_rank, torch.cuda.device_count()))
+    fit = fit_to_machine(recipe, device, plan.global_batch)  # what this machine changes
+    say = print if dist_info.is_main else (lambda *args, **kwargs: None)
+    for note in fit.notes:
+        say(f"note: {note}", flush=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     random_seed(cfg.seed, dist_info.rank)
@@ -107,16 +113,19 @@ def _train(recipe: Recipe, run_dir: Path, fast_dev_run: int, stop: StopRequest) 
     filters = FilterCollapse(model) if recipe.log.filter_collapse else None
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    train_loader, eval_loader = build_loaders(
-        recipe.data, batch_size=plan.micro_batch, eval_batch_size=cfg.eval_batch_size,
-        seed=cfg.seed, device=device, dist_info=dist_info, channels_last=cfg.channels_last)
+    with warnings.catch_warnings():  # auto's choice is in fit.notes already
+        warnings.filterwarnings("ignore", message="data.loader auto")
+        train_loader, eval_loader = build_loaders(
+            fit.data, batch_size=plan.micro_batch, eval_batch_size=cfg.eval_batch_size,
+            seed=cfg.seed, device=device, dist_info=dist_info,
+            channels_last=cfg.channels_last)
     _check_num_classes(recipe, train_loader)
     ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
     optimizer = build_optimizer(recipe, model)
     updates_per_epoch = max(1, len(train_loader) // plan.accum_steps)
     scheduler, total_epochs = build_scheduler(recipe, optimizer, updates_per_epoch)
     mixup, train_loss_fn = build_train_loss(recipe)
-    amp_dtype = AMP_DTYPES[cfg.amp_dtype]
+    amp_dtype = AMP_DTYPES[fit.amp_dtype]
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
 
     state = TrainState()
@@ -124,14 +133,18 @@ def _train(recipe: Recipe, run_dir: Path, fast_dev_run: int, stop: StopRequest) 
         resume_from, payload, notes = ckpt.choose_resume(run_dir, recipe.log.resume)
         if dist_info.is_main:  # it holds the run's lock: no save of another process is live
             notes = ckpt.remove_temp_files(run_dir) + notes
-        for note in notes if dist_info.is_main else []:
-            print(f"note: {note}", flush=True)
+        for note in notes:
+            say(f"note: {note}", flush=True)
         if payload is not None:
             _check_checkpoint_recipe(resume_from, payload, recipe)
             state = _restore(payload, model, optimizer, scheduler, scaler, ema, dist_info)
-            if state.epoch < total_epochs and dist_info.is_main:
-                print(f"resumed from {resume_from} at epoch {state.epoch + 1}, "
-                      f"batch {state.batch_in_epoch}", flush=True)
+            if state.epoch < total_epochs:
+                say(f"resumed from {resume_from} at epoch {state.epoch + 1}, "
+                    f"batch {state.batch_in_epoch}", flush=True)
+        if state.epoch >= total_epochs:  # nothing to do, so nothing is written
+            say(f"{run_dir}: already trained for {total_epochs} epochs; nothing written",
+                flush=True)
+            return _final_summary(recipe, state, run_dir, fit)
 
     train_model = model
     if cfg.torchcompile:
@@ -140,7 +153,8 @@ def _train(recipe: Recipe, run_dir: Path, fast_dev_run: int, stop: StopRequest) 
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
 
-    log = RunLog(run_dir, recipe, enabled=dist_info.is_main and not fast_dev_run)
+    log = RunLog(run_dir, recipe, enabled=dist_info.is_main and not fast_dev_run,
+                 ran_with=fit.record())
     probe = None
     if recipe.log.diagnostics and hasattr(model, "blocks"):  # a ViT: GPAS's per-block view
         from .gpas import ResidualStreamProbe
@@ -155,11 +169,10 @@ def _train(recipe: Recipe, run_dir: Path, fast_dev_run: int, stop: StopRequest) 
         max_updates=fast_dev_run or None, save_checkpoints=saving,
         save_step=(lambda st: _save(ctx, st, run_dir, model, step=True))
         if saving and recipe.log.checkpoint_every else None)
-    if dist_info.is_main:
-        print(f"batch: {plan.describe()}; {total_epochs} epochs "
-              f"({updates_per_epoch} steps each)", flush=True)
-    if state.epoch >= total_epochs and dist_info.is_main:
-        print(f"{run_dir}: already trained for {total_epochs} epochs", flush=True)
+    say(f"data: {fit.loader} loader, {fit.data.workers} worker(s); autocast {fit.amp_dtype}; "
+        f"device {device}", flush=True)
+    say(f"batch: {plan.describe()}; lr {recipe.optim.lr:g} at its peak; {total_epochs} epochs"
+        f"{_cooldown_words(recipe, total_epochs)} ({updates_per_epoch} steps each)", flush=True)
     if fast_dev_run:  # one short epoch: a broken data path shows in a minute
         total_epochs = min(total_epochs, state.epoch + 1)
 
@@ -178,7 +191,9 @@ def _train(recipe: Recipe, run_dir: Path, fast_dev_run: int, stop: StopRequest) 
             raise NonFiniteError(f"{err}; stopped, nothing of it saved; last good "
                                  f"checkpoint: {good[0] if good else 'none'}") from None
 
-    summary = _final_summary(recipe, state, run_dir)
+    summary = _final_summary(recipe, state, run_dir, fit)
+    if fast_dev_run:
+        summary["eval_batches"] = min(fast_dev_run, len(eval_loader))
     log.hparams(recipe, {"final_top1": summary["final_test_top1"],
                          "best_top1": summary["best_test_top1"]})
     log.final(summary)
@@ -235,7 +250,7 @@ def _run_epoch(ctx: EpochContext, train_loader, eval_loader, epoch: int, state: 
     row = {"epoch": epoch, "train_loss": train_stats["loss"], "train_top1": train_stats["top1"],
            "eval_loss": eval_stats["loss"], "eval_top1": eval_stats["top1"],
            "eval_top5": eval_stats["top5"], "lr": optimizer.param_groups[0]["lr"],
-           "img_per_sec": train_stats["img_per_sec"],
+           "img_per_sec": train_stats["img_per_sec"], "train_images": train_stats["images"],
            "data_wait_frac": train_stats["data_wait_frac"],
            "epoch_seconds": train_stats["seconds"], "bad_images": bad_images}
     log.scalars({**{tag: row[column] for column, tag in EPOCH_TAGS.items()},
@@ -366,7 +381,6 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, state: TrainState,
         tick = time.perf_counter()
     _fold_pending(pending, (totals, window),
                   f"epoch {epoch + 1}/{ctx.total_epochs}, end (optimizer step {state.num_updates})")
-    progress.close()
     state.batch_in_epoch, state.epoch_totals = 0, {}
     if ctx.probe is not None:
         ctx.probe.enabled = False  # keep evaluation forwards out of the record
@@ -375,9 +389,11 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, state: TrainState,
     loss_sum, correct, seen, seen_now = all_reduce_sum(
         [totals["loss"], totals["correct"], float(totals["seen"]),
          float(totals["seen"] - seen_before)], ctx.device)
-    return {"loss": loss_sum / max(seen, 1), "top1": 100 * correct / max(seen, 1),
-            "img_per_sec": seen_now / seconds, "data_wait_frac": totals["wait"] / seconds,
-            "seconds": seconds}
+    means = {"loss": loss_sum / max(seen, 1), "top1": 100 * correct / max(seen, 1)}
+    # the bar's last line shows every process's images, as the epoch line does
+    progress.close({"loss": f"{means['loss']:.4f}", "top1": f"{means['top1']:.2f}"})
+    return {**means, "img_per_sec": seen_now / seconds, "data_wait_frac": totals["wait"] / seconds,
+            "seconds": seconds, "images": int(seen_now)}
 
 
 def _running_means(totals: dict) -> dict[str, str]:
@@ -526,7 +542,13 @@ def _best_row(history: list[dict]) -> dict | None:
     return max(history, key=lambda r: r["eval_top1"], default=None)
 
 
-def _final_summary(recipe: Recipe, state: TrainState, run_dir: Path) -> dict:
+def _cooldown_words(recipe: Recipe, total_epochs: int) -> str:
+    """' (train.epochs 90 + 10 cool-down)' when the schedule trains more than train.epochs."""
+    extra = total_epochs - recipe.train.epochs
+    return f" (train.epochs {recipe.train.epochs} + {extra} cool-down)" if extra > 0 else ""
+
+
+def _final_summary(recipe: Recipe, state: TrainState, run_dir: Path, fit: MachineFit) -> dict:
     history = state.history
     rows = {"last": history[-1] if history else {}, "best": _best_row(history) or {}}
     return {
@@ -535,9 +557,9 @@ def _final_summary(recipe: Recipe, state: TrainState, run_dir: Path) -> dict:
         **{name: rows[which].get(column, float("nan"))
            for name, (column, _, which) in RESULT_FIELDS.items()},
         "best_epoch": rows["best"].get("epoch", -1) + 1,
-        "mean_img_per_sec": (sum(r["img_per_sec"] for r in history) / len(history)
-                             if history else float("nan")),
+        "img_per_sec": train_img_per_sec(history),  # its definition: runlog.py
         "train_seconds": sum(r["epoch_seconds"] for r in history),
         "bad_images_skipped": sum(r.get("bad_images", 0) for r in history),
+        "ran_with": fit.record(),
         "paper": recipe.paper,
     }

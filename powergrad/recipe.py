@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -408,6 +409,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         origins[key] = f"command line ({item})"
     recipe = _build(Recipe, tree, prefix="", origins=origins, default_file=str(path))
     recipe.source = str(path)
+    _expand_paths(recipe, origins, str(path))
+    if is_run_recipe(path):  # a run folder's own copy continues that run, from any folder
+        for key, value in (("log.output", str(path.parent.parent)),
+                           ("log.experiment", path.parent.name)):
+            if not origins.get(key, "").startswith("command line"):
+                setattr(recipe.log, key.split(".")[1], value)
     recipe.origins = dict(origins)
     _check_semantics(recipe, origins, str(path))
     return recipe
@@ -606,9 +613,60 @@ def _check_semantics(recipe: Recipe, origins: dict, default_file: str) -> None:
                                 f"({data.end_ramp})")
 
 
-def dump_recipe(recipe: Recipe, path: Path) -> None:
-    """Save the resolved recipe (no `extends`), loadable again with load_recipe."""
-    path.write_text(f"# resolved from {recipe.source}\n" + recipe.to_yaml())
+RUN_RECIPE = "recipe.yaml"
+_RUN_RECIPE_HEADER = "# resolved from "
+
+# Settings that name files or folders: `~` and $VARIABLES are expanded as a shell would.
+PATH_KEYS = ("data.root", "data.train_dir", "data.val_dir", "data.train_beton",
+             "data.val_beton", "log.output", "log.resume")
+
+
+def _expand_paths(recipe: Recipe, origins: dict, default_file: str) -> None:
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(recipe, section), name)
+        if not isinstance(value, str):
+            continue
+        expanded = os.path.expandvars(os.path.expanduser(value))
+        if "$" in expanded:
+            unset = re.search(r"\$\{?(\w+)", expanded).group(1)
+            raise RecipeError(origins.get(key, default_file), key,
+                              f"got {value!r}: the environment variable {unset} is not set; "
+                              "expected a path (set it, or write the path out)")
+        setattr(getattr(recipe, section), name, expanded)
+
+
+def file_value(recipe: Recipe, key: str):
+    """`key`'s value in the recipe's files alone (its `extends` chain, no command line);
+    None when the files do not set it."""
+    tree, _ = _load_tree(Path(recipe.source), chain=())
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def is_run_recipe(path: Path) -> bool:
+    """Whether `path` is the recipe.yaml a run wrote into its folder (dump_recipe)."""
+    if path.name != RUN_RECIPE or not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(len(_RUN_RECIPE_HEADER)) == _RUN_RECIPE_HEADER.encode()
+
+
+def dump_recipe(recipe: Recipe, path: Path, ran_with: dict | None = None) -> None:
+    """Save the resolved recipe (no `extends`), loadable again with load_recipe; loaded from a
+    run folder, it continues that run (is_run_recipe). A run continued from that copy keeps
+    the name of the file it was first resolved from. `ran_with` (what the machine decided:
+    the loader auto picked, the autocast dtype) goes in as comments: not settings."""
+    source = recipe.source
+    if source and is_run_recipe(Path(source)):
+        with open(source) as f:
+            source = f.readline()[len(_RUN_RECIPE_HEADER):].strip()
+    comments = "".join(f"# ran with {key}: {value}\n" for key, value in (ran_with or {}).items()
+                       if key != "notes")
+    path.write_text(f"{_RUN_RECIPE_HEADER}{source}\n{comments}" + recipe.to_yaml())
 
 
 def _plain(value):

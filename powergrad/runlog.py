@@ -16,7 +16,19 @@ from .recipe import Recipe, dump_recipe
 # timm's summary.csv columns first (epoch, train_loss, eval_loss, eval_top1, eval_top5, lr),
 # then the ones timm does not write.
 SUMMARY_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr",
-                   "train_top1", "img_per_sec", "data_wait_frac", "epoch_seconds"]
+                   "train_top1", "img_per_sec", "data_wait_frac", "epoch_seconds",
+                   "train_images", "bad_images"]
+
+
+def train_img_per_sec(rows: list[dict]) -> float:
+    """The one images/s figure of a run (epoch line, final.json, compare): images trained,
+    over all processes, per second of training (evaluation and checkpoints excluded), over
+    the given epochs. Rows written before `train_images` was recorded: their mean rate."""
+    rows = [r for r in rows if r.get("img_per_sec") not in (None, "")]
+    if rows and all(r.get("train_images") not in (None, "") for r in rows):
+        seconds = sum(float(r["epoch_seconds"]) for r in rows)
+        return sum(float(r["train_images"]) for r in rows) / seconds if seconds else float("nan")
+    return sum(float(r["img_per_sec"]) for r in rows) / len(rows) if rows else float("nan")
 
 # A run's results, as final.json records them (from the epoch history) and as
 # `powergrad compare` reads them back (from the TensorBoard scalars): one list for both, so
@@ -34,7 +46,8 @@ EPOCH_TAGS = {column: tag for column, tag, _ in RESULT_FIELDS.values()
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, recipe: Recipe, enabled: bool = True):
+    def __init__(self, run_dir: Path, recipe: Recipe, enabled: bool = True,
+                 ran_with: dict | None = None):
         self.run_dir, self.enabled = Path(run_dir), enabled
         self.writer = None
         if not enabled:
@@ -42,7 +55,7 @@ class RunLog:
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        dump_recipe(recipe, self.run_dir / "recipe.yaml")
+        dump_recipe(recipe, self.run_dir / "recipe.yaml", ran_with)
         self.writer = SummaryWriter(log_dir=str(self.run_dir))
         self.writer.add_text("recipe", f"digest {recipe.digest()}\n\n```yaml\n"
                                        f"{recipe.to_yaml()}\n```", 0)
@@ -105,15 +118,24 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(steps)
-        elif self.enabled and (self.count >= self.next_line or self.count == self.total):
+        elif self.enabled and self.count >= self.next_line and self.count < self.total:
             self.next_line = (self.count // self.every + 1) * self.every
-            elapsed = time.perf_counter() - self.start
-            rate = self.count / elapsed if elapsed > 0 else 0.0
-            eta = (self.total - self.count) / rate if rate > 0 else 0.0
-            items = " ".join(f"{k} {v}" for k, v in postfix.items())
-            print(f"{self.desc} {self.count}/{self.total} {items} "
-                  f"[{rate:.1f} {self.unit}/s, eta {eta:.0f}s]", flush=True)
+            self._line(postfix)
 
-    def close(self) -> None:
+    def _line(self, postfix: dict[str, str]) -> None:
+        elapsed = time.perf_counter() - self.start
+        rate = self.count / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.count) / rate if rate > 0 else 0.0
+        items = "".join(f" {k} {v}" for k, v in postfix.items())
+        print(f"{self.desc} {self.count}/{self.total}{items} "
+              f"[{rate:.1f} {self.unit}/s, eta {eta:.0f}s]", flush=True)
+
+    def close(self, postfix: dict[str, str] | None = None) -> None:
+        """End the bar; `postfix`: the values of its last line (e.g. over all processes),
+        which a log then gets as its own last line."""
         if self.bar is not None:
+            if postfix is not None:
+                self.bar.set_postfix(postfix, refresh=False)
             self.bar.close()
+        elif self.enabled and postfix is not None:
+            self._line(postfix)

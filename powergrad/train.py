@@ -3,15 +3,18 @@ then train them one after the other, optionally ending with a comparison table a
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from .distributed import world_from_env
 from .preemption import StopRequest
 from .preflight import check_run_dirs, preflight
-from .recipe import Recipe, RecipeError, load_recipe
+from .recipe import RUN_RECIPE, Recipe, RecipeError, load_recipe
 
 
 def split_items(items: list[str]) -> tuple[list[str], list[str]]:
-    recipes = [i for i in items if "=" not in i]
+    """(recipe files, key=value settings); a run folder stands for its recipe.yaml."""
+    recipes = [str(Path(i) / RUN_RECIPE) if Path(i).is_dir() else i
+               for i in items if "=" not in i]
     overrides = [i for i in items if "=" in i]
     return recipes, overrides
 
@@ -89,16 +92,16 @@ def _main(items: list[str], compare_name: str | None, fast_dev_run: int,
     run_dirs = []
     for recipe in recipes:
         if fast_dev_run:
-            say(f"== {recipe.source}: fast dev run, {fast_dev_run} step(s), nothing saved",
-                flush=True)
+            say(f"== {recipe.source}: fast dev run, up to {fast_dev_run} step(s) and "
+                f"{fast_dev_run} test batch(es), nothing saved", flush=True)
             outcome = _train_or_exit_code(
                 lambda r, stop: train(r, fast_dev_run=fast_dev_run, stop=stop), recipe, stop)
             if isinstance(outcome, int):
                 return outcome
             summary = outcome
             say(f"== {recipe.source}: fast dev run OK: {summary['updates']} step(s), train loss "
-                f"{summary['final_train_loss']:.4f}, test top-1 on {fast_dev_run} batch(es) "
-                f"{summary['final_test_top1']:.2f} %", flush=True)
+                f"{summary['final_train_loss']:.4f}, test top-1 on {summary['eval_batches']} "
+                f"batch(es) {summary['final_test_top1']:.2f} %", flush=True)
             continue
         say(f"== {recipe.source} -> {run_dir_for(recipe)}", flush=True)
         outcome = _train_or_exit_code(train, recipe, stop)

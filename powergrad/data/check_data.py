@@ -72,7 +72,7 @@ def check_path(path: str, workers: int, say=print) -> list[str]:
     start = time.perf_counter()
     bar = Progress(len(files), f"check-data {path}", unit="img", every=max(1, len(files) // 20))
     bad = find_bad_images(files, workers, bar)
-    bar.close()
+    bar.close({})
     seconds = time.perf_counter() - start
     rate = len(files) / seconds if seconds > 0 else 0.0
     lines = structure + [f"{p}: {why}" for p, why in bad]
