@@ -150,7 +150,7 @@ def _plot_schedule(positions, lrs, alpha, recipe: Recipe, png: Path) -> None:
     ax_alpha.set_xlabel("epoch")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
+    fig.savefig(png, dpi=100, format="png")  # at exactly this path, whatever its suffix
     plt.close(fig)
 
 

@@ -169,8 +169,9 @@ def _train(recipe: Recipe, run_dir: Path, fast_dev_run: int, stop: StopRequest) 
         max_updates=fast_dev_run or None, save_checkpoints=saving,
         save_step=(lambda st: _save(ctx, st, run_dir, model, step=True))
         if saving and recipe.log.checkpoint_every else None)
-    say(f"data: {fit.loader} loader, {fit.data.workers} worker(s); autocast {fit.amp_dtype}; "
-        f"device {device}", flush=True)
+    workers = f", {fit.data.workers} worker(s)" if fit.data.dataset == "imagefolder" else ""
+    say(f"data: {fit.loader} loader{workers}; autocast {fit.amp_dtype}; device {device}",
+        flush=True)
     say(f"batch: {plan.describe()}; lr {recipe.optim.lr:g} at its peak; {total_epochs} epochs"
         f"{_cooldown_words(recipe, total_epochs)} ({updates_per_epoch} steps each)", flush=True)
     if fast_dev_run:  # one short epoch: a broken data path shows in a minute

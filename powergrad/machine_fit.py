@@ -73,8 +73,9 @@ def chosen_loader(data) -> tuple[str, str]:
         loader = choose_loader(data)
     if data.loader != "auto":
         return loader, ""
-    reason = str(said[0].message) if said else "both .beton files are set and ffcv imports"
-    return loader, f"picked {loader} ({reason.removeprefix('data.loader auto: ')})"
+    if said:  # choose_loader's own words: "data.loader auto: using torchvision on ... because"
+        return loader, str(said[0].message).removeprefix("data.loader auto: ")
+    return loader, "using ffcv: both .beton files are set and ffcv imports"
 
 
 def unchanged_lr_note(recipe: Recipe, images_per_step: int) -> str:

@@ -34,6 +34,7 @@ def preflight(recipe: Recipe, world_size: int | None = None) -> None:
     data = inspect_data(recipe)
     check_data_matches_model(recipe, data)
     check_steps_per_epoch(recipe, plan, data)
+    check_model_takes_images(recipe, plan)
 
 
 def check_run_dirs(recipes: list[Recipe]) -> None:
@@ -54,10 +55,27 @@ def check_run_dirs(recipes: list[Recipe]) -> None:
             _fail(recipe, "log.experiment", f"{got}: {recipe.source} and {first.source} would "
                                             f"both write {run_dir}; expected one run directory "
                                             "per recipe (set log.experiment=NAME)")
+        check_writable(recipe, "log.output", run_dir)
         try:
             check_same_recipe(run_dir, recipe)
         except RunDirError as err:
             _fail(recipe, "log.experiment", f"{got}: {_one_line(err)}")
+
+
+def check_writable(recipe: Recipe, key: str, folder: Path) -> None:
+    """`folder` exists as a folder this process can write into, or can be made: its nearest
+    existing ancestor is a writable folder (not a file, not a read-only file system)."""
+    folder = Path(folder)
+    nearest = folder
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    value = getattr(recipe.log, key.split(".")[1]) if key.startswith("log.") else str(folder)
+    if not nearest.is_dir():
+        _fail(recipe, key, f"got {value!r}: {nearest} is a file, so {folder} cannot be made; "
+                           "expected a folder (or a path that can be made one)")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        _fail(recipe, key, f"got {value!r}: {nearest} is not writable by this user (or is on "
+                           "a read-only file system); expected a folder runs can be written to")
 
 
 def _fail(recipe: Recipe, key: str, message: str):
@@ -241,6 +259,114 @@ def check_data_matches_model(recipe: Recipe, data: DataFacts) -> None:
         _fail(recipe, "model.in_chans", f"got {recipe.model.in_chans}, but {data.where} has "
                                         f"{data.channels}-channel images; expected "
                                         f"{data.channels}")
+
+
+def image_sizes(recipe: Recipe) -> dict[str, int]:
+    """The square image sizes the model will see, by the key that sets each."""
+    data = recipe.data
+    if data.dataset == "fashion_mnist":
+        return {"data.dataset": 28}  # the loader's own 28 x 28
+    sizes = {"data.img_size": data.img_size} if data.min_res is None else \
+        {"data.min_res": data.min_res, "data.max_res": data.max_res}
+    sizes["data.val_img_size" if data.val_img_size else "data.img_size"] = \
+        data.val_img_size or data.img_size
+    return sizes
+
+
+def check_model_takes_images(recipe: Recipe, plan: BatchPlan) -> None:
+    """One forward pass on the meta device (shapes only: no memory, no compute) at every
+    image size the run uses: a model with a fixed input size (a ViT's patch grid) refuses
+    the others now, not after the data is set up. Its activations' sizes at the training
+    sizes give an estimate of one micro-batch's memory, refused when larger than the device
+    holds (an estimate: refused only when it clearly cannot fit, never a tuning aid)."""
+    import torch
+
+    from .models import build_model
+
+    with torch.device("meta"):
+        model = build_model(recipe.model)
+    model.train()
+    largest, largest_key = 0, "data.img_size"
+    for key, size in sorted(image_sizes(recipe).items(), key=lambda item: item[1]):
+        # two images: BatchNorm refuses one value per channel in training mode
+        images = torch.empty(2, recipe.model.in_chans, size, size, device="meta")
+        try:
+            per_image = _activation_bytes(model, images) // 2
+        except NotImplementedError:  # an op without a meta kernel: nothing to learn here
+            return
+        except (AssertionError, RuntimeError, ValueError) as err:
+            expected = _fixed_input_size(model)
+            fix = (f"expected {expected} (or set model.kwargs.img_size, which timm's ViTs "
+                   "take)" if expected else "expected a size this model takes")
+            _fail(recipe, key, f"got {size}: {recipe.model.model} cannot take {size} x {size} "
+                               f"images ({type(err).__name__}: {_one_line(err)}); {fix}")
+        training = key != "data.val_img_size"  # evaluation keeps no activations
+        if training and per_image >= largest:
+            largest, largest_key = per_image, key
+    if recipe.train.amp_dtype != "float32":
+        largest //= 2  # autocast keeps most activations in 16 bits
+    # fp32 weights, gradients and up to two optimizer states; activations kept for backward
+    fixed = 16 * sum(p.numel() for p in model.parameters())
+    need = fixed + largest * plan.micro_batch
+    have, where = _device_memory(recipe)
+    if have is None or need <= have:
+        return
+    size = image_sizes(recipe)[largest_key]
+    what = (f"about {need / 2**30:.1f} GiB for weights, optimizer and the activations of "
+            f"{plan.micro_batch} images of {size} x {size} px, but {where} has "
+            f"{have / 2**30:.1f} GiB")
+    if fixed + largest > have:  # not even one image fits
+        _fail(recipe, largest_key, f"got {size}: {what}; expected a smaller image size")
+    _fail(recipe, "train.batch_size", f"got {recipe.train.batch_size} ({plan.micro_batch} "
+                                      f"images per micro-batch): {what}; expected a smaller "
+                                      "batch (train.batch_size; train.global_batch is kept "
+                                      "by accumulation)")
+
+
+def _activation_bytes(model, images) -> int:
+    """Bytes of every module's output for `images` (what backward keeps, roughly; in-place
+    modules share their input's memory and are not counted)."""
+    import torch
+
+    total = 0
+
+    def count(module, inputs, output):
+        nonlocal total
+        if getattr(module, "inplace", False):
+            return
+        for out in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(out, torch.Tensor):
+                total += out.numel() * out.element_size()
+
+    handles = [m.register_forward_hook(count) for m in model.modules()
+               if not list(m.children())]
+    try:
+        model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def _fixed_input_size(model) -> int | None:
+    patch_embed = getattr(model, "patch_embed", None)
+    size = getattr(patch_embed, "img_size", None)
+    return size[0] if isinstance(size, (tuple, list)) else size
+
+
+def _device_memory(recipe: Recipe) -> tuple[int | None, str]:
+    """(bytes the training device holds, its name); None when it cannot be told."""
+    import torch
+
+    if recipe.train.device != "cpu" and torch.cuda.is_available():
+        index = cuda_index(world_from_env().local_rank, torch.cuda.device_count()) or 0
+        return torch.cuda.get_device_properties(index).total_memory, f"cuda:{index}"
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024, "this machine's free memory"
+    except (OSError, KeyError, ValueError):
+        return None, ""
 
 
 def check_steps_per_epoch(recipe: Recipe, plan: BatchPlan, data: DataFacts) -> None:

@@ -95,3 +95,186 @@ def test_preflight_refuses_a_stray_file_and_an_empty_class_before_any_work(tmp_p
     err = one_line(capsys.readouterr().err)
     assert f"data.val_dir: got '{tmp_path / 'val'}': {tmp_path / 'val/dog'}: class folder " \
            "is empty" in err
+
+
+# --- model against data --------------------------------------------------------------------
+
+def test_a_vit_is_refused_an_image_size_it_cannot_take(tmp_path, capsys):
+    textured_folder(tmp_path / "train", per_class=4)
+    textured_folder(tmp_path / "val", per_class=1, seed=1)
+    deit = REPO / "recipes/imagenet/deit_small_base.yaml"
+    args = ["train", str(deit), *small_run(tmp_path, tmp_path / "runs")[1:], "data.img_size=64"]
+    assert cli_main(args) == 2
+    err = one_line(capsys.readouterr().err)
+    assert err.startswith("recipe error: command line (data.val_img_size=32): "
+                          "data.val_img_size: got 32: deit_small_patch16_224 cannot take 32 x "
+                          "32 images (AssertionError: ") and "expected 224" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_absurd_image_size_is_refused_before_anything_is_allocated(tmp_path, capsys):
+    textured_folder(tmp_path / "train", per_class=4)
+    textured_folder(tmp_path / "val", per_class=1, seed=1)
+    args = ["train", *small_run(tmp_path, tmp_path / "runs"), "data.img_size=200000"]
+    assert cli_main(args) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "data.img_size: got 200000: about " in err and "GiB" in err
+    assert "expected a smaller image size" in err
+
+
+# --- a GPU recipe on a CPU -------------------------------------------------------------------
+
+def test_a_gpu_recipe_on_a_cpu_says_what_it_changed_and_records_it(tmp_path, capsys):
+    """The ImageNet recipe as shipped: fp16, 12 workers, loader auto with .beton files that are
+    not there, lr 0.4 for 1024 images, 90 + 10 epochs."""
+    textured_folder(tmp_path / "train", per_class=4)
+    textured_folder(tmp_path / "val", per_class=1, seed=1)
+    args = [str(RESNET18), f"data.train_dir={tmp_path / 'train'}",
+            f"data.val_dir={tmp_path / 'val'}", "data.img_size=32", "data.val_img_size=32",
+            "model.num_classes=3", "data.num_classes=3", "train.global_batch=4",
+            "train.eval_batch_size=6", "data.train_subset=4", f"log.output={tmp_path / 'runs'}"]
+    assert cli_main(["train", *args, "--fast-dev-run", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "note: train.amp_dtype float16 is for GPUs (fp16 autocast is very slow on a CPU): " \
+           "using bfloat16 autocast on this CPU" in out
+    assert "note: data.workers 12 is more than the" in out
+    assert "note: data.loader auto: using torchvision on " \
+           f"{tmp_path / 'train'} because /data/ffcv/train_500.beton does not exist" in out
+    assert "note: train.global_batch 4 from the command line, but optim.lr stays 0.4, set for " \
+           "1024 images per step; scaled linearly it would be optim.lr=0.001563" in out
+    assert "100 epochs (train.epochs 90 + 10 cool-down)" in out
+    assert "data: torchvision loader, " in out and "autocast bfloat16" in out
+    assert not (tmp_path / "runs").exists()
+
+    assert cli_main(["train", *args, "train.epochs=1", "sched.cooldown_epochs=0"]) == 0
+    run = tmp_path / "runs" / RESNET18.stem
+    ran_with = json.loads((run / "final.json").read_text())["ran_with"]
+    assert (ran_with["loader"], ran_with["amp_dtype"]) == ("torchvision", "bfloat16")
+    assert "# ran with loader: torchvision\n" in (run / "recipe.yaml").read_text()
+
+
+# --- promises kept ---------------------------------------------------------------------------
+
+@pytest.fixture
+def finished_demo(tmp_path_factory):
+    """A finished 1-epoch Fashion-MNIST run on 60 images."""
+    out = tmp_path_factory.mktemp("runs")
+    args = [str(REPO / "recipes/fashion_mnist/resnet_pgt.yaml"), "data.train_subset=60",
+            "data.eval_subset=50", "train.batch_size=20", "train.epochs=1",
+            "sched.cooldown_epochs=0", "sched.warmup_epochs=0", "train.eval_batch_size=1000",
+            f"log.output={out}"]
+    assert cli_main(["train", *args]) == 0
+    return out / "resnet_pgt", args
+
+
+def test_a_run_folder_continues_its_run_and_a_finished_one_writes_nothing(
+        finished_demo, tmp_path, monkeypatch, capsys):
+    run, _ = finished_demo
+    capsys.readouterr()
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    monkeypatch.chdir(tmp_path)  # another folder: the run folder is still the run's
+    for item in (str(run), str(run / "recipe.yaml")):
+        assert cli_main(["train", item]) == 0
+        assert f"{run}: already trained for 1 epochs; nothing written" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
+    assert not (tmp_path / "runs").exists()
+    assert cli_main(["train", str(tmp_path)]) == 2  # a folder that is not a run's
+    assert capsys.readouterr().err.startswith(
+        f"powergrad train: {tmp_path}: a folder without a recipe.yaml, so not a run folder\n")
+
+
+def test_one_images_per_second_in_the_epoch_line_final_json_and_compare(finished_demo, capsys):
+    run, _ = finished_demo
+    from powergrad.compare import summarize
+    final = json.loads((run / "final.json").read_text())
+    import csv
+    with open(run / "summary.csv", newline="") as f:
+        (row,) = csv.DictReader(f)
+    by_definition = float(row["train_images"]) / float(row["epoch_seconds"])
+    assert int(row["train_images"]) == 60
+    assert final["img_per_sec"] == pytest.approx(by_definition, rel=1e-12)
+    assert summarize(run)["img_per_sec"] == final["img_per_sec"]
+    assert float(row["img_per_sec"]) == pytest.approx(by_definition, rel=1e-12)
+
+
+def test_fast_dev_run_says_what_it_ran(tmp_path, capsys):
+    args = [str(REPO / "recipes/fashion_mnist/resnet_pgt.yaml"), "data.train_subset=40",
+            "data.eval_subset=50", "train.batch_size=20", f"log.output={tmp_path}"]
+    assert cli_main(["train", *args, "--fast-dev-run", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "fast dev run OK: 2 step(s)" in out and "test top-1 on 1 batch(es)" in out
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["train", *args, "--fast-dev-run", "-1"])
+    assert exit_.value.code == 2
+    assert "--fast-dev-run: expected a whole number >= 0, got -1" in capsys.readouterr().err
+
+
+def test_describe_writes_the_plot_where_it_says(tmp_path, capsys):
+    target = tmp_path / "plots" / "schedule"  # no .png: still exactly this file
+    assert cli_main(["describe", str(RESNET18), "--png", str(target)]) == 0
+    assert f"wrote {target}" in capsys.readouterr().out
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- places the user names -------------------------------------------------------------------
+
+def test_an_output_path_that_is_a_file_is_refused_before_work(tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file")
+    args = [str(REPO / "recipes/fashion_mnist/resnet_pgt.yaml"),
+            f"log.output={tmp_path / 'taken' / 'runs'}"]
+    assert cli_main(["train", *args]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert f"log.output: got '{tmp_path / 'taken' / 'runs'}': {tmp_path / 'taken'} is a file" in err
+
+
+def test_paths_expand_home_and_variables_and_an_unset_one_is_named(tmp_path, monkeypatch,
+                                                                   capsys):
+    from powergrad.recipe import RecipeError, load_recipe
+    monkeypatch.setenv("SCRATCH", str(tmp_path))
+    recipe = load_recipe(REPO / "recipes/fashion_mnist/resnet_pgt.yaml",
+                         ["log.output=$SCRATCH/runs", "data.root=~/fm"])
+    assert recipe.log.output == f"{tmp_path}/runs"
+    assert recipe.data.root == str(Path.home() / "fm")
+    with pytest.raises(RecipeError, match="log.output: got '\\$NOPE_UNSET/runs': the "
+                                          "environment variable NOPE_UNSET is not set"):
+        load_recipe(REPO / "recipes/fashion_mnist/resnet_pgt.yaml", ["log.output=$NOPE_UNSET/runs"])
+
+
+def test_a_full_disk_while_saving_is_one_line_and_the_last_checkpoint_survives(
+        finished_demo, tmp_path, monkeypatch, capsys):
+    """The second epoch's last.pth meets a full disk: one line, exit 2, no temporary file
+    left, and the first epoch's last.pth is still there to resume from."""
+    import errno
+
+    import torch
+
+    from powergrad import checkpoint as ckpt
+    _, args = finished_demo
+    real_save, saves = torch.save, []
+
+    def full_disk_on_the_second_last_pth(state, f):
+        saves.append(1)
+        if len(saves) == 3:  # epoch 1: last.pth, best.pth; epoch 2: last.pth
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(state, f)
+    monkeypatch.setattr(torch, "save", full_disk_on_the_second_last_pth)
+    args = [a for a in args if not a.startswith(("train.epochs", "log.output"))]
+    run = tmp_path / "runs" / "resnet_pgt"
+    assert cli_main(["train", *args, "train.epochs=2", f"log.output={tmp_path / 'runs'}"]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert err == (f"run error: {run / 'last.pth'}: could not write the checkpoint (No space "
+                   "left on device); the previous one is untouched. Free space there (or "
+                   "choose another log.output) and run the same command to resume")
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+    assert ckpt.read_training(run / "last.pth")["state"]["epoch"] == 1
+
+
+def test_a_bug_says_it_is_one_on_its_last_line(monkeypatch, capsys):
+    from powergrad import describe
+    monkeypatch.setattr(describe, "describe", lambda *a, **k: 1 / 0)
+    assert cli_main(["describe", str(RESNET18)]) == 1
+    err = capsys.readouterr().err
+    assert "ZeroDivisionError" in err
+    assert err.strip().splitlines()[-1].startswith(
+        "powergrad describe: this is a bug in powergrad ")

@@ -89,7 +89,9 @@ def read_beton_info(beton: str | os.PathLike, num_classes: int | None = None) ->
     """
     path = Path(beton)
     if not path.is_file():
-        raise ImageDataError(f"{path}: .beton file does not exist")
+        raise ImageDataError(f"{path}: .beton file does not exist; write it with "
+                             "tools/write_ffcv.py (README: ImageNet), or read JPEG folders: "
+                             "data.loader=torchvision with data.train_dir and data.val_dir")
     num_samples = _check_ffcv_layout(path)
     meta_path = sidecar_path(path)
     if meta_path.is_file():

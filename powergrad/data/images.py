@@ -7,6 +7,7 @@ also has set_epoch(epoch) and `resolution` (see device_batches.py).
 """
 from __future__ import annotations
 
+import os
 import typing
 import warnings
 
@@ -42,7 +43,8 @@ def choose_loader(cfg: DataConfig) -> str:
                              "are not both set (write them with tools/write_ffcv.py)")
         if (why := ffcv_import_error()) is not None:
             raise ImportError(f"data.loader is 'ffcv' but ffcv does not import ({why}); "
-                              "install it with `pip install powergrad[ffcv]`")
+                              "install it from a checkout with `pip install -e '.[ffcv]'` (after `apt-get "
+                              "install pkg-config libturbojpeg0-dev libopencv-dev`)")
         return "ffcv"
     if cfg.loader in ("torchvision", "dali"):
         if not dirs_set:
@@ -55,7 +57,10 @@ def choose_loader(cfg: DataConfig) -> str:
                                   f"({why}); install it with `pip install {DALI_PACKAGE}` or "
                                   "`pip install -e '.[dali]'`")
         return cfg.loader
-    if betons_set:
+    missing = [b for b in (cfg.train_beton, cfg.val_beton) if b and not os.path.isfile(b)]
+    if betons_set and missing and dirs_set:
+        reason = f"{missing[0]} does not exist"
+    elif betons_set:
         why = ffcv_import_error()
         if why is None:
             return "ffcv"
