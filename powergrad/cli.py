@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import sys
 from pathlib import Path
 
 from . import __version__
+from .errors import number_in, one_error_path, whole_number
 
 # What to do after a bad argument, per subcommand: argparse names the problem, this the fix.
 _HINTS = {
@@ -23,6 +23,9 @@ _HINTS = {
                  "`powergrad gpu-check --help`",
     "torchrun": "powergrad torchrun [TORCHRUN OPTIONS] train RECIPE.yaml [key=value ...]",
 }
+
+
+_count = whole_number(0)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -124,7 +127,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                     "paper's numbers when the recipe carries them. Runs that stopped early or "
                     "diverged are shown with what they have; missing values are marked.")
     compare.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    compare.add_argument("--target", type=float, default=None,
+    compare.add_argument("--target", type=number_in(0, 100), default=None,
                          help="test top-1 (%%) whose first crossing is reported (default: the "
                               "highest multiple of 0.5 %% that every run reached)")
     compare.add_argument("--out", default=None, metavar="PATH",
@@ -153,17 +156,6 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     return parser, subs
 
 
-def _count(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
-    return value
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Subcommand arguments in any order: options may come before, between or after the
     recipes and key=value settings (argparse's intermixed parsing, one subcommand at a time)."""
@@ -178,40 +170,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Every command's one error path: an expected failure has already printed its one line
-    and returns its code (2 bad input, 1 divergence, 75 preempted); an OS error on a path the
-    user named becomes one line naming it; anything else is a bug, said as one."""
+    """Every command's one error path (errors.one_error_path): an expected failure has
+    already printed its one line and returns its code (2 bad input, 1 divergence, 75
+    preempted); an OS error on a path the user named becomes one line naming it; anything
+    else is a bug, said as one."""
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
-    try:
-        return _run(args)
-    except KeyboardInterrupt:
-        print(f"powergrad {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except OSError as err:  # a full disk, a read-only or missing folder, a file for a folder
-        print(f"powergrad {args.command}: {os_error_line(err)}", file=sys.stderr)
-        return 2
-    except Exception:
-        import traceback
-
-        traceback.print_exc()
-        print(f"powergrad {args.command}: this is a bug in powergrad {__version__}, not in your "
-              "input: please report it with the command line and the traceback above",
-              file=sys.stderr)
-        return 1
-
-
-def os_error_line(err: OSError) -> str:
-    """'PATH: what went wrong; what to do' for an OSError from a path."""
-    where = f"{err.filename}: " if err.filename else ""
-    what = err.strerror or str(err)
-    fix = {errno.ENOSPC: "free space there or choose another place",
-           errno.EDQUOT: "free space there or choose another place",
-           errno.EACCES: "choose a place you can write to, or change its permissions",
-           errno.EROFS: "the file system is read-only: choose another place",
-           errno.ENOTDIR: "a part of this path is a file, not a folder",
-           errno.EISDIR: "this is a folder; name a file",
-           errno.ENOENT: "no such file or folder"}.get(err.errno)
-    return f"{where}{what}" + (f"; {fix}" if fix and fix != what.lower() else "")
+    return one_error_path(f"powergrad {args.command}", lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> int:

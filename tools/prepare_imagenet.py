@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from powergrad.data.imagenet_archives import (ArchiveError, CountMismatch, Expected,  # noqa: E402
                                               prepare_imagenet)
+from powergrad.errors import one_error_path, whole_number  # noqa: E402
 
 EPILOG = """example:
   python tools/prepare_imagenet.py --train ILSVRC2012_img_train.tar \\
@@ -19,7 +20,7 @@ writes /data/imagenet/train/<wnid>/*.JPEG and /data/imagenet/val/<wnid>/*.JPEG (
 built beside the output folder and renamed into place only once the counts are right)."""
 
 
-def main(argv=None) -> None:
+def _main(argv=None) -> int:
     imagenet = Expected()
     p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
                                 formatter_class=_Formatter)
@@ -34,24 +35,25 @@ def main(argv=None) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-md5", dest="check_md5", action="store_false",
                    help="skip the md5 check of the archives against the official ones")
-    p.add_argument("--expected-classes", type=int, metavar="N", default=imagenet.classes,
+    p.add_argument("--expected-classes", type=whole_number(1), metavar="N", default=imagenet.classes,
                    help="classes in train and in val")
-    p.add_argument("--expected-train-images", type=int, metavar="N", default=imagenet.train_images,
+    p.add_argument("--expected-train-images", type=whole_number(1), metavar="N", default=imagenet.train_images,
                    help="train images in all")
-    p.add_argument("--expected-val-per-class", type=int, metavar="N", default=imagenet.val_per_class,
+    p.add_argument("--expected-val-per-class", type=whole_number(1), metavar="N", default=imagenet.val_per_class,
                    help="validation images in every class")
     args = p.parse_args(argv)
     expected = Expected(args.expected_classes, args.expected_train_images,
                         args.expected_val_per_class)
-    try:
-        found = prepare_imagenet(args.train, args.val, args.out, devkit=args.devkit,
-                                 val_solution=args.val_solution, expected=expected,
-                                 overwrite=args.overwrite, check_md5=args.check_md5)
-    except (ArchiveError, CountMismatch, FileExistsError, FileNotFoundError,
-            tarfile.TarError) as e:
-        sys.exit(f"error: {e}")
+    for name in ("train", "val", "devkit", "val_solution"):
+        path = getattr(args, name)
+        if path is not None and not path.is_file():
+            p.error(f"argument --{name.replace('_', '-')}: {path} is not a file")
+    found = prepare_imagenet(args.train, args.val, args.out, devkit=args.devkit,
+                             val_solution=args.val_solution, expected=expected,
+                             overwrite=args.overwrite, check_md5=args.check_md5)
     print(f"wrote {args.out}: {len(found.train)} classes, {sum(found.train.values())} train "
           f"and {sum(found.val.values())} val images")
+    return 0
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -64,5 +66,11 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
         return super()._get_help_string(action)
 
 
+def main(argv=None) -> int:
+    """The tool with the one error path: an expected failure is one line and exit 2."""
+    return one_error_path("prepare_imagenet", lambda: _main(argv), expected=(
+        ArchiveError, CountMismatch, FileExistsError, tarfile.TarError))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,10 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from powergrad.errors import number_in, one_error_path  # noqa: E402
 from powergrad.study import StudyError, load_plan, run_study, status_lines  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plan", default="tools/study_plan.yaml",
                         help="the study's plan: claims, arms (recipe + seeds), throughput "
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--claims", default=None, metavar="NAME[,NAME...]",
                         help="train only these claims (and the arms they need); the report "
                              "always covers the whole plan (default: all)")
-    parser.add_argument("--max-minutes", type=float, default=None,
+    parser.add_argument("--max-minutes", type=number_in(0, 1e9, low_open=True), default=None,
                         help="stop training after this many minutes, the current run with "
                              "a checkpoint, and exit 75: the same command continues "
                              "(default: no limit)")
@@ -55,8 +56,6 @@ def main(argv: list[str] | None = None) -> int:
                       help="write the report from the records; train nothing")
     mode.add_argument("--no-report", action="store_true", help="train, write no report")
     args = parser.parse_args(argv)
-    if args.max_minutes is not None and args.max_minutes <= 0:
-        parser.error(f"--max-minutes: got {args.max_minutes}; expected a positive number")
     try:
         plan = load_plan(args.plan)
         claims = plan.select(args.claims.split(",") if args.claims else None)
@@ -92,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {md} and its plots in {args.out}/"
               + (f", and the verdict table in {readme}" if readme else ""))
     return code
+
+
+def main(argv=None) -> int:
+    """The tool with the one error path: an expected failure is one line and exit 2."""
+    return one_error_path("study", lambda: _main(argv), expected=(StudyError,))
 
 
 if __name__ == "__main__":

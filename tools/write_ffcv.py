@@ -19,13 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from powergrad.data.ffcv_writer import (ImageWriterSettings, write_fashion_mnist_beton,  # noqa: E402
                                         write_imagefolder_beton)
 from powergrad.data.imagefolder_checks import ImageDataError  # noqa: E402
+from powergrad.errors import number_in, one_error_path, whole_number  # noqa: E402
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults shown, the usage examples above kept as written."""
 
 
-def main(argv=None) -> None:
+def _main(argv=None) -> int:
     defaults = ImageWriterSettings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument("kind", choices=["imagefolder", "fashion_mnist"], help="what SRC holds")
@@ -34,26 +35,31 @@ def main(argv=None) -> None:
     p.add_argument("dst", help="output .beton file")
     p.add_argument("--split", choices=["train", "test"], default="train",
                    help="fashion_mnist: which split to write")
-    p.add_argument("--max-resolution", type=int, default=defaults.max_resolution,
+    p.add_argument("--max-resolution", type=whole_number(0), default=defaults.max_resolution,
                    help="longest side in px; 0 keeps the original size")
     p.add_argument("--write-mode", default=defaults.write_mode,
                    choices=["raw", "jpg", "proportion", "smart"], help="ffcv's RGBImageField mode")
-    p.add_argument("--compress-probability", type=float, default=defaults.compress_probability,
+    p.add_argument("--compress-probability", type=number_in(0, 1),
+                   default=defaults.compress_probability,
                    help="share of images stored as JPEG with --write-mode proportion")
-    p.add_argument("--jpeg-quality", type=int, default=defaults.jpeg_quality, help="1-100")
-    p.add_argument("--workers", type=int, default=-1, help="processes; -1 = all cores")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--jpeg-quality", type=whole_number(1, 100), default=defaults.jpeg_quality,
+                   help="1-100")
+    p.add_argument("--workers", type=whole_number(-1), default=-1,
+                   help="processes; -1 = all cores")
+    p.add_argument("--limit", type=whole_number(1), default=None,
                    help="fashion_mnist: write the first N images only (None: all)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     args = p.parse_intermixed_args(argv)
-    try:
-        out = write(args)
-    except (ImageDataError, FileExistsError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    if args.workers == 0:
+        p.error("argument --workers: expected -1 (all cores) or a number of processes >= 1")
+    out = write(args)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) and {out}.json")
+    return 0
 
 
 def write(args) -> Path:
+    if Path(args.dst).suffix != ".beton":
+        raise ValueError(f"{args.dst}: expected an output file name ending in .beton")
     Path(args.dst).parent.mkdir(parents=True, exist_ok=True)
     if args.kind == "imagefolder":
         settings = ImageWriterSettings(args.max_resolution or None, args.write_mode,
@@ -68,5 +74,11 @@ def write(args) -> Path:
                                      workers=args.workers, overwrite=args.overwrite)
 
 
+def main(argv=None) -> int:
+    """The tool with the one error path: an expected failure is one line and exit 2."""
+    return one_error_path("write_ffcv", lambda: _main(argv),
+                          expected=(ImageDataError, FileExistsError, ValueError))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

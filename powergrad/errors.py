@@ -1,0 +1,90 @@
+"""The one error path of every command and tool: an expected failure is one line naming the
+file, key or value and what to do, exit 2; an OS error on a path the user named is one line
+naming the path; anything else is a bug, and its last line says so.
+
+Also the argparse types the commands and tools share, so a number out of range is refused by
+the parser with the option's name, never accepted and misused.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import sys
+from collections.abc import Callable
+
+from . import __version__
+
+BAD_INPUT = 2
+
+
+def os_error_line(err: OSError) -> str:
+    """'PATH: what went wrong; what to do' for an OSError from a path."""
+    where = f"{err.filename}: " if err.filename else ""
+    what = err.strerror or " ".join(str(err).split())
+    fix = {errno.ENOSPC: "free space there or choose another place",
+           errno.EDQUOT: "free space there or choose another place",
+           errno.EACCES: "choose a place you can write to, or change its permissions",
+           errno.EROFS: "the file system is read-only: choose another place",
+           errno.ENOTDIR: "a part of this path is a file, not a folder",
+           errno.EISDIR: "this is a folder; name a file",
+           errno.ENOENT: "no such file or folder"}.get(err.errno)
+    return f"{where}{what}" + (f"; {fix}" if fix and fix != what.lower() else "")
+
+
+def one_error_path(name: str, run: Callable[[], int | None],
+                   expected: tuple[type[BaseException], ...] = ()) -> int:
+    """run()'s exit code (None: 0). `expected` errors and OS errors print one line
+    '<name>: ...' and give 2; KeyboardInterrupt gives 130; any other exception is a bug: its
+    traceback, then a line saying it is one and what to report, and 1."""
+    try:
+        code = run()
+        return 0 if code is None else code
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    except expected as err:  # its own words: one line, or a list of what is off
+        print(f"{name}: {err}", file=sys.stderr)
+        return BAD_INPUT
+    except OSError as err:  # a full disk, a read-only or missing folder, a file for a folder
+        print(f"{name}: {os_error_line(err)}", file=sys.stderr)
+        return BAD_INPUT
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        print(f"{name}: this is a bug in powergrad {__version__}, not in your input: please "
+              "report it with the command line and the traceback above", file=sys.stderr)
+        return 1
+
+
+def whole_number(low: int = 0, high: int | None = None) -> Callable[[str], int]:
+    """argparse type: an integer in [low, high]."""
+    span = f">= {low}" if high is None else f"from {low} to {high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number {span}, got {text!r}")
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected a whole number {span}, got {value}")
+        return value
+    parse.__name__ = "whole number"  # argparse names the type in its own messages
+    return parse
+
+
+def number_in(low: float, high: float, *, low_open: bool = False) -> Callable[[str], float]:
+    """argparse type: a finite float in [low, high] (or (low, high] with low_open)."""
+    span = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number in {span}, got {text!r}")
+        above = value > low if low_open else value >= low
+        if not (above and value <= high):  # NaN fails both
+            raise argparse.ArgumentTypeError(f"expected a number in {span}, got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
