@@ -65,17 +65,39 @@ def _img_per_sec(run_dir: Path, series) -> float | None:
     """The run's images/s as final.json and the epoch lines define it (train_img_per_sec):
     from final.json, else the epochs of summary.csv (a run still training), else the step
     logs' mean (a run without a finished epoch)."""
-    rate = None
-    if (run_dir / "final.json").exists():
-        final = json.loads((run_dir / "final.json").read_text())
-        rate = final.get("img_per_sec", final.get("mean_img_per_sec"))
+    final = _final_record(run_dir)
+    rate = final.get("img_per_sec", final.get("mean_img_per_sec"))
+    rate = rate if isinstance(rate, (int, float)) else None
     if rate is None and (run_dir / "summary.csv").exists():
-        with open(run_dir / "summary.csv", newline="") as f:
-            rate = train_img_per_sec(list(csv.DictReader(f)))
+        try:
+            with open(run_dir / "summary.csv", newline="") as f:
+                rate = train_img_per_sec(list(csv.DictReader(f)))
+        except (ValueError, KeyError, TypeError):  # a damaged table: fall back to the events
+            rate = None
     if rate is None or not math.isfinite(rate):
         rates = [v for _, v in series.get("perf/img_per_sec", []) if math.isfinite(v)]
         rate = sum(rates) / len(rates) if rates else None
     return rate
+
+
+def _paper_numbers(recipe_file: Path) -> tuple[dict, str]:
+    """(the recipe's `paper` numbers, a note when recipe.yaml is damaged) of a run folder."""
+    if not recipe_file.exists():
+        return {}, ""
+    try:
+        tree = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}
+        return (tree.get("paper") or {}) if isinstance(tree, dict) else {}, ""
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return {}, f"{recipe_file.name} is damaged (no paper numbers)"
+
+
+def _final_record(run_dir: Path) -> dict:
+    """final.json, or {} when it is missing or damaged (the event files still speak)."""
+    try:
+        record = json.loads((run_dir / "final.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def summarize(run_dir: str | Path) -> dict:
@@ -84,14 +106,14 @@ def summarize(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     try:
         series = read_scalars(run_dir)
-        note = "" if series else "nothing logged yet"
+        note = "" if series else "no readable scalars in its event files (not started, or damaged)"
     except FileNotFoundError:
         series, note = {}, "no TensorBoard event files (not started?)"
-    recipe_file = run_dir / "recipe.yaml"
-    paper = ((yaml.safe_load(recipe_file.read_text()) or {}).get("paper") or {}
-             if recipe_file.exists() else {})
+    paper, damaged = _paper_numbers(run_dir / "recipe.yaml")
     if series and not series.get("eval/top1"):
         note = "no finished epoch"
+    if damaged:
+        note = "; ".join(filter(None, [note, damaged]))
     bad = _first_non_finite(series)
     if bad:
         note = f"diverged: non-finite {bad[0]} at step {bad[1]}"

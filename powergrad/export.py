@@ -41,8 +41,13 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, checkpoint: s
         raise ExportError(f"{existing[0]}: already exists; pass --overwrite to replace it")
 
     from .models import build_model
+    from .weights import WeightsError, load_weights
     model = build_model(recipe.model).eval()
-    model.load_state_dict(state_dict)
+    try:
+        load_weights(model, state_dict, run_dir / f"{checkpoint}.pth",
+                     f"the recipe's {recipe.model.model}")
+    except WeightsError as err:
+        raise ExportError(str(err)) from None
     plain = _plain_timm_twin(recipe.model, model)
     out.mkdir(parents=True, exist_ok=True)
     import timm.models
@@ -99,26 +104,23 @@ def _run_recipe(run_dir: Path) -> Recipe:
 
 
 def _weights(path: Path, recipe: Recipe, ema: bool) -> dict:
+    from .weights import WeightsError, read_state_dict
+
     if not path.is_file():
         hint = (" (a run writes best.pth after its first epoch; try --checkpoint last)"
                 if path.name == "best.pth" else "")
         raise ExportError(f"{path}: no such checkpoint{hint}")
     try:
-        payload = ckpt.load(path)
-    except Exception as err:  # truncated or foreign file: say so in one line
-        raise ExportError(f"{path}: cannot be read ({type(err).__name__}); the file is damaged "
-                          "or not a checkpoint") from None
-    if not isinstance(payload, dict) or "model" not in payload:
-        raise ExportError(f"{path}: not a powergrad checkpoint (no model weights)")
-    digest = payload.get("recipe_digest")
+        digest = ckpt.load(path).get("recipe_digest")
+    except Exception:  # not ours, or damaged: read_state_dict says which
+        digest = None
     if digest and digest != recipe.digest():
         raise ExportError(f"{path}: trained with recipe digest {digest}, but recipe.yaml beside "
                           f"it has {recipe.digest()}: the folder mixes two runs")
-    key = "ema" if ema else "model"
-    if payload.get(key) is None:
-        raise ExportError(f"{path}: holds no EMA weights (the run had train.model_ema: false); "
-                          "export without --ema")
-    return payload[key]
+    try:
+        return read_state_dict(path, ema=ema)
+    except WeightsError as err:
+        raise ExportError(str(err)) from None
 
 
 def _create_kwargs(cfg: ModelConfig) -> dict:

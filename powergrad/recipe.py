@@ -364,6 +364,30 @@ RecipeLoader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
 
+class UnreadableYaml(ValueError):
+    """A file that is not UTF-8 or not valid YAML; the message says which and where."""
+
+
+def read_yaml_file(path: Path):
+    """parse_yaml of a file, or UnreadableYaml in one line (recipes, study plans)."""
+    try:
+        return parse_yaml(Path(path).read_text(encoding="utf-8"), str(path))
+    except UnicodeDecodeError as err:
+        raise UnreadableYaml(f"not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                             f"{err.start}); expected YAML") from None
+    except yaml.YAMLError as err:
+        raise UnreadableYaml(f"not valid YAML: {yaml_error_line(err)}") from None
+
+
+def yaml_error_line(err: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: what is wrong and where (its own text spans several)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    what = getattr(err, "problem", None) or str(err)
+    context = getattr(err, "context", None)
+    return " ".join((f"{where}{what}" + (f" ({context})" if context else "")).split())
+
+
 def parse_yaml(text: str, file: str):
     """Load YAML text with RecipeLoader, refusing a key set twice in one mapping (PyYAML
     silently keeps the last one). None for an empty document."""
@@ -428,9 +452,9 @@ def _load_tree(path: Path, chain: tuple) -> tuple[dict, dict]:
         raise RecipeError(str(path), "extends", "circular extends: "
                           + " -> ".join(str(p) for p in chain + (path,)))
     try:
-        tree = parse_yaml(path.read_text(), str(path))
-    except yaml.YAMLError as err:
-        raise RecipeError(str(path), "", f"not valid YAML: {err}") from None
+        tree = read_yaml_file(path)
+    except UnreadableYaml as err:
+        raise RecipeError(str(path), "", str(err)) from None
     if tree is None:  # all defaults is never what an empty file meant
         raise RecipeError(str(path), "", "the file is empty; expected sections such as "
                                          "model, data, train (or `extends: base.yaml`)")

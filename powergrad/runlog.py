@@ -139,3 +139,13 @@ class Progress:
             self.bar.close()
         elif self.enabled and postfix is not None:
             self._line(postfix)
+
+
+def with_progress(items: list, desc: str, unit: str, lines: int = 20):
+    """Iterate `items` with a Progress bar on a terminal, or about `lines` rate and ETA lines
+    in a log (a SLURM job's output): long tools are never silent for hours."""
+    bar = Progress(len(items), desc, unit=unit, every=max(1, len(items) // lines))
+    for item in items:
+        yield item
+        bar.update(1)
+    bar.close({})

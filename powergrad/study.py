@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .recipe import Recipe, RecipeError, load_recipe, parse_yaml
+from .recipe import Recipe, RecipeError, UnreadableYaml, load_recipe, read_yaml_file
 
 EXIT_PREEMPTED = 75  # as `powergrad train`: stopped with a checkpoint, run the same command again
 RECORD_FILES = ("final.json", "summary.csv", "recipe.yaml")
@@ -117,7 +117,10 @@ def load_plan(path: str | Path) -> StudyPlan:
     path = Path(path)
     if not path.is_file():
         raise StudyError(path, "", "plan file not found")
-    tree = parse_yaml(path.read_text(), str(path))
+    try:
+        tree = read_yaml_file(path)
+    except UnreadableYaml as err:
+        raise StudyError(path, "", str(err)) from None
     _expect_mapping(tree, path, "", _PLAN_KEYS)
     throughput = {}
     for name, value in _section(tree, "throughput", path).items():

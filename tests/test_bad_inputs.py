@@ -278,3 +278,77 @@ def test_a_bug_says_it_is_one_on_its_last_line(monkeypatch, capsys):
     assert "ZeroDivisionError" in err
     assert err.strip().splitlines()[-1].startswith(
         "powergrad describe: this is a bug in powergrad ")
+
+
+# --- the tools, compare and export -----------------------------------------------------------
+
+def run_tool(name: str, argv: list[str]) -> int:
+    import runpy
+    return runpy.run_path(str(REPO / "tools" / f"{name}.py"))["main"](argv)
+
+
+@pytest.mark.parametrize("name,argv,named", [
+    ("write_ffcv", ["imagefolder", "src", "x.beton", "--jpeg-quality", "101"], "--jpeg-quality"),
+    ("write_ffcv", ["imagefolder", "src", "x.beton", "--compress-probability", "1.5"],
+     "--compress-probability"),
+    ("write_ffcv", ["imagefolder", "src", "x.beton", "--max-resolution", "-4"], "--max-resolution"),
+    ("write_ffcv", ["imagefolder", "src", "x.beton", "--workers", "0"], "--workers"),
+    ("write_ffcv", ["fashion_mnist", "src", "x.beton", "--limit", "0"], "--limit"),
+    ("prepare_imagenet", ["out", "--train", "a.tar", "--val", "b.tar", "--val-solution", "c.csv",
+                          "--expected-classes", "0"], "--expected-classes"),
+    ("study", ["--max-minutes", "nan"], "--max-minutes"),
+])
+def test_a_tool_option_out_of_range_is_refused_by_name(name, argv, named, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_tool(name, argv)
+    assert exit_.value.code == 2
+    assert f"argument {named}: expected" in capsys.readouterr().err
+
+
+def test_tools_name_files_that_are_not_what_they_should_be(tmp_path, capsys):
+    (tmp_path / "not_a.tar").write_text("text")
+    with pytest.raises(SystemExit):
+        run_tool("prepare_imagenet", [str(tmp_path / "out"), "--train", str(tmp_path / "no.tar"),
+                                      "--val", str(tmp_path / "not_a.tar"), "--val-solution",
+                                      str(tmp_path / "not_a.tar"), "--no-md5"])
+    assert f"argument --train: {tmp_path / 'no.tar'} is not a file" in capsys.readouterr().err
+    assert run_tool("write_ffcv", ["imagefolder", str(tmp_path), str(tmp_path / "out.txt")]) == 2
+    assert one_line(capsys.readouterr().err) == (
+        f"write_ffcv: {tmp_path / 'out.txt'}: expected an output file name ending in .beton")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("claims: [unclosed\n")
+    assert run_tool("study", ["--plan", str(plan), "--status"]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert err.startswith("study: ") and str(plan) in err and "Traceback" not in err
+
+
+def test_compare_and_export_name_damaged_files(finished_demo, tmp_path, capsys):
+    import shutil
+
+    import torch
+    run, _ = finished_demo
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    (damaged / "recipe.yaml").write_text("model: [unclosed\n")
+    (damaged / "final.json").write_text('{"final": ')
+    assert cli_main(["compare", str(damaged)]) == 0
+    assert "recipe.yaml is damaged (no paper numbers)" in capsys.readouterr().out
+    assert cli_main(["export", str(damaged)]) == 2
+    assert one_line(capsys.readouterr().err).startswith(
+        f"export: {damaged / 'recipe.yaml'}: not valid YAML: line 2, column 1: ")
+
+    released = tmp_path / "released"  # best.pth as other trainers release weights
+    shutil.copytree(run, released)
+    weights = torch.load(run / "best.pth", weights_only=True)["model"]
+    torch.save({"state_dict": {f"module.{k}": v for k, v in weights.items()}, "epoch": 3},
+               released / "best.pth")
+    assert cli_main(["export", str(released), "--out", str(tmp_path / "e1")]) == 0
+    from safetensors.torch import load_file
+    exported = load_file(str(tmp_path / "e1" / "model.safetensors"))
+    assert all(torch.equal(exported[k], v) for k, v in weights.items())
+    torch.save({"model": {"fc.weight": torch.zeros(3, 3)}}, released / "best.pth")
+    assert cli_main(["export", str(released), "--out", str(tmp_path / "e2")]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "its weights do not fit the recipe's resnet18: " in err and "missing" in err
+    assert "fc.weight (3, 3) vs (10, 128)" in err
+    assert not (tmp_path / "e2").exists()

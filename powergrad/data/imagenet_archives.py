@@ -26,7 +26,8 @@ from pathlib import Path
 
 from torchvision.datasets.imagenet import ARCHIVE_META
 from torchvision.datasets.utils import check_integrity, extract_archive
-from tqdm import tqdm
+
+from ..runlog import with_progress
 
 WNID = re.compile(r"n\d{8}")
 CLASS_TAR = re.compile(r"(n\d{8})\.tar")
@@ -69,6 +70,9 @@ def verify_md5(path: str | os.PathLike, kind: str) -> None:
     """Check `path` against torchvision's md5 for the official `kind` archive
     ("train", "val" or "devkit")."""
     name, md5 = ARCHIVE_META[kind]
+    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    print(f"checking the md5 of {path} ({size / 1e9:.1f} GB)",
+          flush=True)
     if not check_integrity(path, md5):
         raise ArchiveError(f"{path}: missing, or its md5 is not that of the official {name} "
                            f"({md5}); pass --no-md5 to skip this check")
@@ -133,7 +137,7 @@ def extract_train(train_tar: str | os.PathLike, dst: Path) -> list[str]:
     dst.mkdir()
     with tarfile.open(train_tar, "r:") as outer:
         members = outer.getmembers()  # headers only: the outer tar is uncompressed, so cheap
-        for member in tqdm(members, desc="train", unit="class", disable=None):
+        for member in with_progress(members, "train archive", unit="class"):
             match = CLASS_TAR.fullmatch(posixpath.basename(member.name))
             class_dir = dst / match[1] if match else None
             if not member.isfile() or class_dir is None or class_dir.exists():
@@ -150,10 +154,11 @@ def extract_val(val_tar: str | os.PathLike, dst: Path,
     """Extract the flat validation archive into dst and move every image to dst/<wnid>/ by
     its name's label. Returns (images with no label, left in dst; labelled images that the
     archive lacks)."""
+    print(f"extracting {val_tar} ({os.path.getsize(val_tar) / 1e9:.1f} GB)", flush=True)
     extract_archive(str(val_tar), str(dst))
     files = sorted(e.name for e in os.scandir(dst) if e.is_file())
     unlabelled = []
-    for name in tqdm(files, desc="val", unit="img", disable=None):
+    for name in with_progress(files, "val archive", unit="img"):
         wnid = labels.get(Path(name).stem)
         if wnid is None:
             unlabelled.append(name)
