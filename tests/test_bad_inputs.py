@@ -139,7 +139,7 @@ def test_a_gpu_recipe_on_a_cpu_says_what_it_changed_and_records_it(tmp_path, cap
            "using bfloat16 autocast on this CPU" in out
     assert "note: data.workers 12 is more than the" in out
     assert "note: data.loader auto: using torchvision on " \
-           f"{tmp_path / 'train'} because /data/ffcv/train_500.beton does not exist" in out
+           f"{tmp_path / 'train'} because /data/ffcv/train_500_0.50_90.beton does not exist" in out
     assert "note: train.global_batch 4 from the command line, but optim.lr stays 0.4, set for " \
            "1024 images per step; scaled linearly it would be optim.lr=0.001563" in out
     assert "100 epochs (train.epochs 90 + 10 cool-down)" in out

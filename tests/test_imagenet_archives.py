@@ -132,8 +132,8 @@ def test_archives_give_the_expected_tree(tmp_path, labels, json_meta_mat, capsys
     assert image.size == (8, 6) and label == 0
 
 
-def test_devkit_read_with_scipy(tmp_path):
-    """The real meta.mat reading, on a meta.mat written by scipy in the devkit's layout."""
+def real_meta_mat() -> bytes:
+    """A meta.mat written by scipy in the devkit's layout, a non-leaf synset included."""
     import scipy.io as sio
     import numpy as np
     fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children",
@@ -144,9 +144,14 @@ def test_devkit_read_with_scipy(tmp_path):
         synsets[row] = (idx, wnid, "words", "gloss", children, np.zeros(0), 0, 0)
     buf = io.BytesIO()
     sio.savemat(buf, {"synsets": synsets})
-    (tmp_path / "meta.mat").write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def test_devkit_read_with_scipy(tmp_path):
+    """The real meta.mat reading."""
+    (tmp_path / "meta.mat").write_bytes(real_meta_mat())
     assert imagenet_archives.read_meta_mat(tmp_path / "meta.mat") == IDS  # leaves only
-    build(tmp_path / "archives", meta_mat=buf.getvalue())
+    build(tmp_path / "archives", meta_mat=real_meta_mat())
     labels = imagenet_archives.read_devkit(tmp_path / "archives" / "ILSVRC2012_devkit_t12.tar.gz")
     assert labels == {val_name(i)[:-5]: w for i, w in enumerate(VAL, 1)}
 

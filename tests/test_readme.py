@@ -7,6 +7,10 @@ Every fenced bash, python or yaml block carries a marker on the line before it:
 - `<!-- doctest: tiny -->`: bash runs as written, with `powergrad train` given the settings in
   TINY after its own arguments (the CLI takes them in any order), so a 7-minute recipe trains
   a few steps;
+- `<!-- doctest: imagenet -->`: the ImageNet steps, run on tiny fake archives (the ones
+  tests/test_imagenet_archives.py builds) with `/data` in a temporary folder; each
+  `powergrad train` line also gets the recipe's own /data paths moved there and a tiny model
+  and batch, and must read the .beton files the README wrote (so their names agree);
 - `<!-- not run: REASON -->`: the reason says why (ImageNet, GPUs, SLURM, installs) and which
   test covers the same path instead.
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -28,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 TINY = ("train.epochs=1 data.train_subset=256 data.eval_subset=256 train.batch_size=64 "
         "train.eval_batch_size=256 log.log_interval=1")
-MARKER = re.compile(r"<!-- (doctest|doctest: tiny|not run: .+) -->")
+MARKER = re.compile(r"<!-- (doctest|doctest: tiny|doctest: imagenet|not run: .+) -->")
 RUNNABLE_LANGS = {"bash", "sh", "python", "yaml"}
 
 
@@ -119,7 +124,8 @@ def test_following_the_readme_runs_every_snippet_and_leaves_git_clean(tmp_path):
     copy = fresh_copy(tmp_path / "powergrad")
     ran = []
     for block in BLOCKS:
-        if block["lang"] not in RUNNABLE_LANGS or not block["marker"].startswith("doctest"):
+        if block["lang"] not in RUNNABLE_LANGS or block["marker"] not in ("doctest",
+                                                                            "doctest: tiny"):
             continue
         if block["lang"] in ("bash", "sh"):
             output = run_bash(block, copy)
@@ -137,3 +143,62 @@ def test_following_the_readme_runs_every_snippet_and_leaves_git_clean(tmp_path):
                  "runs/vit_study/blocks.md", "runs/fashion_mnist/resnet_pgt/export/config.json",
                  "runs/fashion_mnist/quick/final.json"]:
         assert (copy / path).is_file(), path
+
+
+IMAGENET_TINY = ["model.num_classes=3", "data.num_classes=3", "train.global_batch=4",
+                 "train.batch_size=4", "train.eval_batch_size=6", "data.min_res=64",
+                 "data.max_res=64", "data.img_size=64", "data.val_img_size=64"]
+
+
+def imagenet_commands(code: str) -> list[str]:
+    """A block's commands, continuation lines joined, comments left out."""
+    joined = re.sub(r"\\\n\s*", " ", code)
+    return [line.strip() for line in joined.splitlines()
+            if line.strip() and not line.strip().startswith("#")]
+
+
+def test_the_readme_imagenet_steps_run_on_tiny_fake_archives(tmp_path):
+    from powergrad.recipe import PATH_KEYS, load_recipe
+    from test_imagenet_archives import TINY as TINY_COUNTS, build, real_meta_mat
+
+    archives = tmp_path / "archives"
+    build(archives, meta_mat=real_meta_mat())
+    data = tmp_path / "data"
+    env = dict(os.environ, PATH=f"{sys.prefix}/bin:{os.environ['PATH']}", OMP_NUM_THREADS="1")
+    blocks = [b for b in BLOCKS if b["marker"] == "doctest: imagenet"]
+    assert len(blocks) == 3  # unpack, write .beton files, the fast dev runs
+    trained = 0
+    for block in blocks:
+        for command in imagenet_commands(block["code"]):
+            command = command.replace("/data/", f"{data}/")
+            for name in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar",
+                         "ILSVRC2012_devkit_t12.tar.gz"):
+                command = command.replace(f" {name}", f" {archives / name}")
+            args = shlex.split(command)
+            if args[:2] == ["python", "tools/prepare_imagenet.py"]:
+                args += TINY_COUNTS  # the fake archives' counts, no md5 of the real ones
+            if args[:2] == ["powergrad", "train"]:
+                recipe = load_recipe(REPO / args[2])
+                args += [f"{key}={str(value).replace('/data/', f'{data}/')}" for key in PATH_KEYS
+                         if str(value := getattr(getattr(recipe, key.split(".")[0]),
+                                                 key.split(".")[1])).startswith("/data/")]
+                args += IMAGENET_TINY
+            args[0] = sys.executable if args[0] == "python" else args[0]
+            done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True,
+                                  timeout=300)
+            output = done.stdout + done.stderr
+            assert done.returncode == 0 and "Traceback" not in output, \
+                f"README.md line {block['line']}: {command}\n{output[-3000:]}"
+            if args[:2] == ["powergrad", "train"]:
+                assert "data: ffcv loader" in output, output  # the .beton names agree
+                assert "fast dev run OK: 2 step(s)" in output, output
+                trained += 1
+    assert trained == 1
+    # and every shipped ffcv recipe reads files those lines wrote (a fast dev run each would
+    # take half a minute of ffcv's compilation: the one above stands for them)
+    for path in sorted((REPO / "recipes").glob("*imagenet/*.yaml")):
+        if path.name == "base.yaml":  # the shared settings, before a model picks its files
+            continue
+        data_cfg = load_recipe(path).data
+        for beton in (data_cfg.train_beton, data_cfg.val_beton):
+            assert beton and Path(beton.replace("/data/", f"{data}/")).is_file(), (path, beton)

@@ -1,7 +1,7 @@
 """Write an ImageFolder tree or a Fashion-MNIST split to an ffcv .beton (+ .beton.json sidecar).
 
-    python tools/write_ffcv.py imagefolder /data/imagenet/train /data/ffcv/train_500.beton
-    python tools/write_ffcv.py imagefolder /data/imagenet/val /data/ffcv/val_500.beton
+    python tools/write_ffcv.py imagefolder /data/imagenet/train /data/ffcv/train_500_0.50_90.beton
+    python tools/write_ffcv.py imagefolder /data/imagenet/val /data/ffcv/val_500_0.50_90.beton
     python tools/write_ffcv.py fashion_mnist /usr/share/datasets/fashion-mnist runs/ffcv/fm_train.beton --split train
 
 Missing parent folders of the output are created. Defaults are ffcv-imagenet's ResNet-50 files

@@ -106,9 +106,14 @@ def read_meta_mat(path: str | os.PathLike) -> dict[int, str]:
         raise ArchiveError("reading the devkit's meta.mat needs scipy (pip install scipy); "
                            "or label the validation images with --val-solution "
                            "LOC_val_solution.csv") from None
-    synsets = scipy.io.loadmat(str(path), squeeze_me=True)["synsets"]
-    # columns: ILSVRC2012_ID, WNID, words, gloss, num_children, ...; leaves are the classes
-    return {int(s[0]): str(s[1]) for s in synsets if int(s[4]) == 0}
+    try:
+        synsets = scipy.io.loadmat(str(path), squeeze_me=True)["synsets"]
+        # columns: ILSVRC2012_ID, WNID, words, gloss, num_children, ...; leaves are the classes
+        return {int(s[0]): str(s[1]) for s in synsets if int(s[4]) == 0}
+    except Exception as err:  # scipy raises many types for a file that is not its format
+        raise ArchiveError(f"{path.name} in the devkit cannot be read ({type(err).__name__}); "
+                           "the devkit archive is damaged or not ILSVRC2012's: check it, or "
+                           "label with --val-solution LOC_val_solution.csv") from None
 
 
 def read_devkit(path: str | os.PathLike) -> dict[str, str]:
