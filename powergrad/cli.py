@@ -178,7 +178,27 @@ def main(argv: list[str] | None = None) -> int:
     return one_error_path(f"powergrad {args.command}", lambda: _run(args))
 
 
+# Where each command writes, given by an option: (option, the folder it writes into).
+_OUTPUTS = {"compare": ("out", lambda p: Path(p).parent), "export": ("out", Path),
+            "describe": ("png", lambda p: Path(p).parent), "gpu-check": ("out", Path)}
+
+
+def _unwritable_output(args: argparse.Namespace) -> str | None:
+    """A message when the place an option names cannot be written: found before any work."""
+    option, folder_of = _OUTPUTS.get(args.command, (None, None))
+    value = getattr(args, option, None) if option else None
+    if not value:
+        return None
+    from .preflight import why_not_writable
+
+    why = why_not_writable(folder_of(value))
+    return f"powergrad {args.command}: --{option} {value}: {why}" if why else None
+
+
 def _run(args: argparse.Namespace) -> int:
+    if (message := _unwritable_output(args)) is not None:
+        print(message, file=sys.stderr)
+        return 2
     if args.command == "check":
         from .check import main as check_main
         return check_main()

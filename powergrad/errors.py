@@ -27,6 +27,7 @@ def os_error_line(err: OSError) -> str:
            errno.EROFS: "the file system is read-only: choose another place",
            errno.ENOTDIR: "a part of this path is a file, not a folder",
            errno.EISDIR: "this is a folder; name a file",
+           errno.EEXIST: "a file is in the way where a folder is needed",
            errno.ENOENT: "no such file or folder"}.get(err.errno)
     return f"{where}{what}" + (f"; {fix}" if fix and fix != what.lower() else "")
 

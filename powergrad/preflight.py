@@ -63,19 +63,26 @@ def check_run_dirs(recipes: list[Recipe]) -> None:
 
 
 def check_writable(recipe: Recipe, key: str, folder: Path) -> None:
-    """`folder` exists as a folder this process can write into, or can be made: its nearest
-    existing ancestor is a writable folder (not a file, not a read-only file system)."""
-    folder = Path(folder)
+    why = why_not_writable(folder)
+    if why:
+        _fail(recipe, key, f"got {getattr(recipe.log, key.split('.')[1])!r}: {why}")
+
+
+def why_not_writable(folder: str | Path) -> str | None:
+    """Why files cannot be written into `folder` (made if missing), or None when they can:
+    its nearest existing ancestor must be a folder this process may write (not a file, not
+    on a read-only file system)."""
+    folder = Path(folder).expanduser()
     nearest = folder
     while not nearest.exists() and nearest != nearest.parent:
         nearest = nearest.parent
-    value = getattr(recipe.log, key.split(".")[1]) if key.startswith("log.") else str(folder)
     if not nearest.is_dir():
-        _fail(recipe, key, f"got {value!r}: {nearest} is a file, so {folder} cannot be made; "
-                           "expected a folder (or a path that can be made one)")
+        return (f"{nearest} is a file, so {folder} cannot be made; expected a folder (or a "
+                "path that can be made one)")
     if not os.access(nearest, os.W_OK | os.X_OK):
-        _fail(recipe, key, f"got {value!r}: {nearest} is not writable by this user (or is on "
-                           "a read-only file system); expected a folder runs can be written to")
+        return (f"{nearest} is not writable by this user (or is on a read-only file system); "
+                "expected a folder that can be written to")
+    return None
 
 
 def _fail(recipe: Recipe, key: str, message: str):
@@ -87,18 +94,26 @@ def _one_line(err: BaseException) -> str:
 
 
 def check_model_builds(recipe: Recipe) -> None:
-    """Build the model on the meta device (no memory, no init cost) so a bad timm keyword
-    fails now, not after the data is set up."""
+    """Build the model and its optimizer on the meta device (no memory, no init cost) so a
+    bad timm keyword or optimizer setting fails now, not after the data is set up."""
     import torch
 
     from .models import build_model
 
+    from .builders import build_optimizer
+
     try:
         with torch.device("meta"):
-            build_model(recipe.model)
+            model = build_model(recipe.model)
     except (TypeError, ValueError, KeyError, IndexError, AssertionError, RuntimeError) as err:
         _fail(recipe, "model.kwargs", f"timm cannot build {recipe.model.model!r} with these "
                                       f"settings: {type(err).__name__}: {_one_line(err)}")
+    try:
+        build_optimizer(recipe, model)
+    except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as err:
+        _fail(recipe, "optim.opt", f"timm cannot build optimizer {recipe.optim.opt!r} with "
+                                   f"the optim settings: {type(err).__name__}: "
+                                   f"{_one_line(err)}")
 
 
 def check_device(recipe: Recipe) -> None:

@@ -615,6 +615,10 @@ def _check_semantics(recipe: Recipe, origins: dict, default_file: str) -> None:
         low, high = _get_dotted(recipe, key)
         if low > high:
             fail(key, f"got {[low, high]!r}, expected [low, high] with low <= high")
+    if recipe.optim.opt.lower() in ("sgd", "nesterov") and recipe.optim.momentum == 0:
+        fail("optim.momentum", f"got 0 with optim.opt {recipe.optim.opt!r}, which is Nesterov "
+                               "SGD in timm and needs momentum; expected a value in (0, 1], "
+                               "or optim.opt: momentum for plain SGD")
     milestones = recipe.sched.decay_milestones
     if any(a >= b for a, b in zip(milestones, milestones[1:])):
         fail("sched.decay_milestones", f"got {milestones!r}, expected increasing epochs")

@@ -151,6 +151,20 @@ def load_plan(path: str | Path) -> StudyPlan:
     for name, value in _section(tree, "claims", path).items():
         where = f"claims.{name}"
         _expect_mapping(value, path, where, _CLAIM_KEYS)
+        for key, types, what in (("baseline", (str, type(None)), "an arm's name"),
+                                 ("arms", (list, type(None)), "a list of arm names"),
+                                 ("expect", (dict, type(None)), "a mapping metric: direction"),
+                                 ("paper", (dict, type(None)), "a mapping of the paper's numbers"),
+                                 ("sweep", (str, type(None)), "a dotted recipe key"),
+                                 ("requires", (str, type(None)), "a sentence"),
+                                 ("profiles", (bool,), "true or false"),
+                                 ("statement", (str,), "a sentence"),
+                                 ("source", (str,), "a citation")):
+            if key in value and not isinstance(value[key], types):
+                raise StudyError(path, f"{where}.{key}", f"got {value[key]!r}; expected {what}")
+        if not all(isinstance(arm, str) for arm in value.get("arms") or []):
+            raise StudyError(path, f"{where}.arms", f"got {value['arms']!r}; expected a list "
+                             "of arm names")
         claim = Claim(name=name, statement=str(value.get("statement", "")),
                       source=str(value.get("source", "")), baseline=value.get("baseline"),
                       arms=list(value.get("arms") or []), expect=dict(value.get("expect") or {}),

@@ -88,6 +88,17 @@ def _main(items: list[str], compare_name: str | None, fast_dev_run: int,
         return 2
     from .engine import run_dir_for, train
 
+    if compare_name:  # its folder is checked now, not after hours of training
+        from .compare import out_path_for
+        from .preflight import why_not_writable
+
+        why = why_not_writable(out_path_for(compare_name, [run_dir_for(r) for r in recipes]
+                                            ).parent)
+        if why:
+            if world.is_main:
+                print(f"powergrad train: --compare {compare_name}: {why}", file=sys.stderr)
+            return 2
+
     say = print if world.is_main else (lambda *a, **k: None)
     run_dirs = []
     for recipe in recipes:

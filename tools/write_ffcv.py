@@ -52,6 +52,8 @@ def _main(argv=None) -> int:
     args = p.parse_intermixed_args(argv)
     if args.workers == 0:
         p.error("argument --workers: expected -1 (all cores) or a number of processes >= 1")
+    from powergrad.machine_fit import usable_cores
+    args.workers = usable_cores() if args.workers == -1 else min(args.workers, usable_cores())
     out = write(args)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) and {out}.json")
     return 0

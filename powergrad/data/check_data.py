@@ -28,6 +28,7 @@ def find_bad_images(paths: list[str], workers: int, progress=None) -> list[tuple
     """(path, why) for every unreadable image among `paths`, checked by `workers` processes
     (0: in this one); progress.update is called once per checked chunk with its size."""
     chunks = [paths[i:i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
+    workers = min(workers, len(chunks))  # no idle processes for a small folder
     bad: list[tuple[str, str]] = []
     if workers == 0:
         results = map(_problems_in, chunks)
@@ -77,13 +78,17 @@ def check_path(path: str, workers: int, say=print) -> list[str]:
     rate = len(files) / seconds if seconds > 0 else 0.0
     lines = structure + [f"{p}: {why}" for p, why in bad]
     say(f"{path}: {len(files)} images in {len(classes)} classes checked in {seconds:.1f} s "
-        f"({rate:.0f} img/s, {workers or 1} process(es)): {len(lines)} problem(s)")
+        f"({rate:.0f} img/s, {min(workers, len(files)) or 1} process(es)): "
+        f"{len(lines)} problem(s)")
     return lines
 
 
 def main(paths: list[str], workers: int | None = None) -> int:
-    """Exit 0 when every path is sound, else 2 after listing every problem (one per line)."""
-    workers = os.cpu_count() or 1 if workers is None else workers
+    """Exit 0 when every path is sound, else 2 after listing every problem (one per line).
+    workers: processes that open images (default and most: one per usable core)."""
+    from ..machine_fit import usable_cores
+
+    workers = usable_cores() if workers is None else min(workers, usable_cores())
     problems = []
     for path in paths:
         problems += check_path(path, workers)
