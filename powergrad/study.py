@@ -259,6 +259,21 @@ def run_state(arm: Arm, seed: int, runs_root: Path, records_root: Path) -> str:
     return "todo"
 
 
+def read_json_record(path: Path) -> dict:
+    """A record's JSON file, or StudyError naming it when it is damaged (a copy cut short):
+    its run is then trained again once the record is removed, never reported half-read."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise StudyError(path, "", f"damaged record ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())}); delete its folder "
+                         f"{Path(path).parent} to train that run again") from None
+    if not isinstance(value, dict):
+        raise StudyError(path, "", f"damaged record (a {type(value).__name__}, not a mapping); "
+                         f"delete its folder {Path(path).parent} to train that run again")
+    return value
+
+
 def check_record(arm: Arm, seed: int, runs_root: Path, records_root: Path) -> None:
     """Refuse a record trained with settings other than the plan's now (the recipe changed
     since): its numbers would be reported under the wrong recipe. The run directory itself is
@@ -267,7 +282,7 @@ def check_record(arm: Arm, seed: int, runs_root: Path, records_root: Path) -> No
     saved = next((record / n for n in ("final.json", "run.json") if (record / n).is_file()), None)
     if saved is None:
         return
-    digest = json.loads(saved.read_text()).get("digest")
+    digest = read_json_record(saved).get("digest")
     now = run_recipe(arm, seed, runs_root).digest()
     if digest != now:
         raise StudyError(saved, "digest", f"got {digest!r}, but {arm.recipe} with seed {seed} "
@@ -317,9 +332,9 @@ def estimate_seconds(plan: StudyPlan, arm: Arm, records_root: Path | None = None
     any, else from the plan's throughput table (train and test images over all epochs, the
     schedule's cool-down included, plus start-up)."""
     if records_root is not None:
-        walls = sorted(json.loads(f.read_text()).get("wall_seconds", math.nan)
-                       for f in (records_root / arm.name).glob("s*/run.json"))
-        walls = [w for w in walls if isinstance(w, (int, float)) and math.isfinite(w)]
+        walls = [read_json_record(f).get("wall_seconds", math.nan)
+                 for f in (records_root / arm.name).glob("s*/run.json")]
+        walls = sorted(w for w in walls if isinstance(w, (int, float)) and math.isfinite(w))
         if walls:
             return walls[len(walls) // 2]
     recipe = load_recipe(arm.recipe)
@@ -425,7 +440,7 @@ def run_study(plan: StudyPlan, claims: list[Claim], runs_root: Path, records_roo
                 "digest": run_recipe(arm, seed, runs_root).digest()}
         if code == 0:
             record = copy_record(arm, seed, runs_root, records_root, info)
-            final = json.loads((record / "final.json").read_text())
+            final = read_json_record(record / "final.json")
             say(f"{where}: test top-1 {final['final_test_top1']:.2f} %, "
                 f"{info['wall_seconds']:.0f} s")
         elif code == 1 and "diverged:" in log_tail(log_file, 5):

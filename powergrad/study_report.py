@@ -10,13 +10,12 @@ pair removes what the seed alone decides.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .study import Claim, StudyPlan, estimate_seconds
+from .study import Claim, StudyError, StudyPlan, estimate_seconds, read_json_record
 
 LEVEL = 0.95
 NOT_REACHED = math.inf  # epochs_to_baseline of a seed that never reached the target
@@ -44,17 +43,21 @@ def read_record(path: Path, arm: str, seed: int) -> Record | None:
         return None
     history = []
     if (path / "summary.csv").is_file():
-        with open(path / "summary.csv", newline="") as f:
-            history = [{k: float(v) for k, v in row.items() if v not in ("", None)}
-                       for row in csv.DictReader(f)]
+        try:
+            with open(path / "summary.csv", newline="") as f:
+                history = [{k: float(v) for k, v in row.items() if v not in ("", None)}
+                           for row in csv.DictReader(f)]
+        except (ValueError, TypeError) as err:
+            raise StudyError(path / "summary.csv", "", f"damaged record ({err}); delete its "
+                             f"folder {path} to train that run again") from None
     diag = {}
     if (path / "diagnostics.json").is_file():
-        scalars = json.loads((path / "diagnostics.json").read_text()).get("scalars", {})
+        scalars = read_json_record(path / "diagnostics.json").get("scalars", {})
         diag = {tag: entry["mean"] for tag, entry in scalars.items()}
     return Record(arm=arm, seed=seed, path=path,
-                  final=json.loads(final_file.read_text()) if final_file.is_file() else None,
+                  final=read_json_record(final_file) if final_file.is_file() else None,
                   history=history, diag=diag,
-                  run=json.loads(run_file.read_text()) if run_file.is_file() else {})
+                  run=read_json_record(run_file) if run_file.is_file() else {})
 
 
 def read_records(plan: StudyPlan, claims: list[Claim], records_root: Path

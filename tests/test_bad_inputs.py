@@ -352,3 +352,16 @@ def test_compare_and_export_name_damaged_files(finished_demo, tmp_path, capsys):
     assert "its weights do not fit the recipe's resnet18: " in err and "missing" in err
     assert "fc.weight (3, 3) vs (10, 128)" in err
     assert not (tmp_path / "e2").exists()
+
+
+def test_a_damaged_study_record_is_named_not_reported(tmp_path, capsys):
+    record = tmp_path / "records" / "bn_base" / "s0"
+    record.mkdir(parents=True)
+    (record / "final.json").write_text('{"final_test_top1": 91.')  # a copy cut short
+    argv = ["--report-only", "--records", str(tmp_path / "records"), "--out",
+            str(tmp_path / "report")]
+    assert run_tool("study", argv) == 2
+    err = one_line(capsys.readouterr().err)
+    assert err.startswith(f"study: {record / 'final.json'}: damaged record (JSONDecodeError: ")
+    assert f"delete its folder {record} to train that run again" in err
+    assert not (tmp_path / "report.md").exists()

@@ -1,6 +1,7 @@
 """The DDP code path on the CPU: torchrun with two processes and the gloo backend."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -183,6 +184,19 @@ def test_two_tasks_with_only_slurms_variables_train_the_same_run(tmp_path, unint
     assert [task.returncode for task in tasks] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
     assert "batch: 2 process(es)" in logs[0] and logs[1].strip() == ""  # rank 1 stays quiet
     assert_same_training(uninterrupted, ckpt.load(tmp_path / "resnet_pgt" / "last.pth"))
+    assert_progress_agrees_with_the_epoch_lines(logs[0])
+
+
+def assert_progress_agrees_with_the_epoch_lines(log: str) -> None:
+    """Each epoch's last progress line shows both processes' loss and top-1, as its epoch
+    line does (not rank 0's half)."""
+    epochs = re.findall(r"^epoch (\d+)/\d+: train loss (\S+) top1 (\S+) ", log, re.MULTILINE)
+    assert epochs
+    for epoch, loss, top1 in epochs:
+        progress = re.findall(rf"^epoch {epoch}/\d+ (\d+)/(\d+) loss (\S+) top1 (\S+) \[",
+                              log, re.MULTILINE)
+        done, total, last_loss, last_top1 = progress[-1]
+        assert (done, last_loss, last_top1) == (total, loss, top1), (epoch, progress[-1])
 
 
 def two_nodes(tmp_path, *extra, max_restarts=0):

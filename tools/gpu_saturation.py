@@ -32,7 +32,9 @@ from powergrad.distributed import DistInfo  # noqa: E402
 # the training step `powergrad gpu-check` times: the recipe's model (channels_last), loss,
 # optimizer, autocast and GradScaler
 from powergrad.gpu_check import RecipeSteps  # noqa: E402
-from powergrad.recipe import Recipe, load_recipe  # noqa: E402
+from powergrad.data.imagefolder_checks import ImageDataError  # noqa: E402
+from powergrad.errors import one_error_path, whole_number  # noqa: E402
+from powergrad.recipe import Recipe, RecipeError, load_recipe  # noqa: E402
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:
@@ -88,11 +90,11 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("recipe", help="recipe YAML whose data and model to use")
     p.add_argument("overrides", nargs="*", help="key=value recipe settings, e.g. data.workers=8")
-    p.add_argument("--steps", type=int, default=100, help="timed steps per round (default 100)")
-    p.add_argument("--warmup", type=int, default=10,
+    p.add_argument("--steps", type=whole_number(1), default=100, help="timed steps per round (default 100)")
+    p.add_argument("--warmup", type=whole_number(0), default=10,
                    help="untimed steps before each round: ffcv compiles, cuDNN picks its "
                         "kernels (default 10)")
-    p.add_argument("--rounds", type=int, default=2, help="loader/resident rounds (default 2)")
+    p.add_argument("--rounds", type=whole_number(1), default=2, help="loader/resident rounds (default 2)")
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
                    help="default: the recipe's train.device")
     args = p.parse_args(argv)
@@ -124,5 +126,10 @@ def main(argv=None) -> dict:
     return result
 
 
-if __name__ == "__main__":
+def _command() -> int:
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(one_error_path("gpu_saturation", _command, expected=(RecipeError, ImageDataError)))
