@@ -64,6 +64,10 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     check_data.add_argument("--workers", type=_count, default=None, metavar="N",
                             help="processes that open images (default: one per CPU core; 0: "
                                  "this process only)")
+    check_data.add_argument("--decode", action="store_true",
+                            help="also decode every pixel: finds damage inside a JPEG's "
+                                 "compressed data too, about 10x slower per process (results/"
+                                 "bench_check_data.md)")
 
     gpu_check = subs["gpu-check"] = sub.add_parser(
         "gpu-check", help="run every GPU path for a few steps: a pass/fail table with numbers",
@@ -204,7 +208,7 @@ def _run(args: argparse.Namespace) -> int:
         return check_main()
     if args.command == "check-data":
         from .data.check_data import main as check_data_main
-        return check_data_main(args.paths, workers=args.workers)
+        return check_data_main(args.paths, workers=args.workers, decode=args.decode)
     if args.command == "torchrun":
         from .launch import main as launch_main
         return launch_main(args.launcher_args)

@@ -365,3 +365,18 @@ def test_a_damaged_study_record_is_named_not_reported(tmp_path, capsys):
     assert err.startswith(f"study: {record / 'final.json'}: damaged record (JSONDecodeError: ")
     assert f"delete its folder {record} to train that run again" in err
     assert not (tmp_path / "report.md").exists()
+
+
+def test_check_data_decode_finds_damage_inside_the_coded_data(tmp_path, capsys):
+    """A damaged Huffman table: the header, size and end marker are fine, so only decoding
+    every pixel (--decode) finds it."""
+    items = textured_folder(tmp_path / "train", per_class=3)
+    path = Path(items[4][0])
+    data = bytearray(path.read_bytes())
+    table = data.find(b"\xff\xc4") + 5  # past the DHT marker, its length and its class byte
+    data[table:table + 16] = b"\xff" * 16  # code counts no Huffman table can have
+    path.write_bytes(bytes(data))
+    assert cli_main(["check-data", str(tmp_path / "train"), "--workers", "0"]) == 0
+    capsys.readouterr()
+    assert cli_main(["check-data", str(tmp_path / "train"), "--workers", "0", "--decode"]) == 2
+    assert f"bad: {path}: OSError: broken data stream" in capsys.readouterr().out

@@ -34,7 +34,8 @@ from powergrad.distributed import DistInfo  # noqa: E402
 from powergrad.gpu_check import RecipeSteps  # noqa: E402
 from powergrad.data.imagefolder_checks import ImageDataError  # noqa: E402
 from powergrad.errors import one_error_path, whole_number  # noqa: E402
-from powergrad.recipe import Recipe, RecipeError, load_recipe  # noqa: E402
+from powergrad.machine_fit import fit_to_machine  # noqa: E402
+from powergrad.recipe import RecipeError, load_recipe  # noqa: E402
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:
@@ -81,9 +82,10 @@ def feed_ratio(step: Callable, loader_batches: Iterator, steps: int, warmup: int
             "batch": int(images.shape[0]), "resolution": tuple(images.shape[-2:])}
 
 
-def amp_dtype_for(recipe: Recipe) -> torch.dtype:
-    """The recipe's autocast dtype; bfloat16 for a float32 recipe (the check is about AMP)."""
-    return AMP_DTYPES[recipe.train.amp_dtype] or torch.bfloat16
+def amp_dtype_for(name: str) -> torch.dtype:
+    """The autocast dtype `name` (a recipe's, as fitted to the machine); bfloat16 for float32
+    (the check is about AMP)."""
+    return AMP_DTYPES[name] or torch.bfloat16
 
 
 def main(argv=None) -> dict:
@@ -104,9 +106,12 @@ def main(argv=None) -> dict:
         torch.set_num_threads(recipe.train.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    amp_dtype = amp_dtype_for(recipe)
+    fit = fit_to_machine(recipe, device, recipe.train.batch_size)  # workers, fp16 on a CPU
+    amp_dtype = amp_dtype_for(fit.amp_dtype)
+    for note in fit.notes:
+        print(f"note: {note}")
     train_loader, _ = build_loaders(
-        recipe.data, batch_size=recipe.train.batch_size,
+        fit.data, batch_size=recipe.train.batch_size,
         eval_batch_size=recipe.train.eval_batch_size, seed=recipe.train.seed, device=device,
         dist_info=DistInfo(), channels_last=True)
     sync = synchronizer(device)
@@ -115,7 +120,7 @@ def main(argv=None) -> dict:
     cores = len(os.sched_getaffinity(0))
     print(f"{recipe.model.model} on {device} ({str(amp_dtype).removeprefix('torch.')} autocast, "
           f"channels_last), batch {result['batch']} at {result['resolution'][0]} px, "
-          f"{recipe.data.workers} loader workers, {cores} cores visible\n"
+          f"{fit.data.workers} loader workers, {cores} cores visible\n"
           f"from the loader:       {result['loader']:.0f} img/s\n"
           f"from a resident batch: {result['resident']:.0f} img/s\n"
           f"ratio {result['ratio']:.2f} (1.0 = the GPU never waits for data; median of "

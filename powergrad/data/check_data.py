@@ -10,6 +10,7 @@ sidecar (the writer decoded every image when it wrote the file).
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from multiprocessing import get_context
@@ -20,22 +21,24 @@ from .imagefolder_checks import ImageDataError, image_problem, scan_image_folder
 _CHUNK = 64  # images per task handed to a worker: few round trips, a smooth progress bar
 
 
-def _problems_in(paths: list[str]) -> list[tuple[str, str]]:
-    return [(p, why) for p in paths if (why := image_problem(p)) is not None]
+def _problems_in(paths: list[str], decode: bool = False) -> list[tuple[str, str]]:
+    return [(p, why) for p in paths if (why := image_problem(p, decode)) is not None]
 
 
-def find_bad_images(paths: list[str], workers: int, progress=None) -> list[tuple[str, str]]:
+def find_bad_images(paths: list[str], workers: int, progress=None,
+                    decode: bool = False) -> list[tuple[str, str]]:
     """(path, why) for every unreadable image among `paths`, checked by `workers` processes
-    (0: in this one); progress.update is called once per checked chunk with its size."""
+    (0: in this one); progress.update is called once per checked chunk with its size.
+    decode: decode every pixel as well (image_problem)."""
     chunks = [paths[i:i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
     workers = min(workers, len(chunks))  # no idle processes for a small folder
     bad: list[tuple[str, str]] = []
     if workers == 0:
-        results = map(_problems_in, chunks)
+        results = map(functools.partial(_problems_in, decode=decode), chunks)
         pool = None
     else:  # fork: check-data runs no torch op before this, so no thread pool is copied
         pool = get_context("fork").Pool(workers)
-        results = pool.imap(_problems_in, chunks)
+        results = pool.imap(functools.partial(_problems_in, decode=decode), chunks)
     try:
         for chunk, found in zip(chunks, results):
             bad.extend(found)
@@ -47,7 +50,7 @@ def find_bad_images(paths: list[str], workers: int, progress=None) -> list[tuple
     return bad
 
 
-def check_path(path: str, workers: int, say=print) -> list[str]:
+def check_path(path: str, workers: int, say=print, decode: bool = False) -> list[str]:
     """Check one ImageFolder tree or .beton file; return one line per problem found."""
     target = Path(path).expanduser()
     if target.is_file():
@@ -72,7 +75,7 @@ def check_path(path: str, workers: int, say=print) -> list[str]:
 
     start = time.perf_counter()
     bar = Progress(len(files), f"check-data {path}", unit="img", every=max(1, len(files) // 20))
-    bad = find_bad_images(files, workers, bar)
+    bad = find_bad_images(files, workers, bar, decode=decode)
     bar.close({})
     seconds = time.perf_counter() - start
     rate = len(files) / seconds if seconds > 0 else 0.0
@@ -83,7 +86,7 @@ def check_path(path: str, workers: int, say=print) -> list[str]:
     return lines
 
 
-def main(paths: list[str], workers: int | None = None) -> int:
+def main(paths: list[str], workers: int | None = None, decode: bool = False) -> int:
     """Exit 0 when every path is sound, else 2 after listing every problem (one per line).
     workers: processes that open images (default and most: one per usable core)."""
     from ..machine_fit import usable_cores
@@ -91,7 +94,7 @@ def main(paths: list[str], workers: int | None = None) -> int:
     workers = usable_cores() if workers is None else min(workers, usable_cores())
     problems = []
     for path in paths:
-        problems += check_path(path, workers)
+        problems += check_path(path, workers, decode=decode)
     for line in problems:
         print(f"bad: {line}")
     if problems:
