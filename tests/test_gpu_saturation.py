@@ -30,7 +30,8 @@ def test_tiny_cpu_run_trains_resnet50_from_the_recipe(tmp_path, capsys):
     assert result["loader"] > 0 and result["resident"] > 0
     assert result["ratio"] == pytest.approx(result["loader"] / result["resident"])  # 1 round
     out = capsys.readouterr().out
-    assert "resnet50 on cpu (float16 autocast, channels_last), batch 2 at 32 px" in out
+    assert "note: train.amp_dtype float16 is for GPUs" in out  # the recipe's fp16, on a CPU
+    assert "resnet50 on cpu (bfloat16 autocast, channels_last), batch 2 at 32 px" in out
     assert f"ratio {result['ratio']:.2f}" in out
 
 
