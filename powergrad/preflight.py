@@ -379,7 +379,10 @@ def _device_memory(recipe: Recipe) -> tuple[int | None, str]:
     try:
         with open("/proc/meminfo") as f:
             fields = dict(line.split(":", 1) for line in f)
-        return int(fields["MemAvailable"].split()[0]) * 1024, "this machine's free memory"
+        free = int(fields["MemAvailable"].split()[0]) * 1024
+        share = world_from_env().local_world_size  # the node's processes share its memory
+        return free // share, ("this machine's free memory" if share == 1 else
+                               f"this process's share ({share} per node) of the free memory")
     except (OSError, KeyError, ValueError):
         return None, ""
 
