@@ -32,6 +32,7 @@ from .distributed import (DistInfo, all_reduce_sum, barrier, cuda_index, gather_
                           init_distributed, world_from_env)
 from .filters import FilterCollapse
 from .machine_fit import MachineFit, fit_to_machine
+from .finetune import load_initial_checkpoint
 from .models import build_model
 from .preemption import Preempted, StopRequest, exit_code_unsaved
 from .recipe import Recipe, load_recipe
@@ -106,7 +107,11 @@ def _train(recipe: Recipe, run_dir: Path, fast_dev_run: int, stop: StopRequest) 
     random_seed(cfg.seed, dist_info.rank)
 
     # --- model, data, optimizer, schedule, loss: all from timm's factories ---------------
-    model = build_model(recipe.model).to(device)
+    model = build_model(recipe.model, pretrained=True)  # cfg.pretrained decides
+    if recipe.model.initial_checkpoint:  # fine-tuning: a resumed run's checkpoint wins later
+        for note in load_initial_checkpoint(model, recipe.model):
+            say(f"note: {note}", flush=True)
+    model = model.to(device)
     if cfg.sync_bn and dist_info.enabled:  # one process: BatchNorm already sees the batch
         model = convert_to_sync_bn(model, device)
     # reference norms from the seed's initial weights (before any checkpoint is loaded)

@@ -9,12 +9,25 @@ from timm.layers import BlurPool2d
 from .recipe import ModelConfig
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
+def build_model(cfg: ModelConfig, pretrained: bool = False) -> nn.Module:
+    """The recipe's network; pretrained=True starts it from timm's released weights when
+    cfg.pretrained asks for them (read from the local cache: finetune.cached_pretrained_file;
+    the run's own initial_checkpoint is loaded by the engine, after the suite's layers)."""
     kwargs = dict(cfg.kwargs)
+    if pretrained and cfg.pretrained:
+        from .finetune import cached_pretrained_file
+        from .weights import WeightsError
+
+        file = cached_pretrained_file(cfg.model)
+        if file is None:
+            raise WeightsError(f"model.pretrained: timm's weights for {cfg.model} are not in "
+                               "the Hugging Face cache")
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": file})
     if cfg.norm == "none":
         # The PGT paper's BN-free network. norm_layer=None would silently give BatchNorm back.
         kwargs["norm_layer"] = nn.Identity
-    model = timm.create_model(cfg.model, pretrained=False, num_classes=cfg.num_classes,
+    kwargs.setdefault("pretrained", False)
+    model = timm.create_model(cfg.model, num_classes=cfg.num_classes,
                               in_chans=cfg.in_chans, drop_rate=cfg.drop_rate,
                               drop_path_rate=cfg.drop_path, **kwargs)
     if cfg.stem == "small":

@@ -108,12 +108,35 @@ def check_model_builds(recipe: Recipe) -> None:
     except (TypeError, ValueError, KeyError, IndexError, AssertionError, RuntimeError) as err:
         _fail(recipe, "model.kwargs", f"timm cannot build {recipe.model.model!r} with these "
                                       f"settings: {type(err).__name__}: {_one_line(err)}")
+    check_initial_weights(recipe, model)
     try:
         build_optimizer(recipe, model)
     except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as err:
         _fail(recipe, "optim.opt", f"timm cannot build optimizer {recipe.optim.opt!r} with "
                                    f"the optim settings: {type(err).__name__}: "
                                    f"{_one_line(err)}")
+
+
+def check_initial_weights(recipe: Recipe, model) -> None:
+    """model.pretrained's weights are on this machine; model.initial_checkpoint reads and
+    fits the recipe's network (the classifier may differ: it is then re-initialised)."""
+    from .finetune import cached_pretrained_file, load_initial_checkpoint
+    from .weights import WeightsError
+
+    cfg = recipe.model
+    if cfg.pretrained and cached_pretrained_file(cfg.model) is None:
+        _fail(recipe, "model.pretrained", f"got true, but timm's weights for {cfg.model} are "
+                                          "not in the Hugging Face cache and a run never "
+                                          "downloads; fetch them once with `python -c \"import "
+                                          f"timm; timm.create_model('{cfg.model}', "
+                                          "pretrained=True)\"` where there is internet, or "
+                                          "name a file with model.initial_checkpoint")
+    if cfg.initial_checkpoint:
+        try:
+            load_initial_checkpoint(model, cfg, check_only=True)
+        except WeightsError as err:
+            _fail(recipe, "model.initial_checkpoint", f"got {cfg.initial_checkpoint!r}: "
+                                                      f"{_one_line(err)}")
 
 
 def check_device(recipe: Recipe) -> None:

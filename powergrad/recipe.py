@@ -71,6 +71,13 @@ class ModelConfig:
     blurpool: bool = False
     kwargs: dict = field(default_factory=dict)  # more timm.create_model keyword arguments
     gpas: GPASConfig = field(default_factory=GPASConfig)
+    # Fine-tuning (timm's --pretrained and --initial-checkpoint): start from timm's released
+    # weights, which must already be in the Hugging Face cache (nothing is downloaded at run
+    # time), or from a file or folder: a run folder (its best.pth), a run's .pth, an export
+    # (model.safetensors), or a timm state-dict file. A classifier of another class count is
+    # re-initialised, with a note (powergrad/finetune.py).
+    pretrained: bool = False
+    initial_checkpoint: str | None = None
 
 
 @dataclass
@@ -265,7 +272,8 @@ class Recipe:
 
 
 # Settings added after the first recorded runs, with the default those runs trained with.
-ADDED_SETTINGS = {"train.sync_bn": False, "data.bad_images": "error"}
+ADDED_SETTINGS = {"train.sync_bn": False, "data.bad_images": "error",
+                  "model.pretrained": False, "model.initial_checkpoint": None}
 
 
 # Every numeric setting's range, in interval notation ("[" includes the bound, "(" excludes
@@ -646,7 +654,7 @@ _RUN_RECIPE_HEADER = "# resolved from "
 
 # Settings that name files or folders: `~` and $VARIABLES are expanded as a shell would.
 PATH_KEYS = ("data.root", "data.train_dir", "data.val_dir", "data.train_beton",
-             "data.val_beton", "log.output", "log.resume")
+             "data.val_beton", "log.output", "log.resume", "model.initial_checkpoint")
 
 
 def _expand_paths(recipe: Recipe, origins: dict, default_file: str) -> None:

@@ -41,6 +41,7 @@ def _train_or_exit_code(train, recipe: Recipe, stop):
     from .engine import NonFiniteError
     from .preemption import Preempted
     from .rundir import RunDirError
+    from .weights import WeightsError
 
     try:
         return train(recipe, stop=stop)
@@ -48,7 +49,7 @@ def _train_or_exit_code(train, recipe: Recipe, stop):
         if world_from_env().is_main:
             print(stop, flush=True)
         code = stop.exit_code
-    except (RunDirError, CheckpointError) as err:  # rank 0's lock, or every rank's file
+    except (RunDirError, CheckpointError, WeightsError) as err:  # a lock, or a file
         if world_from_env().is_main:
             print(f"run error: {err}", file=sys.stderr, flush=True)
         code = 2

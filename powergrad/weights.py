@@ -47,8 +47,9 @@ def read_state_dict(path: str | Path, ema: bool = False) -> dict[str, torch.Tens
 
 
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path,
-                 what: str) -> None:
-    """model.load_state_dict(state_dict), or one WeightsError saying how the two differ."""
+                 what: str, check_only: bool = False) -> None:
+    """model.load_state_dict(state_dict), or one WeightsError saying how the two differ;
+    check_only: the check alone (a model on the meta device, in preflight)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -60,4 +61,5 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], path: st
                  f"{len(resized)} of another shape (e.g. {resized[0]})" if resized else ""]
         raise WeightsError(f"{path}: its weights do not fit {what}: "
                            + "; ".join(p for p in parts if p))
-    model.load_state_dict(state_dict)
+    if not check_only:
+        model.load_state_dict(state_dict)
