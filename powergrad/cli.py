@@ -1,4 +1,5 @@
-"""The `powergrad` command: check, train, torchrun, describe, compare, export."""
+"""The `powergrad` command: check, check-data, train, torchrun, describe, compare, validate,
+export, gpu-check."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,8 @@ _HINTS = {
     "gpu-check": "`powergrad gpu-check` takes --workdir DIR, --out DIR and --recipe FILE; see "
                  "`powergrad gpu-check --help`",
     "torchrun": "powergrad torchrun [TORCHRUN OPTIONS] train RECIPE.yaml [key=value ...]",
+    "validate": "name a run folder, an export folder or a weights file (then --recipe), and "
+                "key=value settings if any; see `powergrad validate --help`",
 }
 
 
@@ -137,6 +140,29 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     compare.add_argument("--out", default=None, metavar="PATH",
                          help="also write PATH.md and PATH.png (default: print the table only)")
 
+    validate = subs["validate"] = sub.add_parser(
+        "validate", help="test loss, top-1 and top-5 of trained weights, without training",
+        description="Score a run folder's checkpoint (or its EMA), an export folder, or a "
+                    "weights file in any common layout (give --recipe for those two) on the "
+                    "recipe's evaluation data, or on --data, with the recipe's evaluation "
+                    "transform (key=value settings change it, e.g. data.val_img_size=256). "
+                    "Under torchrun every image is counted once. Prints one line, then the "
+                    "JSON (or writes it to --out).")
+    validate.add_argument("source", metavar="RUN_DIR|EXPORT_DIR|WEIGHTS")
+    validate.add_argument("items", nargs="*", metavar="key=value")
+    validate.add_argument("--checkpoint", choices=["best", "last"], default="last",
+                          help="of a run folder: last.pth (the run's final weights, what its "
+                               "last evaluation scored) or best.pth (default: last)")
+    validate.add_argument("--ema", action="store_true", help="score the EMA weights")
+    validate.add_argument("--recipe", default=None, metavar="RECIPE.yaml",
+                          help="the recipe that built the weights (default: the run folder's "
+                               "recipe.yaml)")
+    validate.add_argument("--data", default=None, metavar="DIR|BETON",
+                          help="score on this ImageFolder tree or .beton instead of the "
+                               "recipe's evaluation data")
+    validate.add_argument("--out", default=None, metavar="FILE.json",
+                          help="write the JSON here (default: print it)")
+
     export = subs["export"] = sub.add_parser(
         "export", help="a run's trained weights as timm-ready safetensors + config.json",
         description="Write RUN_DIR's weights as model.safetensors with timm's config.json "
@@ -184,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # Where each command writes, given by an option: (option, the folder it writes into).
 _OUTPUTS = {"compare": ("out", lambda p: Path(p).parent), "export": ("out", Path),
+            "validate": ("out", lambda p: Path(p).parent),
             "describe": ("png", lambda p: Path(p).parent), "gpu-check": ("out", Path)}
 
 
@@ -235,6 +262,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "compare":
         from .compare import main as compare_main
         return compare_main(args.runs, target=args.target, out=args.out)
+    if args.command == "validate":
+        bad = [item for item in args.items if "=" not in item]
+        if bad:
+            print(f"powergrad validate: {bad[0]!r}: not a key=value setting\n  "
+                  f"{_HINTS['validate']}", file=sys.stderr)
+            return 2
+        from .validate import main as validate_main
+        return validate_main(args.source, args.items, checkpoint=args.checkpoint, ema=args.ema,
+                             recipe_path=args.recipe, data=args.data, out=args.out)
     if args.command == "export":
         from .export import main as export_main
         return export_main(args.run, checkpoint=args.checkpoint, ema=args.ema, out=args.out,

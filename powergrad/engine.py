@@ -42,6 +42,9 @@ from .runlog import EPOCH_TAGS, RESULT_FIELDS, Progress, RunLog, train_img_per_s
 from .transform import logit_stats
 
 
+EVAL_TAGS = ("loss", "top1", "top5")  # logged as eval/<tag> (and eval_ema/<tag>)
+
+
 @dataclass
 class TrainState:
     """What a checkpoint must hold besides module states to continue exactly."""
@@ -246,13 +249,13 @@ def _run_epoch(ctx: EpochContext, train_loader, eval_loader, epoch: int, state: 
         raise NonFiniteError(f"the evaluation after epoch {epoch + 1}/{ctx.total_epochs} gave "
                              f"test loss {eval_stats['loss']}: the weights diverged in the "
                              f"epoch's last steps (optimizer step {state.num_updates})")
-    log.scalars({f"eval/{k}": v for k, v in eval_stats.items()}, state.num_updates)
+    log.scalars({f"eval/{k}": eval_stats[k] for k in EVAL_TAGS}, state.num_updates)
     bad_images = int(all_reduce_sum(
         [float(_bad_images_seen(train_loader, eval_loader) - bad_before)], device)[0])
     if ema is not None:
         ema_stats = evaluate(ema.module, eval_loader, device, amp_dtype, cfg.tta_flip,
                              max_batches=ctx.max_updates)
-        log.scalars({f"eval_ema/{k}": v for k, v in ema_stats.items()}, state.num_updates)
+        log.scalars({f"eval_ema/{k}": ema_stats[k] for k in EVAL_TAGS}, state.num_updates)
     row = {"epoch": epoch, "train_loss": train_stats["loss"], "train_top1": train_stats["top1"],
            "eval_loss": eval_stats["loss"], "eval_top1": eval_stats["top1"],
            "eval_top5": eval_stats["top5"], "lr": optimizer.param_groups[0]["lr"],
@@ -444,8 +447,9 @@ def _window_scalars(window: dict, optimizer, world_size: int) -> dict[str, float
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device, amp_dtype, tta_flip: bool = False,
              max_batches: int | None = None) -> dict:
-    """Test loss, top-1 and top-5 (%), summed over ranks; with tta_flip the logits of each
-    image and its mirror image are averaged. max_batches: only the first batches (dev runs)."""
+    """Test loss, top-1 and top-5 (%) and the images scored, summed over ranks; with tta_flip
+    the logits of each image and its mirror image are averaged. max_batches: only the first
+    batches (dev runs)."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1, top-5 hits
     seen = 0
@@ -462,7 +466,8 @@ def evaluate(model: nn.Module, loader, device, amp_dtype, tta_flip: bool = False
                              hits[:, 0].sum().double(), hits.any(dim=-1).sum().double()])
         seen += labels.shape[0]
     loss_sum, top1, top5, seen = all_reduce_sum([*sums.tolist(), float(seen)], device)
-    return {"loss": loss_sum / seen, "top1": 100 * top1 / seen, "top5": 100 * top5 / seen}
+    return {"loss": loss_sum / seen, "top1": 100 * top1 / seen, "top5": 100 * top5 / seen,
+            "images": int(seen)}
 
 
 # --- set-up helpers ------------------------------------------------------------------------

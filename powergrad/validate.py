@@ -1,0 +1,130 @@
+"""`powergrad validate SOURCE [key=value ...]`: test loss, top-1 and top-5 of trained weights
+without training (timm's validate.py): a run folder's checkpoint (its EMA with --ema), an
+export folder, or a weights file in any common layout, on the recipe's evaluation data or on
+an ImageFolder tree or .beton given with --data. Evaluation is the engine's own (the recipe's
+centre crop, resolution, test-time flip and autocast as this machine runs it), so a run's
+final evaluation is reproduced exactly; under torchrun each process scores its share and
+every image is counted once.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .recipe import RUN_RECIPE, Recipe, load_recipe
+from .weights import WeightsError
+
+
+class ValidateError(ValueError):
+    """A source, recipe or data set validate cannot use; the message says what to give."""
+
+
+def weights_file(source: Path, checkpoint: str) -> Path:
+    """The file of `source`: a run folder's best.pth/last.pth, an export's model.safetensors,
+    or the file itself."""
+    if source.is_dir():
+        for path in (source / f"{checkpoint}.pth", source / "model.safetensors"):
+            if path.is_file():
+                return path
+        raise ValidateError(f"{source}: neither a run folder with {checkpoint}.pth nor an "
+                            "export folder with model.safetensors")
+    if not source.is_file():
+        raise ValidateError(f"{source}: no such file or folder")
+    return source
+
+
+def source_recipe(source: Path, recipe_path: str | None, overrides: list[str]) -> Recipe:
+    """The recipe that says which network and evaluation: --recipe, else the run folder's."""
+    if recipe_path is None:
+        if not (source.is_dir() and (source / RUN_RECIPE).is_file()):
+            raise ValidateError(f"{source}: not a run folder, so name the recipe that built "
+                                "these weights with --recipe RECIPE.yaml (for the network "
+                                "and its evaluation transform)")
+        recipe_path = str(source / RUN_RECIPE)
+    return load_recipe(recipe_path, overrides)
+
+
+def with_data(recipe: Recipe, data: str | None) -> Recipe:
+    """The recipe reading its evaluation images from `data` (a folder or a .beton)."""
+    if data is None:
+        return recipe
+    import dataclasses
+
+    path = Path(data).expanduser()
+    if path.is_dir():
+        changes = dict(dataset="imagefolder", loader="torchvision", train_dir=str(path),
+                       val_dir=str(path), train_beton=None, val_beton=None)
+    elif path.suffix == ".beton" and path.is_file():
+        changes = dict(dataset="imagefolder", loader="ffcv", train_beton=str(path),
+                       val_beton=str(path))
+    else:
+        raise ValidateError(f"--data {data}: expected an ImageFolder directory or a .beton "
+                            "file")
+    return dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, **changes))
+
+
+def validate(source: str, overrides: list[str], *, checkpoint: str = "last", ema: bool = False,
+             recipe_path: str | None = None, data: str | None = None) -> dict:
+    """The scores of `source`'s weights, with what was measured and how."""
+    import torch
+
+    from .builders import AMP_DTYPES, pick_device
+    from .data import build_loaders
+    from .distributed import cuda_index, init_distributed
+    from .engine import evaluate
+    from .machine_fit import fit_to_machine
+    from .models import build_model
+    from .weights import load_weights, read_state_dict
+
+    source_path = Path(source).expanduser()
+    recipe = with_data(source_recipe(source_path, recipe_path, overrides), data)
+    path = weights_file(source_path, checkpoint)
+    model = build_model(recipe.model)
+    load_weights(model, read_state_dict(path, ema=ema), path,
+                 f"the recipe's {recipe.model.model}")
+    device = pick_device(recipe.train.device)
+    dist_info = init_distributed(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", cuda_index(dist_info.local_rank, torch.cuda.device_count()))
+    fit = fit_to_machine(recipe, device, recipe.train.eval_batch_size)
+    model = model.to(device)
+    if recipe.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    _, eval_loader = build_loaders(fit.data, batch_size=1,
+                                   eval_batch_size=recipe.train.eval_batch_size,
+                                   seed=recipe.train.seed, device=device, dist_info=dist_info,
+                                   channels_last=recipe.train.channels_last)
+    stats = evaluate(model, eval_loader, device, AMP_DTYPES[fit.amp_dtype], recipe.train.tta_flip)
+    return {"weights": str(path), "ema": ema, "recipe": recipe.source, "data": fit.loader,
+            "eval_data": recipe.data.val_dir or recipe.data.val_beton or recipe.data.root,
+            "processes": dist_info.world_size, "images": stats["images"],
+            "test_loss": stats["loss"],
+            "test_top1": stats["top1"], "test_top5": stats["top5"], "ran_with": fit.record()}
+
+
+def main(source: str, overrides: list[str], *, checkpoint: str, ema: bool,
+         recipe_path: str | None, data: str | None, out: str | None) -> int:
+    from .data.imagefolder_checks import ImageDataError
+    from .distributed import shutdown, world_from_env
+    from .recipe import RecipeError
+
+    try:
+        result = validate(source, overrides, checkpoint=checkpoint, ema=ema,
+                          recipe_path=recipe_path, data=data)
+    except (ValidateError, WeightsError, RecipeError, ImageDataError) as err:
+        if world_from_env().is_main:
+            print(f"validate: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    shutdown()
+    if not world_from_env().is_main:
+        return 0
+    print(f"{result['weights']}: test top-1 {result['test_top1']:.2f} %, top-5 "
+          f"{result['test_top5']:.2f} %, loss {result['test_loss']:.4f} on {result['eval_data']}"
+          f" ({result['processes']} process(es))")
+    text = json.dumps(result, indent=2) + "\n"
+    if out:
+        Path(out).write_text(text)
+    else:
+        print(text, end="")
+    return 0

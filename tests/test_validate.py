@@ -1,0 +1,86 @@
+"""`powergrad validate`: a finished run's final evaluation reproduced exactly, from its folder,
+its export and a bare weights file, in one process and under torchrun."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from powergrad.cli import main as cli_main
+
+REPO = Path(__file__).resolve().parents[1]
+FASHION = REPO / "recipes/fashion_mnist/resnet_pgt.yaml"
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A 1-epoch run on 60 images, scored on 51 test images (odd: 2 processes split it
+    unevenly); its final evaluation from summary.csv."""
+    out = tmp_path_factory.mktemp("runs")
+    assert cli_main(["train", str(FASHION), "data.train_subset=60", "data.eval_subset=51",
+                     "train.batch_size=20", "train.eval_batch_size=16", "train.epochs=1",
+                     "sched.cooldown_epochs=0", f"log.output={out}"]) == 0
+    run = out / "resnet_pgt"
+    with open(run / "summary.csv", newline="") as f:
+        (row,) = csv.DictReader(f)
+    return run, {"test_loss": float(row["eval_loss"]), "test_top1": float(row["eval_top1"]),
+                 "test_top5": float(row["eval_top5"])}
+
+
+def scores(path: Path) -> dict:
+    result = json.loads(path.read_text())
+    return {k: result[k] for k in ("test_loss", "test_top1", "test_top5")}
+
+
+def test_validate_reproduces_the_runs_final_evaluation(finished, tmp_path, capsys):
+    run, final = finished
+    assert cli_main(["validate", str(run), "--out", str(tmp_path / "v.json")]) == 0
+    assert scores(tmp_path / "v.json") == final  # exactly: the same weights, data and code
+    assert json.loads((tmp_path / "v.json").read_text())["images"] == 51
+    line = capsys.readouterr().out.strip()
+    assert line == (f"{run / 'last.pth'}: test top-1 {final['test_top1']:.2f} %, top-5 "
+                    f"{final['test_top5']:.2f} %, loss {final['test_loss']:.4f} on "
+                    "/usr/share/datasets/fashion-mnist (1 process(es))")
+
+
+def test_an_export_and_a_weights_file_score_the_same_with_their_recipe(finished, tmp_path,
+                                                                       capsys):
+    run, final = finished
+    assert cli_main(["export", str(run), "--checkpoint", "last", "--out",
+                     str(tmp_path / "export")]) == 0
+    weights = torch.load(run / "last.pth", weights_only=True)["model"]
+    torch.save({"state_dict": weights}, tmp_path / "weights.pth")
+    for source in (tmp_path / "export", tmp_path / "weights.pth"):
+        assert cli_main(["validate", str(source), "--recipe", str(run / "recipe.yaml"),
+                         "--out", str(tmp_path / "v.json")]) == 0
+        assert scores(tmp_path / "v.json") == pytest.approx(final, rel=1e-6)
+    capsys.readouterr()
+    assert cli_main(["validate", str(tmp_path / "weights.pth")]) == 2
+    assert "not a run folder, so name the recipe" in capsys.readouterr().err
+
+
+def test_under_torchrun_every_image_is_counted_once(finished, tmp_path):
+    run, final = finished
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "powergrad",
+         "validate", str(run), "--out", str(tmp_path / "v.json")],
+        env=dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo"),
+        capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((tmp_path / "v.json").read_text())
+    assert (result["processes"], result["images"]) == (2, 51)  # each test image once
+    got = scores(tmp_path / "v.json")
+    assert (got["test_top1"], got["test_top5"]) == (final["test_top1"], final["test_top5"])
+    # float32 logits summed in other batches (16 per process): equal to rounding
+    assert got["test_loss"] == pytest.approx(final["test_loss"], rel=1e-6)
