@@ -142,7 +142,7 @@ def test_a_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeypat
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(ckpt.CheckpointError,
-                       match="could not write the checkpoint \(disk full\); the previous one"):
+                       match=r"could not write the checkpoint \(disk full\); the previous one"):
         ckpt.save_atomic({"step": torch.tensor(2)}, path)
     monkeypatch.undo()
     assert ckpt.load(path)["step"].item() == 1

@@ -15,7 +15,7 @@ normalised float32 channels-last batches on the CPU (what a CPU run trains on):
   ffcv uint8      the same bare Loader without normalisation: what the CPU supplies when the
                   GPU normalises (training on a GPU), the ceiling for any CPU-side work;
   ffcv ours-uint8 ours before its normalisation: everything ours does in ffcv;
-  torchvision     ImageFolder + the same augmentation, decoded with torchvision.io (what the
+  torchvision     ImageFolder + the same augmentation, decoded with TorchCodec (what the
                   project ships) and with PIL; both normalised by the same torch code as ours;
   dali            powergrad's DaliTrainLoader on the JPEG folder, its CPU decode here (on a
                   GPU the decode is "mixed": nvJPEG); dali read: DALI's file reader alone,
@@ -170,7 +170,7 @@ class Ours:
 class PilTorchvision:
     """ImageFolder with its PIL decode and the same v2 augmentation on PIL images, normalised
     by the same ImageBatches code as ours: the torchvision fallback this project shipped
-    before torchvision.io."""
+    before torchvision.io (now TorchCodec)."""
 
     def __init__(self, folder: Path, batch_size: int, workers: int):
         from torch.utils.data import DataLoader, RandomSampler
@@ -427,7 +427,7 @@ def main(argv=None) -> None:
     for workers in WORKER_COUNTS:
         tv = TorchvisionTrainLoader(str(folder), ramp_cfg(workers), batch_size=b, seed=0,
                                     device="cpu", distributed=False, channels_last=True)
-        variants[f"torchvision io w{workers}"] = Ours(tv)
+        variants[f"torchvision codec w{workers}"] = Ours(tv)
         variants[f"torchvision PIL w{workers}"] = PilTorchvision(folder, b, workers)
         variants[f"dali w{workers}"] = Dali(folder, b, workers)
         variants[f"dali read w{workers}"] = DaliRead(folder, b, workers)
@@ -485,7 +485,7 @@ def _ratio(num: list[float], den: list[float]) -> str:
 
 def best_torchvision(rates, res: int, workers: int) -> tuple[str, list[float]]:
     pairs = [(k, rates[(k, res, workers)]) for k in
-             (f"torchvision io w{workers}", f"torchvision PIL w{workers}")]
+             (f"torchvision codec w{workers}", f"torchvision PIL w{workers}")]
     return max(pairs, key=lambda kv: _median(kv[1]))
 
 
@@ -580,22 +580,22 @@ def format_report(args, command, rates, limits, costs, stored, memory, compile_s
         "",
         *verdicts(rates),
         "",
-        "## torchvision: torchvision.io vs PIL decode",
+        "## torchvision: TorchCodec vs PIL decode",
         "",
-        "| px | workers | torchvision.io img/s | PIL img/s | io / PIL |",
+        "| px | workers | TorchCodec img/s | PIL img/s | codec / PIL |",
         "|---|---|---|---|---|",
     ]
     io_ahead = 0
     for res in RESOLUTIONS:
         for w in WORKER_COUNTS:
-            tio = rates[(f"torchvision io w{w}", res, w)]
+            tio = rates[(f"torchvision codec w{w}", res, w)]
             pil = rates[(f"torchvision PIL w{w}", res, w)]
             io_ahead += _median([a / b for a, b in zip(tio, pil)]) > 1
             lines.append(f"| {res} | {w} | {_median(tio):.0f} | {_median(pil):.0f} "
                          f"| {_ratio(tio, pil)} |")
     cells = len(RESOLUTIONS) * len(WORKER_COUNTS)
-    lines += ["", f"torchvision.io ahead of PIL in {io_ahead} of {cells} cells; the project's "
-              "torchvision loader decodes with torchvision.io."]
+    lines += ["", f"TorchCodec ahead of PIL in {io_ahead} of {cells} cells; the project's "
+              "torchvision loader decodes with TorchCodec."]
     lines += [
         "",
         "## DALI on the original JPEGs",
@@ -608,7 +608,7 @@ def format_report(args, command, rates, limits, costs, stored, memory, compile_s
         "which this machine cannot measure. Cores per GPU below are therefore a floor: GPU "
         "rate / (`dali read` img/s per core).",
         "",
-        "| px | workers | dali img/s | img/s/core | vs torchvision.io | vs ffcv ours, jpeg "
+        "| px | workers | dali img/s | img/s/core | vs TorchCodec | vs ffcv ours, jpeg "
         "| dali read img/s/core | cores per A100, floor | cores per H100, floor |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -618,7 +618,7 @@ def format_report(args, command, rates, limits, costs, stored, memory, compile_s
             read = _median(rates[(f"dali read w{w}", res, w)]) / w
             lines.append(
                 f"| {res} | {w} | {_median(dali):.0f} | {_median(dali) / w:.0f} "
-                f"| {_ratio(dali, rates[(f'torchvision io w{w}', res, w)])} "
+                f"| {_ratio(dali, rates[(f'torchvision codec w{w}', res, w)])} "
                 f"| {_ratio(dali, rates[(f'ffcv ours jpeg', res, w)])} | {read:.0f} "
                 f"| {A100_RN50 / read:.2f} | {args.h100_rate / read:.2f} |")
     lines += [

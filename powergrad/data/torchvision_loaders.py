@@ -1,10 +1,11 @@
 """torchvision loaders for ImageFolder trees (the fallback when ffcv or .beton files are
 missing), with the same augmentation as the ffcv loaders, wrapped in ImageBatches.
 
-Workers decode with torchvision.io (libjpeg-turbo, straight to a uint8 tensor) and crop and
+Workers decode with TorchCodec (libjpeg-turbo, straight to a uint8 tensor: what torchvision.io
+did, with the same pixels, before torchvision 0.29 deprecated its decoders for it) and crop and
 resize tensors: 1.3-1.4x the images/s of ImageFolder's PIL decode with the same transforms
-(results/bench_loader.md). Formats torchvision.io cannot read (BMP, TIFF, PPM/PGM) go through
-PIL. Normalisation happens on the target device (device_batches.ImageBatches). Workers are not
+(results/bench_loader.md, measured with torchvision.io). Formats TorchCodec does not read (BMP,
+TIFF, PPM/PGM) go through PIL. Normalisation happens on the target device (device_batches.ImageBatches). Workers are not
 persistent, so each epoch's workers see that epoch's crop size. Evaluation resizes the shorter
 side to res / crop_pct and crops the centre (timm's and torchvision's convention); ffcv crops
 first and then resizes, an equivalent crop up to rounding.
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 from torchvision.datasets import ImageFolder
-from torchvision.io import ImageReadMode, decode_image, read_file
+from torchcodec.decoders import decode_image
 from torchvision.transforms import v2 as T
 
 from ..preemption import ignore_in_worker
@@ -26,14 +27,15 @@ from .device_batches import ImageBatches, TrainImageBatches
 from .imagefolder_checks import ImageDataError
 
 
-# What torchvision.io decodes (CMYK and greyscale JPEGs come out as RGB, as with PIL).
-TORCHVISION_IO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+# What TorchCodec decodes here (CMYK and greyscale JPEGs come out as RGB, as with PIL).
+TORCHCODEC_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 def read_rgb(path: str) -> torch.Tensor:
     """uint8 [3, H, W] RGB pixels of the image file at `path`."""
-    if path.lower().endswith(TORCHVISION_IO_SUFFIXES):
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    if path.lower().endswith(TORCHCODEC_SUFFIXES):
+        image = decode_image(path, mode="RGB")
+        return image[0] if image.dim() == 4 else image  # an animated WebP: its first frame
     with Image.open(path) as img:
         return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
 
@@ -54,7 +56,7 @@ class ScreenedImageFolder(ImageFolder):
             i = (index + offset) % len(self.samples)
             try:
                 image, label = super().__getitem__(i)
-            except (RuntimeError, OSError, ValueError) as err:  # torchvision.io's and PIL's
+            except (RuntimeError, OSError, ValueError) as err:  # TorchCodec's and PIL's
                 bad.append(f"{self.samples[i][0]}: unreadable image ({type(err).__name__}: "
                            f"{' '.join(str(err).split())})")
                 continue
