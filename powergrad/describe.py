@@ -62,6 +62,21 @@ def key_epochs(recipe: Recipe, total_epochs: int) -> list[float]:
     return sorted(m for m in marks if 0 <= m < total_epochs)
 
 
+def _augmentation(recipe: Recipe) -> str:
+    """The training augmentation as the loader that reads the data will apply it."""
+    from .data.augment import describe_pipeline
+    from .machine_fit import chosen_loader
+
+    try:
+        loader = chosen_loader(recipe.data)[0]
+    except (ValueError, ImportError):  # no data named that a loader can read: the setting
+        loader = recipe.data.loader
+    loss = recipe.loss
+    mixing = (f"; mixup {loss.mixup:g} / cutmix {loss.cutmix:g} (prob {loss.mixup_prob:g}, "
+              f"switch {loss.mixup_switch_prob:g})" if loss.mixup or loss.cutmix else "")
+    return describe_pipeline(recipe.data, loader) + mixing
+
+
 def describe(recipe: Recipe, png: Path | None = None) -> str:
     lines = [f"recipe {recipe.source}  (digest {recipe.digest()})",
              f"  {recipe.description}" if recipe.description else ""]
@@ -70,6 +85,7 @@ def describe(recipe: Recipe, png: Path | None = None) -> str:
         origin = recipe.origins.get(key)
         lines.append(f"  {key} = {value!r}" + (f"  <- {origin}" if origin else ""))
 
+    lines += ["", f"augmentation: {_augmentation(recipe)}"]
     model = build_model(recipe.model)
     names = {id(p): n for n, p in model.named_parameters()}
     total = sum(p.numel() for p in model.parameters())

@@ -327,6 +327,8 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, state: TrainState,
         if micro_step < skip:
             continue  # replayed, not trained: the loader's order and augmentation stay in step
         data_wait = time.perf_counter() - tick
+        if getattr(loader, "batch_augment", None) is not None:  # random erasing (timm's order)
+            images = loader.batch_augment(images)
         targets = labels
         if ctx.mixup is not None:
             images, targets = ctx.mixup(images, labels)

@@ -206,6 +206,7 @@ def inspect_data(recipe: Recipe) -> DataFacts:
 def _fashion_mnist_facts(recipe: Recipe) -> DataFacts:
     from .data.fashion_mnist import CLASS_NAMES, split_size
 
+    check_augmentation(recipe, "fashion_mnist")
     root = recipe.data.root
     try:
         train_images = split_size(root, "train")
@@ -229,6 +230,7 @@ def _image_facts(recipe: Recipe) -> DataFacts:
             backend = choose_loader(data_cfg)
     except (ValueError, ImportError) as err:
         _fail(recipe, "data.loader", f"got {data_cfg.loader!r}: {_one_line(err)}")
+    check_augmentation(recipe, backend)
     if backend == "dali" and data_cfg.bad_images == "skip":
         _fail(recipe, "data.bad_images", "got 'skip', but DALI decodes inside its pipeline and "
                                          "cannot skip a file; expected error with data.loader "
@@ -252,6 +254,26 @@ def _image_facts(recipe: Recipe) -> DataFacts:
     _check_same_classes(recipe, "data.val_dir", train_classes, val_classes)
     return DataFacts(f"ImageFolder {data_cfg.train_dir}", len(train_classes), 3, train_count,
                      train_count)
+
+
+def check_augmentation(recipe: Recipe, loader: str) -> None:
+    """timm's augmentation keys are the torchvision loader's: another loader refuses them
+    (one line naming the loader that can), and data.aa must be a policy timm parses."""
+    from .data.augment import colour_transforms, settings_in_use
+
+    used = settings_in_use(recipe.data)
+    if used and loader != "torchvision":
+        key = used[0]
+        _fail(recipe, key, f"got {getattr(recipe.data, key.split('.')[1])!r}, but the {loader} "
+                           "loader does not do it; expected data.loader: torchvision (the "
+                           "loader with timm's augmentations) or the key left unset")
+    if recipe.data.aa:
+        try:
+            colour_transforms(recipe.data, recipe.data.img_size)
+        except (AssertionError, KeyError, ValueError, IndexError) as err:
+            _fail(recipe, "data.aa", f"got {recipe.data.aa!r}: timm cannot parse it "
+                                     f"({type(err).__name__}: {_one_line(err)}); expected a "
+                                     "policy such as rand-m9-mstd0.5-inc1 or original")
 
 
 def _scan_folder(recipe: Recipe, key: str) -> tuple[list[str], int]:
@@ -326,9 +348,8 @@ def check_model_takes_images(recipe: Recipe, plan: BatchPlan) -> None:
     model.train()
     largest, largest_key = 0, "data.img_size"
     for key, size in sorted(image_sizes(recipe).items(), key=lambda item: item[1]):
-        # two images: BatchNorm refuses one value per channel in training mode
-        images = torch.empty(2, recipe.model.in_chans, size, size, device="meta")
-        try:
+        try:  # two images: BatchNorm refuses one value per channel in training mode
+            images = torch.empty(2, recipe.model.in_chans, size, size, device="meta")
             per_image = _activation_bytes(model, images) // 2
         except NotImplementedError:  # an op without a meta kernel: nothing to learn here
             return

@@ -32,6 +32,8 @@ GPASGate = Literal["block", "add"]
 DatasetName = Literal["fashion_mnist", "imagefolder"]
 LoaderName = Literal["auto", "ffcv", "torchvision", "dali"]
 BadImages = Literal["error", "skip"]
+EraseMode = Literal["pixel", "const", "rand"]
+Interpolation = Literal["bilinear", "bicubic"]
 MixupMode = Literal["batch", "pair", "elem"]
 ClipMode = Literal["none", "norm", "value", "agc"]
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -120,6 +122,14 @@ class DataConfig:
     # one line naming it; skip trains on the next image instead and counts it (TensorBoard's
     # data/bad_images, final.json). `powergrad check-data` lists them all before a run.
     bad_images: BadImages = "error"
+    # timm's train.py augmentations (the torchvision loader; powergrad/data/augment.py):
+    aa: str | None = None  # RandAugment/AutoAugment policy, e.g. rand-m9-mstd0.5-inc1
+    reprob: float = 0.0  # random erasing probability (after normalisation)
+    remode: EraseMode = "pixel"  # erased values: per-pixel N(0, 1), per-channel, or 0
+    recount: int = 1  # at most this many erased rectangles per image
+    aug_repeats: int = 0  # repeated augmentation: each image this many times (0: off)
+    train_interpolation: Interpolation = "bilinear"  # of the training crop's resize
+    color_jitter: float | None = None  # brightness/contrast/saturation jitter, when no aa
     extra: dict = field(default_factory=dict)
 
 
@@ -273,7 +283,10 @@ class Recipe:
 
 # Settings added after the first recorded runs, with the default those runs trained with.
 ADDED_SETTINGS = {"train.sync_bn": False, "data.bad_images": "error",
-                  "model.pretrained": False, "model.initial_checkpoint": None}
+                  "model.pretrained": False, "model.initial_checkpoint": None,
+                  "data.aa": None, "data.reprob": 0.0, "data.remode": "pixel", "data.recount": 1,
+                  "data.aug_repeats": 0, "data.train_interpolation": "bilinear",
+                  "data.color_jitter": None}
 
 
 # Every numeric setting's range, in interval notation ("[" includes the bound, "(" excludes
@@ -301,6 +314,10 @@ RANGES = {
     "data.train_subset": "[1, inf)",  # null means all; 0 or negative would mean nothing
     "data.eval_subset": "[1, inf)",
     "data.num_classes": "[1, inf)",
+    "data.reprob": "[0, 1]",
+    "data.recount": "[1, inf)",
+    "data.aug_repeats": "[0, inf)",
+    "data.color_jitter": "[0, inf)",
     "optim.lr": "[0, inf)",
     "optim.momentum": "[0, 1]",
     "optim.weight_decay": "[0, inf)",

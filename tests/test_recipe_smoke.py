@@ -1,6 +1,7 @@
 """Every shipped recipe trains: two optimizer steps and one evaluation batch through the engine
 (`fast_dev_run`), on a tiny ImageNet-format folder of JPEGs through both the ffcv and the
-torchvision loader, or on Fashion-MNIST itself for the Fashion-MNIST and study recipes. Only the data
+torchvision loader (recipes with timm's augmentations, the DeiT ones, through torchvision,
+and refused by ffcv in preflight), or on Fashion-MNIST itself for the Fashion-MNIST and study recipes. Only the data
 paths, the resolution, the sizes and fp16 (bf16 on the CPU) are overridden; model, optimizer,
 schedule, loss, PGT, clipping, batch arithmetic and memory format are the recipe's own.
 
@@ -16,7 +17,9 @@ import torch
 
 from powergrad import engine
 from powergrad.data.ffcv_writer import ImageWriterSettings, write_imagefolder_beton
-from powergrad.recipe import load_recipe
+from powergrad.data.augment import settings_in_use
+from powergrad.preflight import preflight
+from powergrad.recipe import RecipeError, load_recipe
 
 from helpers_images import CLASSES, textured_folder
 
@@ -92,6 +95,10 @@ def test_image_recipe_trains_two_steps(path, loader, image_data, tmp_path):
     overrides = (image_overrides(image_data, loader, tmp_path) + batch_overrides(path)
                  + cpu_overrides(path) + vit_overrides(path))
     recipe = load_recipe(path, overrides)
+    if loader != "torchvision" and settings_in_use(recipe.data):  # DeiT's augmentations
+        with pytest.raises(RecipeError, match=f"but the {loader} loader does not do it"):
+            preflight(recipe, world_size=1)
+        return
     summary = engine.train(recipe, fast_dev_run=2)
     assert summary["updates"] == 2 and summary["epochs"] == 1
     assert 0.0 <= summary["final_test_top1"] <= 100.0

@@ -80,6 +80,10 @@ class TrainImageBatches(ImageBatches):
     (seed + epoch, so an epoch's order can be replayed, e.g. to skip batches on resume).
     Subclasses apply both to their loader in `_apply_epoch`."""
 
+    # A function of a normalised batch the engine applies to each batch it trains on (and not
+    # to batches replayed on resume): the torchvision loader's random erasing, else None.
+    batch_augment = None
+
     def __init__(self, batches: Iterable, *, cfg, seed: int, **kwargs):
         super().__init__(batches, mean=cfg.mean, std=cfg.std, **kwargs)
         self.cfg = cfg

@@ -24,6 +24,7 @@ from torchvision.transforms import v2 as T
 
 from ..preemption import ignore_in_worker
 from .device_batches import ImageBatches, TrainImageBatches
+from .augment import INTERPOLATIONS, batch_erasing, colour_transforms, repeated_sampler
 from .imagefolder_checks import ImageDataError
 
 
@@ -93,14 +94,20 @@ class TorchvisionTrainLoader(TrainImageBatches):
         super().__init__(None, cfg=cfg, seed=seed, device=device, channels_last=channels_last,
                          class_names=[])
         res = self.resolution
-        self.crop = T.RandomResizedCrop(res, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio))
+        self.crop = T.RandomResizedCrop(res, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio),
+                                        interpolation=INTERPOLATIONS[cfg.train_interpolation])
         dataset = ScreenedImageFolder(root, loader=read_rgb, transform=T.Compose(
-            [self.crop, T.RandomHorizontalFlip(cfg.hflip)]))
+            [self.crop, T.RandomHorizontalFlip(cfg.hflip), *colour_transforms(cfg, res)]))
         self.bad_images = BadImageTally(cfg.bad_images, root)
+        self.batch_augment = batch_erasing(cfg, device)  # on normalised batches
         self.class_names = dataset.classes
         dataset = _subset(dataset, cfg.train_subset)
         self.generator = torch.Generator()
-        if distributed:  # rank and world size from torch.distributed
+        world, rank = ((torch.distributed.get_world_size(), torch.distributed.get_rank())
+                       if distributed else (1, 0))
+        if cfg.aug_repeats:
+            self.sampler = repeated_sampler(dataset, cfg.aug_repeats, world, rank)
+        elif distributed:
             self.sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
         else:
             self.sampler = RandomSampler(dataset, generator=self.generator)
@@ -119,6 +126,8 @@ class TorchvisionTrainLoader(TrainImageBatches):
         self.generator.manual_seed(self.seed + epoch)
         if isinstance(self.sampler, DistributedSampler):
             self.sampler.set_epoch(epoch)  # its order is drawn from seed + epoch
+        elif hasattr(self.sampler, "set_epoch"):  # RepeatAugSampler draws from its epoch alone
+            self.sampler.set_epoch(self.seed + epoch)
 
 
 class TorchvisionEvalLoader(ImageBatches):

@@ -1,0 +1,90 @@
+"""timm's training augmentations under timm's train.py names (data.aa, data.reprob, data.remode,
+data.recount, data.aug_repeats, data.train_interpolation, data.color_jitter), built from timm's
+own pieces for the torchvision loader, in timm's order: RandomResizedCrop -> flip ->
+RandAugment/AutoAugment (or colour jitter when there is none) -> normalise -> RandomErasing.
+
+RandAugment works on PIL images, so a sample goes tensor -> PIL -> tensor around it (only when
+data.aa is set). Random erasing fills in normalised space ('pixel': N(0, 1) per value), so it
+runs on the normalised batch on the training device, as timm's PrefetchLoader does. The ffcv
+and DALI loaders do none of these: preflight refuses a setting they cannot honour.
+"""
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2 as T
+
+# The settings only the torchvision loader honours, with the value that means "off".
+TORCHVISION_ONLY = {"data.aa": None, "data.reprob": 0.0, "data.aug_repeats": 0,
+                    "data.color_jitter": None, "data.train_interpolation": "bilinear"}
+INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR,
+                  "bicubic": T.InterpolationMode.BICUBIC}
+
+
+def settings_in_use(cfg) -> list[str]:
+    """The torchvision-only augmentation keys `cfg` sets away from off."""
+    return [key for key, off in TORCHVISION_ONLY.items()
+            if getattr(cfg, key.split(".")[1]) != off]
+
+
+def colour_transforms(cfg, res: int) -> list:
+    """RandAugment/AutoAugment (data.aa, on a PIL image and back), or colour jitter when no aa
+    is set (timm's create_transform drops jitter under aa); [] when neither is set."""
+    if cfg.aa:
+        from timm.data.auto_augment import auto_augment_transform, rand_augment_transform
+
+        params = dict(translate_const=int(res * 0.45),
+                      img_mean=tuple(min(255, round(255 * m)) for m in cfg.mean),
+                      interpolation=_pil_interpolation(cfg.train_interpolation))
+        build = rand_augment_transform if cfg.aa.startswith("rand") else auto_augment_transform
+        return [T.ToPILImage(), build(cfg.aa, params), T.PILToTensor()]
+    if cfg.color_jitter:
+        return [T.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter)]
+    return []
+
+
+def _pil_interpolation(name: str):
+    from PIL import Image
+    return {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[name]
+
+
+def batch_erasing(cfg, device: torch.device):
+    """timm's RandomErasing for normalised batches (None when data.reprob is 0)."""
+    if not cfg.reprob:
+        return None
+    from timm.data.random_erasing import RandomErasing
+
+    return RandomErasing(cfg.reprob, mode=cfg.remode, max_count=cfg.recount,
+                         device=str(device))
+
+
+def repeated_sampler(dataset, repeats: int, num_replicas: int, rank: int):
+    """timm's RepeatAugSampler (DeiT's repeated augmentation): each image of an epoch's
+    selection `repeats` times, the copies spread over the ranks. Its 256-image rounding is
+    left out (selected_round=0) so a small data set keeps an epoch: the epoch then holds
+    ceil(N / processes) samples per process, DeiT's RASampler up to that rounding."""
+    from timm.data.distributed_sampler import RepeatAugSampler
+
+    return RepeatAugSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True,
+                            num_repeats=repeats, selected_round=0)
+
+
+def describe_pipeline(cfg, loader: str) -> str:
+    """The training augmentation in one line, for `powergrad describe`."""
+    if cfg.dataset == "fashion_mnist":
+        return f"random shift by up to {cfg.pad} px, horizontal flip {cfg.hflip:g}"
+    steps = [f"RandomResizedCrop(scale {tuple(cfg.scale)}, ratio "
+             f"{tuple(round(r, 4) for r in cfg.ratio)}, {cfg.train_interpolation})",
+             f"horizontal flip {cfg.hflip:g}"]
+    if cfg.aa:
+        steps.append(f"{'RandAugment' if cfg.aa.startswith('rand') else 'AutoAugment'} "
+                     f"{cfg.aa}")
+    elif cfg.color_jitter:
+        steps.append(f"colour jitter {cfg.color_jitter:g}")
+    steps.append("normalise")
+    if cfg.reprob:
+        steps.append(f"RandomErasing(p {cfg.reprob:g}, {cfg.remode}, up to {cfg.recount})")
+    line = " -> ".join(steps)
+    if cfg.aug_repeats:
+        line += f"; repeated augmentation x{cfg.aug_repeats}"
+    return f"{line}  (loader: {loader})"
+

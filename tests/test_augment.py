@@ -1,0 +1,126 @@
+"""timm's augmentation keys on the torchvision loader: RandAugment configured as timm's own
+factory configures it, random erasing's rectangles, repeated augmentation's copies across
+ranks, and the loaders that cannot do them refusing in one line."""
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers_images import textured_folder
+from powergrad.cli import main as cli_main
+from powergrad.data.augment import batch_erasing, colour_transforms, repeated_sampler
+from powergrad.recipe import DataConfig
+
+REPO = Path(__file__).resolve().parents[1]
+AA = "rand-m9-mstd0.5-inc1"
+
+
+def test_randaugment_is_configured_as_timms_create_transform_configures_it():
+    """The same image and seeds through our RandAugment and through the one inside timm's
+    create_transform for a 64 px bicubic training pipeline: the same pixels."""
+    import timm.data
+    from timm.data.auto_augment import RandAugment
+
+    cfg = DataConfig(aa=AA, train_interpolation="bicubic")
+    timms = next(t for t in timm.data.create_transform(
+        64, is_training=True, auto_augment=AA, interpolation="bicubic",
+        mean=cfg.mean, std=cfg.std).transforms if isinstance(t, RandAugment))
+    to_pil, ours, to_tensor = colour_transforms(cfg, 64)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    for seed in range(20):
+        random.seed(seed)
+        np.random.seed(seed)
+        want = np.asarray(timms(image))
+        random.seed(seed)
+        np.random.seed(seed)
+        got = to_tensor(ours(to_pil(torch.from_numpy(np.asarray(image)).permute(2, 0, 1))))
+        assert np.array_equal(got.permute(1, 2, 0).numpy(), want), seed
+
+
+def test_random_erasing_changes_one_rectangle_within_timms_area_bounds():
+    erase = batch_erasing(DataConfig(reprob=1.0, remode="const", recount=1), torch.device("cpu"))
+    random.seed(0)
+    torch.manual_seed(0)
+    batch = torch.ones(16, 3, 40, 40)
+    erase(batch)
+    for image in batch:
+        zero = (image == 0).all(dim=0)  # const mode: every channel 0 in normalised space
+        rows, cols = zero.any(dim=1).nonzero().flatten(), zero.any(dim=0).nonzero().flatten()
+        box = zero[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert box.all() and zero.sum() == box.numel()  # one solid rectangle, nothing else
+        assert (image[:, ~zero] == 1).all()
+        assert 0.02 * 1600 * 0.9 <= box.numel() <= 1600 / 3 * 1.1  # min_area, max_area
+
+
+def test_repeated_augmentation_holds_each_chosen_image_aug_repeats_times_across_ranks():
+    dataset = list(range(12))
+    for repeats, world in ((3, 2), (3, 4), (2, 3)):
+        seen = Counter()
+        for rank in range(world):
+            sampler = repeated_sampler(dataset, repeats, world, rank)
+            sampler.set_epoch(7)
+            indices = list(sampler)
+            assert len(indices) == len(sampler) == -(-len(dataset) // world)
+            seen.update(indices)
+        assert max(seen.values()) <= repeats  # never more copies than asked for
+        assert sum(seen.values()) == world * -(-len(dataset) // world)
+    # an exact case: 12 images, 3 repeats, 2 ranks: 4 images, each exactly 3 times
+    seen = Counter(i for rank in range(2) for i in repeated_sampler(dataset, 3, 2, rank))
+    assert sorted(seen.values()) == [3, 3, 3, 3]
+
+
+def tiny_tree(root: Path) -> Path:
+    textured_folder(root / "train", per_class=4)
+    textured_folder(root / "val", per_class=1, seed=1)
+    return root
+
+
+def deit_args(root: Path, out: Path, *extra: str) -> list[str]:
+    return [str(REPO / "recipes/imagenet/deit_small_base.yaml"),
+            f"data.train_dir={root / 'train'}", f"data.val_dir={root / 'val'}",
+            "data.workers=0", "data.img_size=32", "data.val_img_size=32",
+            "model.kwargs.img_size=32", "model.num_classes=3", "data.num_classes=3",
+            "train.global_batch=4", "train.batch_size=4", "train.eval_batch_size=3",
+            f"log.output={out}", *extra]
+
+
+def test_the_deit_recipe_trains_with_its_augmentations(tmp_path, capsys):
+    root = tiny_tree(tmp_path)
+    assert cli_main(["train", *deit_args(root, tmp_path / "runs"), "--fast-dev-run", "2"]) == 0
+    assert "fast dev run OK: 2 step(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("loader,key", [("ffcv", "data.aa"), ("dali", "data.aa")])
+def test_a_loader_without_timms_augmentations_refuses_them(loader, key, tmp_path, capsys):
+    root = tiny_tree(tmp_path)
+    (root / "train.beton").write_bytes(b"")  # never read: refused before the data is opened
+    args = deit_args(root, tmp_path / "runs", f"data.loader={loader}",
+                     f"data.train_beton={root / 'train.beton'}",
+                     f"data.val_beton={root / 'train.beton'}")
+    assert cli_main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"{key}: got '{AA}', but the {loader} loader does not do it; expected data.loader: " \
+           "torchvision" in err or "does not import" in err  # DALI may be absent: its own line
+
+
+def test_an_unparsable_policy_is_refused(tmp_path, capsys):
+    root = tiny_tree(tmp_path)
+    assert cli_main(["train", *deit_args(root, tmp_path / "runs", "data.aa=rand-x9-q")]) == 2
+    assert "data.aa: got 'rand-x9-q': timm cannot parse it" in capsys.readouterr().err
+
+
+def test_describe_shows_the_deit_pipeline(capsys):
+    assert cli_main(["describe", str(REPO / "recipes/imagenet/deit_small_base.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert ("augmentation: RandomResizedCrop(scale (0.08, 1.0), ratio (0.75, 1.3333), bicubic) "
+            f"-> horizontal flip 0.5 -> RandAugment {AA} -> normalise -> RandomErasing(p 0.25, "
+            "pixel, up to 1); repeated augmentation x3  (loader: torchvision); mixup 0.8 / "
+            "cutmix 1 (prob 1, switch 0.5)") in out
+    assert "optimizer AdamW (adamw)" in out and "schedule cosine: 300 epochs" in out
