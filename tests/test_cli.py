@@ -218,3 +218,15 @@ def test_write_ffcv_makes_missing_folders_and_reads_the_fashion_mnist_root(tmp_p
     assert tool["main"](["fashion_mnist", "/usr/share/datasets/fashion-mnist/train",
                          str(tmp_path / "x.beton")]) == 2
     assert "--split train picks the split" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["train", "--help"],
+                                  ["validate", "--help"]])
+def test_version_and_help_start_without_torch(argv):
+    """The quick answers import neither torch nor timm (seconds on a cold node)."""
+    code = ("import sys\nfrom powergrad.cli import main\ntry:\n    main(sys.argv[1:])\n"
+            "except SystemExit:\n    pass\nprint(sorted({'torch', 'timm'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
