@@ -158,8 +158,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                           help="the recipe that built the weights (default: the run folder's "
                                "recipe.yaml)")
     validate.add_argument("--data", default=None, metavar="DIR|BETON",
-                          help="score on this ImageFolder tree or .beton instead of the "
-                               "recipe's evaluation data")
+                          help="score on this ImageFolder tree or .beton (default: the "
+                               "recipe's evaluation data)")
     validate.add_argument("--out", default=None, metavar="FILE.json",
                           help="write the JSON here (default: print it)")
 

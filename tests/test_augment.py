@@ -40,7 +40,7 @@ def test_randaugment_is_configured_as_timms_create_transform_configures_it():
         want = np.asarray(timms(image))
         random.seed(seed)
         np.random.seed(seed)
-        got = to_tensor(ours(to_pil(torch.from_numpy(np.asarray(image)).permute(2, 0, 1))))
+        got = to_tensor(ours(to_pil(torch.from_numpy(np.array(image)).permute(2, 0, 1))))
         assert np.array_equal(got.permute(1, 2, 0).numpy(), want), seed
 
 

@@ -304,7 +304,12 @@ def test_normalisation_matches_float64_in_both_layouts(channels_last):
     assert got_labels.dtype == torch.int64 and got_labels.tolist() == [4, 0, 2]
 
 
-def test_torchvision_reader_gives_pils_pixels(tmp_path):
+@pytest.mark.parametrize("decoder", ["torchcodec", "PIL only (no torchcodec installed)"])
+def test_torchvision_reader_gives_pils_pixels(tmp_path, monkeypatch, decoder):
+    from powergrad.data import torchvision_loaders
+    assert torchvision_loaders._DECODE is not None  # the set-up installs TorchCodec: it is used
+    if decoder != "torchcodec":
+        monkeypatch.setattr(torchvision_loaders, "_DECODE", None)
     rng = np.random.default_rng(1)
     pixels = Image.fromarray(rng.integers(0, 256, (21, 34, 3), dtype=np.uint8))
     files = {"rgb.jpg": pixels, "cmyk.jpeg": pixels.convert("CMYK"),

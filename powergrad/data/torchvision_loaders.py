@@ -5,7 +5,7 @@ Workers decode with TorchCodec (libjpeg-turbo, straight to a uint8 tensor: what 
 did, with the same pixels, before torchvision 0.29 deprecated its decoders for it) and crop and
 resize tensors: 1.3-1.4x the images/s of ImageFolder's PIL decode with the same transforms
 (results/bench_loader.md, measured with torchvision.io). Formats TorchCodec does not read (BMP,
-TIFF, PPM/PGM) go through PIL. Normalisation happens on the target device (device_batches.ImageBatches). Workers are not
+TIFF, PPM/PGM) go through PIL, and so does everything where TorchCodec is not installed. Normalisation happens on the target device (device_batches.ImageBatches). Workers are not
 persistent, so each epoch's workers see that epoch's crop size. Evaluation resizes the shorter
 side to res / crop_pct and crops the centre (timm's and torchvision's convention); ffcv crops
 first and then resizes, an equivalent crop up to rounding.
@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 from torchvision.datasets import ImageFolder
-from torchcodec.decoders import decode_image
 from torchvision.transforms import v2 as T
 
 from ..preemption import ignore_in_worker
@@ -32,10 +31,23 @@ from .imagefolder_checks import ImageDataError
 TORCHCODEC_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
+def _torchcodec_decoder():
+    """TorchCodec's decode_image, or None where it is not installed (a GPU node's bare
+    environment: gpu-check runs there without the extras): PIL then decodes everything."""
+    try:
+        from torchcodec.decoders import decode_image
+    except ImportError:
+        return None
+    return decode_image
+
+
+_DECODE = _torchcodec_decoder()
+
+
 def read_rgb(path: str) -> torch.Tensor:
     """uint8 [3, H, W] RGB pixels of the image file at `path`."""
-    if path.lower().endswith(TORCHCODEC_SUFFIXES):
-        image = decode_image(path, mode="RGB")
+    if _DECODE is not None and path.lower().endswith(TORCHCODEC_SUFFIXES):
+        image = _DECODE(path, mode="RGB")
         return image[0] if image.dim() == 4 else image  # an animated WebP: its first frame
     with Image.open(path) as img:
         return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
