@@ -261,8 +261,8 @@ def check_augmentation(recipe: Recipe, loader: str) -> None:
     (one line naming the loader that can), and data.aa must be a policy timm parses."""
     from .data.augment import colour_transforms, settings_in_use
 
-    used = settings_in_use(recipe.data)
-    if used and loader != "torchvision":
+    used = settings_in_use(recipe.data, loader)
+    if used:
         key = used[0]
         _fail(recipe, key, f"got {getattr(recipe.data, key.split('.')[1])!r}, but the {loader} "
                            "loader does not do it; expected data.loader: torchvision (the "

@@ -124,3 +124,30 @@ def test_describe_shows_the_deit_pipeline(capsys):
             "pixel, up to 1); repeated augmentation x3  (loader: torchvision); mixup 0.8 / "
             "cutmix 1 (prob 1, switch 0.5)") in out
     assert "optimizer AdamW (adamw)" in out and "schedule cosine: 300 epochs" in out
+
+
+def test_random_erasing_runs_on_every_image_loaders_trained_batches(tmp_path, monkeypatch):
+    """Erasing acts on the normalised batch, so the ffcv loader does it too: once per trained
+    batch, after normalisation (the erased values are those of the normalised batch)."""
+    from timm.data.random_erasing import RandomErasing
+
+    from powergrad import engine
+    from powergrad.data.ffcv_writer import ImageWriterSettings, write_imagefolder_beton
+    from powergrad.recipe import load_recipe
+
+    root = tiny_tree(tmp_path)
+    for split in ("train", "val"):
+        write_imagefolder_beton(root / split, root / f"{split}.beton",
+                                settings=ImageWriterSettings(), workers=1)
+    calls = []
+    real = RandomErasing.__call__
+    monkeypatch.setattr(RandomErasing, "__call__",
+                        lambda self, batch: calls.append(batch.dtype) or real(self, batch))
+    recipe = load_recipe(REPO / "recipes/imagenet/resnet18_cosine_pgt.yaml", [
+        f"data.train_beton={root / 'train.beton'}", f"data.val_beton={root / 'val.beton'}",
+        "data.loader=ffcv", "data.workers=1", "data.img_size=32", "data.val_img_size=32",
+        "model.num_classes=3", "data.num_classes=3", "train.global_batch=4",
+        "train.batch_size=2", "train.eval_batch_size=3", "train.amp_dtype=bfloat16",
+        "data.reprob=0.25", f"log.output={tmp_path / 'runs'}"])
+    assert engine.train(recipe, fast_dev_run=2)["updates"] == 2
+    assert calls == [torch.float32] * 4  # 2 steps x 2 accumulated micro-batches, normalised

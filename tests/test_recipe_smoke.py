@@ -95,7 +95,7 @@ def test_image_recipe_trains_two_steps(path, loader, image_data, tmp_path):
     overrides = (image_overrides(image_data, loader, tmp_path) + batch_overrides(path)
                  + cpu_overrides(path) + vit_overrides(path))
     recipe = load_recipe(path, overrides)
-    if loader != "torchvision" and settings_in_use(recipe.data):  # DeiT's augmentations
+    if settings_in_use(recipe.data, loader):  # DeiT's augmentations, through ffcv
         with pytest.raises(RecipeError, match=f"but the {loader} loader does not do it"):
             preflight(recipe, world_size=1)
         return

@@ -5,25 +5,30 @@ RandAugment/AutoAugment (or colour jitter when there is none) -> normalise -> Ra
 
 RandAugment works on PIL images, so a sample goes tensor -> PIL -> tensor around it (only when
 data.aa is set). Random erasing fills in normalised space ('pixel': N(0, 1) per value), so it
-runs on the normalised batch on the training device, as timm's PrefetchLoader does. The ffcv
-and DALI loaders do none of these: preflight refuses a setting they cannot honour.
+runs on the normalised batch on the training device, as timm's PrefetchLoader does, for every
+image loader. The ffcv and DALI loaders do none of the others: preflight refuses them.
 """
 from __future__ import annotations
 
 import torch
 from torchvision.transforms import v2 as T
 
-# The settings only the torchvision loader honours, with the value that means "off".
-TORCHVISION_ONLY = {"data.aa": None, "data.reprob": 0.0, "data.aug_repeats": 0,
-                    "data.color_jitter": None, "data.train_interpolation": "bilinear"}
+# The settings only the torchvision loader honours (they act on samples or on its sampler),
+# with the value that means "off". Random erasing acts on the normalised batch, so every image
+# loader (torchvision, ffcv, DALI) does it; the Fashion-MNIST loader does none of them.
+TORCHVISION_ONLY = {"data.aa": None, "data.aug_repeats": 0, "data.color_jitter": None,
+                    "data.train_interpolation": "bilinear"}
+IMAGE_LOADERS = {"data.reprob": 0.0}
 INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR,
                   "bicubic": T.InterpolationMode.BICUBIC}
 
 
-def settings_in_use(cfg) -> list[str]:
-    """The torchvision-only augmentation keys `cfg` sets away from off."""
-    return [key for key, off in TORCHVISION_ONLY.items()
-            if getattr(cfg, key.split(".")[1]) != off]
+def settings_in_use(cfg, loader: str) -> list[str]:
+    """The augmentation keys `cfg` sets away from off that `loader` cannot do."""
+    refused = {} if loader == "torchvision" else dict(TORCHVISION_ONLY)
+    if loader == "fashion_mnist":
+        refused.update(IMAGE_LOADERS)
+    return [key for key, off in refused.items() if getattr(cfg, key.split(".")[1]) != off]
 
 
 def colour_transforms(cfg, res: int) -> list:

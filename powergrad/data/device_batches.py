@@ -80,12 +80,13 @@ class TrainImageBatches(ImageBatches):
     (seed + epoch, so an epoch's order can be replayed, e.g. to skip batches on resume).
     Subclasses apply both to their loader in `_apply_epoch`."""
 
-    # A function of a normalised batch the engine applies to each batch it trains on (and not
-    # to batches replayed on resume): the torchvision loader's random erasing, else None.
-    batch_augment = None
-
     def __init__(self, batches: Iterable, *, cfg, seed: int, **kwargs):
         super().__init__(batches, mean=cfg.mean, std=cfg.std, **kwargs)
+        from .augment import batch_erasing
+
+        # A function of a normalised batch the engine applies to each batch it trains on (and
+        # not to batches replayed on resume): random erasing (data.reprob), else None.
+        self.batch_augment = batch_erasing(cfg, self.device)
         self.cfg = cfg
         self.seed = seed
         self.epoch = 0

@@ -4,9 +4,11 @@ missing), with the same augmentation as the ffcv loaders, wrapped in ImageBatche
 Workers decode with TorchCodec (libjpeg-turbo, straight to a uint8 tensor: what torchvision.io
 did, with the same pixels, before torchvision 0.29 deprecated its decoders for it) and crop and
 resize tensors: 1.3-1.4x the images/s of ImageFolder's PIL decode with the same transforms
-(results/bench_loader.md, measured with torchvision.io). Formats TorchCodec does not read (BMP,
-TIFF, PPM/PGM) go through PIL, and so does everything where TorchCodec is not installed. Normalisation happens on the target device (device_batches.ImageBatches). Workers are not
-persistent, so each epoch's workers see that epoch's crop size. Evaluation resizes the shorter
+(results/bench_loader.md, with torchvision.io; TorchCodec 1.24-1.45x in
+results/bench_loader_torchcodec.md). Formats TorchCodec does not read (BMP, TIFF, PPM/PGM) go
+through PIL, and so does everything where TorchCodec is not installed. Normalisation happens on
+the target device (device_batches.ImageBatches). Workers are not persistent, so each epoch's
+workers see that epoch's crop size. Evaluation resizes the shorter
 side to res / crop_pct and crops the centre (timm's and torchvision's convention); ffcv crops
 first and then resizes, an equivalent crop up to rounding.
 """
@@ -23,7 +25,7 @@ from torchvision.transforms import v2 as T
 
 from ..preemption import ignore_in_worker
 from .device_batches import ImageBatches, TrainImageBatches
-from .augment import INTERPOLATIONS, batch_erasing, colour_transforms, repeated_sampler
+from .augment import INTERPOLATIONS, colour_transforms, repeated_sampler
 from .imagefolder_checks import ImageDataError
 
 
@@ -111,7 +113,6 @@ class TorchvisionTrainLoader(TrainImageBatches):
         dataset = ScreenedImageFolder(root, loader=read_rgb, transform=T.Compose(
             [self.crop, T.RandomHorizontalFlip(cfg.hflip), *colour_transforms(cfg, res)]))
         self.bad_images = BadImageTally(cfg.bad_images, root)
-        self.batch_augment = batch_erasing(cfg, device)  # on normalised batches
         self.class_names = dataset.classes
         dataset = _subset(dataset, cfg.train_subset)
         self.generator = torch.Generator()
