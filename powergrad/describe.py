@@ -15,11 +15,11 @@ import torch
 from .batching import BatchPlanError, plan_batch
 from .builders import build_optimizer, build_scheduler
 from .clipping import clip_parameters
+from .data.imagenet_archives import IMAGENET
 from .models import build_model
 from .recipe import Recipe
 
 WORLD_SIZES = (1, 4, 8, 16)  # one GPU, one 4-GPU node (the paper's), one 8-GPU node, 2 nodes
-IMAGENET_TRAIN_IMAGES = 1_281_167
 FASHION_MNIST_TRAIN_IMAGES = 60_000
 
 
@@ -29,7 +29,7 @@ def train_images(recipe: Recipe) -> tuple[int, str]:
     if data_cfg.dataset == "fashion_mnist":
         count, why = FASHION_MNIST_TRAIN_IMAGES, "Fashion-MNIST's train set"
     elif recipe.model.num_classes == 1000:
-        count, why = IMAGENET_TRAIN_IMAGES, "ImageNet-1k's train set, assumed"
+        count, why = IMAGENET.train_images, "ImageNet-1k's train set, assumed"
     else:
         count, why = 100 * (recipe.train.global_batch or recipe.train.batch_size), \
             "unknown data set: 100 steps assumed"

@@ -44,7 +44,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-IMAGENET_TRAIN_IMAGES = 1_281_167  # ILSVRC2012 train split
 PAPER_RECIPE = Path(__file__).resolve().parent.parent / "recipes/imagenet/resnet50_cosine_pgt.yaml"
 NO_CUDA = "skipped: no CUDA device"
 LOADERS = ("ffcv", "dali", "torchvision")
@@ -317,6 +316,7 @@ def gpu_hours_row(ctx: Context) -> Row:
     """Time per optimizer step of the paper recipe on one device at its own batch plan."""
     from .batching import plan_batch
     from .builders import build_scheduler
+    from .data.imagenet_archives import IMAGENET
 
     recipe = paper_recipe(ctx, [])
     if ctx.sizes.step_batch is None:
@@ -339,7 +339,7 @@ def gpu_hours_row(ctx: Context) -> Row:
         return Row("gpu-hours", path, NO_CUDA,
                    f"(the step code ran: {seconds_per_step:.2f} s per step at this tiny size)")
     global_batch = micro * accum
-    steps_per_epoch = IMAGENET_TRAIN_IMAGES // global_batch
+    steps_per_epoch = IMAGENET.train_images // global_batch
     _, epochs = build_scheduler(recipe, steps.optimizer, steps_per_epoch)  # cool-down too
     hours = seconds_per_step * steps_per_epoch * epochs / 3600
     loaders = "; ".join(f"fed by {name} (ratio {r:.2f}): {hours / r:.0f}"

@@ -25,11 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from PIL import Image  # noqa: E402
 
 from powergrad.data.check_data import find_bad_images  # noqa: E402
+from powergrad.data.imagenet_archives import IMAGENET  # noqa: E402
 from powergrad.data.synthetic_images import write_synthetic_image_folder  # noqa: E402
 from powergrad.errors import whole_number  # noqa: E402
 from powergrad.machine_fit import usable_cores  # noqa: E402
 
-IMAGENET_FILES = 1_281_167 + 50_000
+IMAGENET_FILES = IMAGENET.train_images + IMAGENET.val_images
 
 
 def decode_all(paths: list[str]) -> None:

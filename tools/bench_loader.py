@@ -55,6 +55,7 @@ from powergrad.data.beton_meta import read_beton_info  # noqa: E402
 from powergrad.data.device_batches import ImageBatches  # noqa: E402
 from powergrad.data.ffcv_loaders import FfcvTrainLoader  # noqa: E402
 from powergrad.data.ffcv_writer import ImageWriterSettings, write_imagefolder_beton  # noqa: E402
+from powergrad.data.imagenet_archives import IMAGENET  # noqa: E402
 from powergrad.data.synthetic_images import write_synthetic_image_folder  # noqa: E402
 from powergrad.data.torchvision_loaders import TorchvisionTrainLoader  # noqa: E402
 from powergrad.recipe import DataConfig  # noqa: E402
@@ -79,7 +80,7 @@ A100_RN50 = 3000
 # Full ImageNet as ffcv-imagenet's write script stores it (file sizes of public copies named
 # train_500_0.50_90.ffcv and train_400_0.10_90.ffcv, huggingface.co/datasets/
 # hsgser/imagenet_boomerang_100steps); all-JPEG at 512 px q90: ffcv's docs, 65.47 GB.
-IMAGENET_TRAIN = 1_281_167
+IMAGENET_TRAIN = IMAGENET.train_images
 PUBLISHED_BYTES = {"default": 543_419_608_424, "rn18": 570_103_770_472, "jpeg": 65.47e9}
 PUBLISHED_SOURCE = {"default": "public copy of train_500_0.50_90.ffcv",
                     "rn18": "public copy of train_400_0.10_90.ffcv",

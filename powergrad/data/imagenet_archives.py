@@ -54,6 +54,9 @@ class Expected:
         return self.classes * self.val_per_class
 
 
+IMAGENET = Expected()  # ILSVRC2012's counts, written here only (describe, gpu-check, tools)
+
+
 @dataclass
 class Found:
     """What extraction produced, and what it had to leave out."""
