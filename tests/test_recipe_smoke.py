@@ -101,7 +101,7 @@ def test_image_recipe_trains_two_steps(path, loader, image_data, tmp_path):
         return
     summary = engine.train(recipe, fast_dev_run=2)
     assert summary["updates"] == 2 and summary["epochs"] == 1
-    assert 0.0 <= summary["final_test_top1"] <= 100.0
+    assert summary["final_test_top1"] in (0.0, 25.0, 50.0, 75.0, 100.0)  # 4 test images
     assert summary["final_train_loss"] > 0  # finite: the fold of the sums checks it
     assert not any(tmp_path.iterdir()), "a fast dev run writes nothing"
 
