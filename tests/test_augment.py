@@ -151,3 +151,17 @@ def test_random_erasing_runs_on_every_image_loaders_trained_batches(tmp_path, mo
         "data.reprob=0.25", f"log.output={tmp_path / 'runs'}"])
     assert engine.train(recipe, fast_dev_run=2)["updates"] == 2
     assert calls == [torch.float32] * 4  # 2 steps x 2 accumulated micro-batches, normalised
+
+
+def test_the_loaders_refuse_what_they_cannot_do_when_called_from_python(tmp_path):
+    """engine.train does not run preflight: the loader builders refuse on their own."""
+    from powergrad.data import build_loaders
+
+    images = DataConfig(dataset="imagefolder", loader="ffcv", aa=AA,
+                        train_beton=str(tmp_path / "none.beton"),
+                        val_beton=str(tmp_path / "none.beton"))
+    with pytest.raises(ValueError, match="data.aa is set, but the ffcv loader does not do it"):
+        build_loaders(images, batch_size=2, eval_batch_size=2, seed=0, device="cpu")
+    fashion = DataConfig(reprob=0.25)
+    with pytest.raises(ValueError, match="data.reprob is set, but the Fashion-MNIST loader"):
+        build_loaders(fashion, batch_size=2, eval_batch_size=2, seed=0, device="cpu")

@@ -43,7 +43,12 @@ class TrainLoader(EvalLoader, Protocol):
 
 
 def _fashion_mnist(data_cfg: DataConfig, **kwargs) -> tuple[TrainLoader, EvalLoader]:
+    from .augment import settings_in_use
     from .fashion_mnist import build_fashion_mnist_loaders
+
+    refused = settings_in_use(data_cfg, "fashion_mnist")
+    if refused:  # preflight says so first on the command line; this guards the Python API
+        raise ValueError(f"{refused[0]} is set, but the Fashion-MNIST loader does not do it")
     return build_fashion_mnist_loaders(data_cfg, **kwargs)
 
 

@@ -16,6 +16,7 @@ import torch
 from ..distributed import DistInfo
 from ..recipe import DataConfig, LoaderName
 from . import EvalLoader, TrainLoader
+from .augment import settings_in_use
 from .imagefolder_checks import ImageDataError, scan_image_folder, verify_sample
 
 LOADERS = typing.get_args(LoaderName)
@@ -108,6 +109,10 @@ def build_image_loaders(cfg: DataConfig, *, batch_size: int, eval_batch_size: in
     world size from torch.distributed's process group, which dist_info describes.
     """
     backend = choose_loader(cfg)
+    refused = settings_in_use(cfg, backend)
+    if refused:  # preflight says so first on the command line; this guards the Python API
+        raise ValueError(f"{refused[0]} is set, but the {backend} loader does not do it: "
+                         "use data.loader torchvision, or leave it unset")
     common = dict(device=device, distributed=dist_info.enabled, channels_last=channels_last)
     if backend == "ffcv":
         from .beton_meta import read_beton_info
