@@ -207,9 +207,10 @@ def option_values(rng: random.Random, tmp_path: Path) -> str:
                            a_file / "under_a_file"]))
 
 
+DEMO = str(REPO / "recipes/fashion_mnist/resnet_pgt.yaml")
 COMMANDS = {  # every command's options, and the positional arguments they are tried with
-    "train": (["--fast-dev-run", "--compare"], ["recipes/fashion_mnist/resnet_pgt.yaml"]),
-    "describe": (["--png"], ["recipes/fashion_mnist/resnet_pgt.yaml"]),
+    "train": (["--fast-dev-run", "--compare"], [DEMO]),
+    "describe": (["--png"], [DEMO]),
     "compare": (["--target", "--out"], ["RUN"]),
     "export": (["--checkpoint", "--out"], ["RUN"]),
     "check-data": (["--workers"], ["DIR"]),
@@ -236,9 +237,11 @@ def outcome(call) -> tuple[int, str]:
 
 @pytest.mark.parametrize("chunk", range(4))
 def test_hostile_options_get_one_error_naming_the_option(chunk, tmp_path, tiny_imagenet,
-                                                        finished_run):
+                                                        finished_run, monkeypatch):
     """Commands with fast paths only: a --fast-dev-run value that is legal trains on 40
-    images, compare/export get a tiny finished run."""
+    images, compare/export get a tiny finished run. They run in a scratch folder: a value
+    such as `x` or `nan` is a legal relative output path, and must not land in the checkout."""
+    monkeypatch.chdir(tmp_path)
     failures = []
     for case in range(chunk * CASES_PER_TEST, (chunk + 1) * CASES_PER_TEST):
         rng = random.Random(2000 + case)
@@ -250,7 +253,8 @@ def test_hostile_options_get_one_error_naming_the_option(chunk, tmp_path, tiny_i
                                    str(tmp_path / f"w{case}.beton")],
                     "prepare_imagenet": [str(tmp_path / f"p{case}"), "--train", "a", "--val",
                                          "b", "--val-solution", "c"],
-                    "study": ["--status"]}[tool] + [option, value]
+                    "study": ["--status", "--plan", str(REPO / "tools/study_plan.yaml")]
+                    }[tool] + [option, value]
             main = runpy.run_path(str(REPO / "tools" / f"{tool}.py"))["main"]
             code, err = outcome(lambda: main(argv))
             where = f"case {case}: {tool} {' '.join(argv)}"
