@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import checkpoint as ckpt
 from .checkpoint import umask_mode
 from .recipe import ModelConfig, Recipe, RecipeError, load_recipe
 
@@ -104,21 +103,19 @@ def _run_recipe(run_dir: Path) -> Recipe:
 
 
 def _weights(path: Path, recipe: Recipe, ema: bool) -> dict:
-    from .weights import WeightsError, read_state_dict
+    from .weights import WeightsError, read_payload, state_dict_in
 
     if not path.is_file():
         hint = (" (a run writes best.pth after its first epoch; try --checkpoint last)"
                 if path.name == "best.pth" else "")
         raise ExportError(f"{path}: no such checkpoint{hint}")
     try:
-        digest = ckpt.load(path).get("recipe_digest")
-    except Exception:  # not ours, or damaged: read_state_dict says which
-        digest = None
-    if digest and digest != recipe.digest():
-        raise ExportError(f"{path}: trained with recipe digest {digest}, but recipe.yaml beside "
-                          f"it has {recipe.digest()}: the folder mixes two runs")
-    try:
-        return read_state_dict(path, ema=ema)
+        payload = read_payload(path)  # read once: its digest, then its weights
+        digest = payload.get("recipe_digest")
+        if digest and digest != recipe.digest():
+            raise ExportError(f"{path}: trained with recipe digest {digest}, but recipe.yaml "
+                              f"beside it has {recipe.digest()}: the folder mixes two runs")
+        return state_dict_in(payload, path, ema=ema)
     except WeightsError as err:
         raise ExportError(str(err)) from None
 

@@ -12,20 +12,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from .recipe import ModelConfig
-from .weights import WeightsError, load_weights, read_state_dict
-
-
-def checkpoint_file(source: str | Path) -> Path:
-    """The weights file `source` names: a run folder's best.pth, an export's
-    model.safetensors, or the file itself."""
-    source = Path(source)
-    if source.is_dir():
-        for name in ("model.safetensors", "best.pth", "last.pth"):
-            if (source / name).is_file():
-                return source / name
-        raise WeightsError(f"{source}: a folder without model.safetensors (an export) or "
-                           "best.pth/last.pth (a run folder)")
-    return source
+from .weights import load_weights, read_state_dict, weights_file
 
 
 def classifier_keys(model: nn.Module) -> list[str]:
@@ -40,7 +27,7 @@ def load_initial_checkpoint(model: nn.Module, cfg: ModelConfig,
                             check_only: bool = False) -> list[str]:
     """Load cfg.initial_checkpoint into `model` (check_only: check that it would fit); notes
     on what was left as initialised. WeightsError when it cannot be read or does not fit."""
-    path = checkpoint_file(cfg.initial_checkpoint)
+    path = weights_file(cfg.initial_checkpoint, ("model.safetensors", "best.pth", "last.pth"))
     weights = read_state_dict(path)
     own, notes = model.state_dict(), []
     head = [k for k in classifier_keys(model)

@@ -27,14 +27,14 @@ def preflight(recipe: Recipe, world_size: int | None = None) -> None:
     launcher's (torchrun's or srun's; 1 without either)."""
     if world_size is None:
         world_size = world_from_env().world_size
-    check_model_builds(recipe)
+    model = check_model_builds(recipe)
     check_device(recipe)
     plan = check_batch_plan(recipe, world_size)
     check_resume_file(recipe)
     data = inspect_data(recipe)
     check_data_matches_model(recipe, data)
     check_steps_per_epoch(recipe, plan, data)
-    check_model_takes_images(recipe, plan)
+    check_model_takes_images(recipe, plan, model)
 
 
 def check_run_dirs(recipes: list[Recipe]) -> None:
@@ -93,14 +93,14 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
-def check_model_builds(recipe: Recipe) -> None:
+def check_model_builds(recipe: Recipe):
     """Build the model and its optimizer on the meta device (no memory, no init cost) so a
-    bad timm keyword or optimizer setting fails now, not after the data is set up."""
+    bad timm keyword or optimizer setting fails now, not after the data is set up; return
+    that meta model for the checks that follow."""
     import torch
 
-    from .models import build_model
-
     from .builders import build_optimizer
+    from .models import build_model
 
     try:
         with torch.device("meta"):
@@ -115,6 +115,7 @@ def check_model_builds(recipe: Recipe) -> None:
         _fail(recipe, "optim.opt", f"timm cannot build optimizer {recipe.optim.opt!r} with "
                                    f"the optim settings: {type(err).__name__}: "
                                    f"{_one_line(err)}")
+    return model
 
 
 def check_initial_weights(recipe: Recipe, model) -> None:
@@ -333,7 +334,7 @@ def image_sizes(recipe: Recipe) -> dict[str, int]:
     return sizes
 
 
-def check_model_takes_images(recipe: Recipe, plan: BatchPlan) -> None:
+def check_model_takes_images(recipe: Recipe, plan: BatchPlan, model) -> None:
     """One forward pass on the meta device (shapes only: no memory, no compute) at every
     image size the run uses: a model with a fixed input size (a ViT's patch grid) refuses
     the others now, not after the data is set up. Its activations' sizes at the training
@@ -341,11 +342,7 @@ def check_model_takes_images(recipe: Recipe, plan: BatchPlan) -> None:
     holds (an estimate: refused only when it clearly cannot fit, never a tuning aid)."""
     import torch
 
-    from .models import build_model
-
-    with torch.device("meta"):
-        model = build_model(recipe.model)
-    model.train()
+    model.train()  # the meta model of check_model_builds
     largest, largest_key = 0, "data.img_size"
     for key, size in sorted(image_sizes(recipe).items(), key=lambda item: item[1]):
         try:  # two images: BatchNorm refuses one value per channel in training mode

@@ -20,20 +20,6 @@ class ValidateError(ValueError):
     """A source, recipe or data set validate cannot use; the message says what to give."""
 
 
-def weights_file(source: Path, checkpoint: str) -> Path:
-    """The file of `source`: a run folder's best.pth/last.pth, an export's model.safetensors,
-    or the file itself."""
-    if source.is_dir():
-        for path in (source / f"{checkpoint}.pth", source / "model.safetensors"):
-            if path.is_file():
-                return path
-        raise ValidateError(f"{source}: neither a run folder with {checkpoint}.pth nor an "
-                            "export folder with model.safetensors")
-    if not source.is_file():
-        raise ValidateError(f"{source}: no such file or folder")
-    return source
-
-
 def source_recipe(source: Path, recipe_path: str | None, overrides: list[str]) -> Recipe:
     """The recipe that says which network and evaluation: --recipe, else the run folder's."""
     if recipe_path is None:
@@ -75,11 +61,13 @@ def validate(source: str, overrides: list[str], *, checkpoint: str = "last", ema
     from .engine import evaluate
     from .machine_fit import fit_to_machine
     from .models import build_model
-    from .weights import load_weights, read_state_dict
+    from .weights import load_weights, read_state_dict, weights_file
 
     source_path = Path(source).expanduser()
     recipe = with_data(source_recipe(source_path, recipe_path, overrides), data)
-    path = weights_file(source_path, checkpoint)
+    if not source_path.exists():
+        raise ValidateError(f"{source}: no such file or folder")
+    path = weights_file(source_path, (f"{checkpoint}.pth", "model.safetensors"))
     model = build_model(recipe.model)
     load_weights(model, read_state_dict(path, ema=ema), path,
                  f"the recipe's {recipe.model.model}")

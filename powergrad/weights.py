@@ -14,10 +14,27 @@ class WeightsError(ValueError):
     """Weights that cannot be read or do not fit the model; the message names the file."""
 
 
+def weights_file(source: str | Path, names: tuple[str, ...]) -> Path:
+    """The weights file `source` names: the file itself, or in a folder the first of `names`
+    it holds (a run folder's best.pth/last.pth, an export's model.safetensors)."""
+    source = Path(source)
+    if not source.is_dir():
+        return source
+    for name in names:
+        if (source / name).is_file():
+            return source / name
+    raise WeightsError(f"{source}: a folder with none of {', '.join(names)} (a run folder's "
+                       "checkpoints, or an export)")
+
+
 def read_state_dict(path: str | Path, ema: bool = False) -> dict[str, torch.Tensor]:
     """The state dict in `path`; with ema=True its EMA copy (an error when it has none)."""
-    from timm.models import clean_state_dict  # strips DDP's 'module.' as timm's loaders do
+    return state_dict_in(read_payload(path), path, ema)
 
+
+def read_payload(path: str | Path) -> dict:
+    """Whatever mapping the weights file at `path` holds (read once; state_dict_in finds
+    the weights in it)."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such file")
@@ -32,6 +49,13 @@ def read_state_dict(path: str | Path, ema: bool = False) -> dict[str, torch.Tens
                            "damaged or not a weights file") from None
     if not isinstance(payload, dict):
         raise WeightsError(f"{path}: holds a {type(payload).__name__}, not weights")
+    return payload
+
+
+def state_dict_in(payload: dict, path: str | Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict in a file's `payload` (read from `path`), in any common layout."""
+    from timm.models import clean_state_dict  # strips DDP's 'module.' as timm's loaders do
+
     # ours: model/ema; timm's train.py: state_dict/state_dict_ema; DeiT, MAE: model/model_ema
     keys = ("ema", "state_dict_ema", "model_ema") if ema else ("model", "state_dict")
     for key in keys:

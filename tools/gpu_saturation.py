@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ from powergrad.distributed import DistInfo  # noqa: E402
 from powergrad.gpu_check import RecipeSteps  # noqa: E402
 from powergrad.data.imagefolder_checks import ImageDataError  # noqa: E402
 from powergrad.errors import one_error_path, whole_number  # noqa: E402
-from powergrad.machine_fit import fit_to_machine  # noqa: E402
+from powergrad.machine_fit import fit_to_machine, usable_cores  # noqa: E402
 from powergrad.recipe import RecipeError, load_recipe  # noqa: E402
 
 
@@ -117,7 +116,7 @@ def main(argv=None) -> dict:
     sync = synchronizer(device)
     step = RecipeSteps(recipe, device, amp_dtype, sync)
     result = feed_ratio(step, endless(train_loader), args.steps, args.warmup, sync, args.rounds)
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     print(f"{recipe.model.model} on {device} ({str(amp_dtype).removeprefix('torch.')} autocast, "
           f"channels_last), batch {result['batch']} at {result['resolution'][0]} px, "
           f"{fit.data.workers} loader workers, {cores} cores visible\n"
