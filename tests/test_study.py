@@ -352,10 +352,10 @@ def test_plan_mistakes_name_the_file_and_key(tmp_path):
         load_plan(plan)
 
 
-def test_the_shipped_plan_covers_the_claims_within_about_three_hours():
+def test_the_shipped_plan_covers_the_claims_within_about_five_hours():
     plan = load_plan(ROOT / "tools" / "study_plan.yaml")  # every recipe loads
     assert {"pgt_bn", "pgt_fewer_epochs", "alpha_sweep", "pgt_fits", "nobn_table2",
-            "nobn_batch512", "nobn_gc_sweep", "nobn_filter_collapse", "gpas_vit",
+            "nobn_batch512", "nobn_gc_sweep", "nobn_agc_sweep", "nobn_filter_collapse", "gpas_vit",
             "gpas_stop_gradient", "pgt_fork_hook"} <= set(plan.claims)
     assert len(plan.arms["bn_base"].seeds) >= 5
     sweep = plan.claims["alpha_sweep"]
@@ -364,7 +364,7 @@ def test_the_shipped_plan_covers_the_claims_within_about_three_hours():
     estimate = status_lines(plan, list(plan.claims.values()), Path("/nonexistent"),
                             Path("/nonexistent"))[-1]
     hours = float(estimate.split("estimated ")[1].split(" h")[0])
-    assert 2.0 <= hours <= 3.2
+    assert 3.5 <= hours <= 5.0  # from the throughput table alone; 4.5 h with the new seeds
 
 
 # --- end to end ------------------------------------------------------------------------------
