@@ -7,6 +7,6 @@ def __getattr__(name: str):
     """The public API, imported on first use: `powergrad --version` and `--help` then start
     without torch."""
     if name in __all__:
-        from . import transform
+        from powergrad import transform
         return getattr(transform, name)
     raise AttributeError(f"module 'powergrad' has no attribute {name!r}")

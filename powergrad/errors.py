@@ -12,7 +12,7 @@ import errno
 import sys
 from collections.abc import Callable
 
-from . import __version__
+from powergrad import __version__
 
 BAD_INPUT = 2
 

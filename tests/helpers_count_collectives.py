@@ -6,8 +6,8 @@ import traceback
 
 import torch.distributed as dist
 
-from powergrad import engine
-from powergrad.recipe import load_recipe
+from powergrad.config.recipe import load_recipe
+from powergrad.training import engine
 
 in_epoch = []
 real_all_reduce = dist.all_reduce

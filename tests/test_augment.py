@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers_images import textured_folder
 from PIL import Image
 
-from helpers_images import textured_folder
-from powergrad.cli import main as cli_main
+from powergrad.commands.cli import main as cli_main
+from powergrad.config.recipe import DataConfig
 from powergrad.data.augment import batch_erasing, colour_transforms, repeated_sampler
-from powergrad.recipe import DataConfig
 
 REPO = Path(__file__).resolve().parents[1]
 AA = "rand-m9-mstd0.5-inc1"
@@ -131,9 +131,9 @@ def test_random_erasing_runs_on_every_image_loaders_trained_batches(tmp_path, mo
     batch, after normalisation (the erased values are those of the normalised batch)."""
     from timm.data.random_erasing import RandomErasing
 
-    from powergrad import engine
+    from powergrad.config.recipe import load_recipe
     from powergrad.data.ffcv_writer import ImageWriterSettings, write_imagefolder_beton
-    from powergrad.recipe import load_recipe
+    from powergrad.training import engine
 
     root = tiny_tree(tmp_path)
     for split in ("train", "val"):

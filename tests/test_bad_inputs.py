@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-
 from helpers_images import CLASSES, textured_folder
-from powergrad.cli import main as cli_main
+
+from powergrad.commands.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 RESNET18 = REPO / "recipes/imagenet/resnet18_cosine_baseline.yaml"
@@ -75,7 +75,7 @@ def test_bad_images_skip_trains_past_it_and_counts_it(damaged_folder, tmp_path, 
     run = tmp_path / "runs" / RESNET18.stem
     final = json.loads((run / "final.json").read_text())
     assert final["bad_images_skipped"] == 1 and final["updates"] == 6
-    from powergrad.compare import read_scalars
+    from powergrad.report.compare import read_scalars
     assert [v for _, v in read_scalars(run)["data/bad_images"]] == [1.0]
 
 
@@ -185,7 +185,7 @@ def test_a_run_folder_continues_its_run_and_a_finished_one_writes_nothing(
 
 def test_one_images_per_second_in_the_epoch_line_final_json_and_compare(finished_demo, capsys):
     run, _ = finished_demo
-    from powergrad.compare import summarize
+    from powergrad.report.compare import summarize
     final = json.loads((run / "final.json").read_text())
     import csv
     with open(run / "summary.csv", newline="") as f:
@@ -229,7 +229,7 @@ def test_an_output_path_that_is_a_file_is_refused_before_work(tmp_path, capsys):
 
 def test_paths_expand_home_and_variables_and_an_unset_one_is_named(tmp_path, monkeypatch,
                                                                    capsys):
-    from powergrad.recipe import RecipeError, load_recipe
+    from powergrad.config.recipe import RecipeError, load_recipe
     monkeypatch.setenv("SCRATCH", str(tmp_path))
     recipe = load_recipe(REPO / "recipes/fashion_mnist/resnet_pgt.yaml",
                          ["log.output=$SCRATCH/runs", "data.root=~/fm"])
@@ -248,7 +248,7 @@ def test_a_full_disk_while_saving_is_one_line_and_the_last_checkpoint_survives(
 
     import torch
 
-    from powergrad import checkpoint as ckpt
+    from powergrad.training import checkpoint as ckpt
     _, args = finished_demo
     real_save, saves = torch.save, []
 
@@ -271,7 +271,7 @@ def test_a_full_disk_while_saving_is_one_line_and_the_last_checkpoint_survives(
 
 
 def test_a_bug_says_it_is_one_on_its_last_line(monkeypatch, capsys):
-    from powergrad import describe
+    from powergrad.commands import describe
     monkeypatch.setattr(describe, "describe", lambda *a, **k: 1 / 0)
     assert cli_main(["describe", str(RESNET18)]) == 1
     err = capsys.readouterr().err

@@ -12,8 +12,9 @@ import pytest
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from powergrad import check, cli, compare, train
-from powergrad.runlog import RESULT_FIELDS
+from powergrad.commands import check, cli, train
+from powergrad.report import compare
+from powergrad.training.runlog import RESULT_FIELDS
 
 
 def run(*args):
@@ -224,7 +225,7 @@ def test_write_ffcv_makes_missing_folders_and_reads_the_fashion_mnist_root(tmp_p
                                   ["validate", "--help"]])
 def test_version_and_help_start_without_torch(argv):
     """The quick answers import neither torch nor timm (seconds on a cold node)."""
-    code = ("import sys\nfrom powergrad.cli import main\ntry:\n    main(sys.argv[1:])\n"
+    code = ("import sys\nfrom powergrad.commands.cli import main\ntry:\n    main(sys.argv[1:])\n"
             "except SystemExit:\n    pass\nprint(sorted({'torch', 'timm'} & set(sys.modules)))")
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
                           timeout=60)

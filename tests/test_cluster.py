@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import stat
@@ -17,17 +16,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers_images import imagenet_format
 from helpers_net import free_port
-from powergrad import checkpoint as ckpt
-from powergrad import engine
-from powergrad.distributed import (SLURM_PORT_BASE, SLURM_PORT_SPAN, first_host,
-                                   rendezvous_address, world_from_env)
-from powergrad.launch import exit_code
-from powergrad.preemption import Preempted
-from powergrad.recipe import load_recipe
-from powergrad.rundir import LOCK_NAME, RunDirError, RunLock
+
+from powergrad.commands.launch import exit_code
+from powergrad.config.recipe import load_recipe
+from powergrad.system.distributed import (SLURM_PORT_BASE, SLURM_PORT_SPAN, first_host,
+                                          rendezvous_address, world_from_env)
+from powergrad.system.preemption import Preempted
+from powergrad.training import checkpoint as ckpt
+from powergrad.training import engine
+from powergrad.training.rundir import LOCK_NAME, RunDirError, RunLock
 
 REPO = Path(__file__).resolve().parent.parent
 FASHION = REPO / "recipes" / "fashion_mnist" / "resnet_pgt.yaml"
@@ -259,7 +258,7 @@ def test_the_checkpoint_with_most_steps_wins_whatever_its_file_time(tmp_path, ca
 
 
 def test_checkpoints_and_exports_follow_the_umask(tmp_path):
-    from powergrad.export import export_run
+    from powergrad.commands.export import export_run
 
     old = os.umask(0o022)
     try:
@@ -331,7 +330,8 @@ def batches() -> list[torch.Tensor]:
 
 def sync_bn_rank(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
-    from powergrad.sync_batchnorm import convert_to_sync_bn
+
+    from powergrad.training.sync_batchnorm import convert_to_sync_bn
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)

@@ -14,10 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers_images import CLASSES, constant_colour_folder, imagenet_format, textured_folder
 from PIL import Image
+from test_recipe_smoke import (RECIPES, batch_overrides, cpu_overrides, image_overrides,
+                               vit_overrides)
 from torchvision.transforms.v2 import functional as TF
 
-from powergrad import engine
+from powergrad.config.recipe import DataConfig, load_recipe
 from powergrad.data import dali_loaders
 from powergrad.data.augment import settings_in_use
 from powergrad.data.dali_loaders import DaliEvalLoader, DaliTrainLoader
@@ -25,12 +28,8 @@ from powergrad.data.fashion_mnist import load_split
 from powergrad.data.imagefolder_checks import scan_image_folder
 from powergrad.data.images import build_image_loaders
 from powergrad.data.synthetic_images import write_synthetic_image_folder
-from powergrad.preflight import preflight
-from powergrad.recipe import DataConfig, load_recipe
-
-from helpers_images import CLASSES, constant_colour_folder, imagenet_format, textured_folder
-from test_recipe_smoke import (RECIPES, batch_overrides, cpu_overrides, image_overrides,
-                               vit_overrides)
+from powergrad.training import engine
+from powergrad.training.preflight import preflight
 
 CPU = torch.device("cpu")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

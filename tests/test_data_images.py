@@ -13,22 +13,21 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers_images import (CLASSES, constant_colour_folder, textured_folder, tiny_folder,
+                            write_idx_gz)
 from PIL import Image
 
+from powergrad.config.recipe import DataConfig
 from powergrad.data import EvalLoader, TrainLoader, build_loaders
 from powergrad.data.beton_meta import sidecar_path
 from powergrad.data.device_batches import ImageBatches
-from powergrad.data.torchvision_loaders import read_rgb
-from powergrad.distributed import DistInfo
-from powergrad.recipe import DataConfig
 from powergrad.data.ffcv_writer import (ImageWriterSettings, write_fashion_mnist_beton,
                                         write_imagefolder_beton)
 from powergrad.data.imagefolder_checks import ImageDataError
 from powergrad.data.images import build_image_loaders
 from powergrad.data.resolution_schedule import train_resolution
-
-from helpers_images import (CLASSES, constant_colour_folder, textured_folder, tiny_folder,
-                             write_idx_gz)
+from powergrad.data.torchvision_loaders import read_rgb
+from powergrad.system.distributed import DistInfo
 
 RAW = ImageWriterSettings(write_mode="raw")  # raw pixels: the .beton holds PIL's decode
 CPU = torch.device("cpu")

@@ -11,16 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers_net import free_port
-from powergrad import checkpoint as ckpt
-from powergrad.recipe import DataConfig
+
+from powergrad.config.recipe import DataConfig, load_recipe
 from powergrad.data.fashion_mnist import build_fashion_mnist_loaders
-from powergrad.engine import evaluate
-from powergrad.models import build_model
-from powergrad.distributed import SLURM_PORT_BASE, SLURM_PORT_SPAN
-from powergrad.preemption import AGREE_EVERY
-from powergrad.recipe import load_recipe
+from powergrad.system.distributed import SLURM_PORT_BASE, SLURM_PORT_SPAN
+from powergrad.system.preemption import AGREE_EVERY
+from powergrad.training import checkpoint as ckpt
+from powergrad.training.engine import evaluate
+from powergrad.training.models import build_model
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "fashion_mnist" / "resnet_pgt.yaml"
 OVERRIDES = ["model.kwargs.channels=[8, 16, 32, 64]", "data.train_subset=512",

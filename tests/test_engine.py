@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers_net import free_port
-from powergrad import checkpoint as ckpt
-from powergrad import engine
-from powergrad.compare import markdown_table, read_scalars, summarize
-from powergrad.preemption import Preempted
-from powergrad.recipe import load_recipe
+
+from powergrad.config.recipe import load_recipe
+from powergrad.report.compare import markdown_table, read_scalars, summarize
+from powergrad.system.preemption import Preempted
+from powergrad.training import checkpoint as ckpt
+from powergrad.training import engine
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "fashion_mnist"
 PLOT_BLOCKS = runpy.run_path(str(RECIPES.parents[1] / "tools" / "plot_blocks.py"))

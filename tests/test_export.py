@@ -8,11 +8,11 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from powergrad import checkpoint as ckpt
-from powergrad import engine
-from powergrad.export import export_run, load_exported, main
-from powergrad.models import build_model
-from powergrad.recipe import load_recipe
+from powergrad.commands.export import export_run, load_exported, main
+from powergrad.config.recipe import load_recipe
+from powergrad.training import checkpoint as ckpt
+from powergrad.training import engine
+from powergrad.training.models import build_model
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "fashion_mnist"
 TINY = ["model.kwargs.channels=[8, 8, 16, 16]", "data.train_subset=128", "data.eval_subset=64",

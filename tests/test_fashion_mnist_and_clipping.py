@@ -9,11 +9,11 @@ import pytest
 import timm
 import torch
 
-from powergrad import checkpoint as ckpt
-from powergrad.clipping import agc_clipped_fraction, clip_gradients, clip_parameters
-from powergrad.recipe import DataConfig
+from powergrad.config.recipe import DataConfig
 from powergrad.data.fashion_mnist import (DEBIAN_ROOT, MEAN, STD, DatasetMissingError,
                                           FashionMNISTLoader, load_split)
+from powergrad.training import checkpoint as ckpt
+from powergrad.training.clipping import agc_clipped_fraction, clip_gradients, clip_parameters
 
 
 @pytest.fixture(scope="module")

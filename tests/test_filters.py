@@ -4,13 +4,12 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
-
-from powergrad import engine
-from powergrad.compare import read_scalars
-from powergrad.filters import FilterCollapse
-from powergrad.recipe import load_recipe
-
 from test_engine import RECIPES
+
+from powergrad.config.recipe import load_recipe
+from powergrad.report.compare import read_scalars
+from powergrad.training import engine
+from powergrad.training.filters import FilterCollapse
 
 
 def test_counts_filters_below_one_percent_of_their_initial_norm():

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers_images import textured_folder
-from powergrad import finetune
-from powergrad.cli import main as cli_main
-from powergrad.models import build_model
-from powergrad.recipe import load_recipe
+
+from powergrad.commands.cli import main as cli_main
+from powergrad.config.recipe import load_recipe
+from powergrad.training import finetune
+from powergrad.training.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = REPO / "recipes/fashion_mnist/resnet_pgt.yaml"

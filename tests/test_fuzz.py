@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers_images import textured_folder
-from powergrad.cli import main as cli_main
-from powergrad.recipe import Recipe, RecipeError, load_recipe
+
+from powergrad.commands.cli import main as cli_main
+from powergrad.config.recipe import Recipe, RecipeError, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 # Small recipes of every kind: a BN ResNet, a BN-free ResNet with AGC, a GPAS ViT (Fashion-
@@ -136,8 +136,8 @@ def known_key(key: str) -> bool:
 
 @pytest.mark.parametrize("chunk", range(8))
 def test_damaged_recipes_get_one_error_naming_the_setting(chunk, tiny_imagenet, tmp_path):
-    from powergrad.describe import describe
-    from powergrad.train import checked_recipes
+    from powergrad.commands.describe import describe
+    from powergrad.commands.train import checked_recipes
 
     failures, refused = [], 0
     for case in range(chunk * CASES_PER_TEST, (chunk + 1) * CASES_PER_TEST):
@@ -176,7 +176,7 @@ def _caused_elsewhere(err: RecipeError) -> bool:
 
 @pytest.mark.parametrize("chunk", range(2))
 def test_damaged_study_plans_get_one_error(chunk, tmp_path):
-    from powergrad.study import StudyError, load_plan
+    from powergrad.study.runner import StudyError, load_plan
 
     plan_file = REPO / "tools" / "study_plan.yaml"
     failures = []

@@ -308,8 +308,8 @@ def test_deepnorm_with_gpas_keeps_timms_init_by_default(gate):
 
 
 def test_deepnorm_gpas_recipe_follows_the_official_init():
-    from powergrad.models import build_model
-    from powergrad.recipe import load_recipe
+    from powergrad.config.recipe import load_recipe
+    from powergrad.training.models import build_model
 
     recipe = RECIPES / "fashion_mnist" / "vit_deepnorm_gpas.yaml"
     linears = lambda model: [m.weight for m in model.blocks.modules()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from powergrad import gpu_check
+from powergrad.commands import gpu_check
+
 
 def table_rows(output: str) -> dict[str, list[str]]:
     """{check name: [path, result, numbers, seconds]} from the printed markdown table."""

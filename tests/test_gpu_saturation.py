@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers_images import textured_folder
 
 REPO = Path(__file__).resolve().parents[1]

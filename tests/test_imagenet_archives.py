@@ -134,8 +134,8 @@ def test_archives_give_the_expected_tree(tmp_path, labels, json_meta_mat, capsys
 
 def real_meta_mat() -> bytes:
     """A meta.mat written by scipy in the devkit's layout, a non-leaf synset included."""
-    import scipy.io as sio
     import numpy as np
+    import scipy.io as sio
     fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children",
               "wordnet_height", "num_train_images"]
     synsets = np.zeros(4, dtype=[(f, object) for f in fields])

@@ -14,9 +14,9 @@ import pytest
 import timm
 import torch
 
-from powergrad.batching import BatchPlanError, plan_batch
-from powergrad.builders import build_scheduler
-from powergrad.recipe import load_recipe
+from powergrad.config.batching import BatchPlanError, plan_batch
+from powergrad.config.recipe import load_recipe
+from powergrad.training.builders import build_scheduler
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 IMAGENET = RECIPES / "imagenet"
@@ -140,7 +140,7 @@ def test_schedule_matches_the_closed_form_at_every_step(path):
 
 
 def test_engine_runs_the_cool_down_epochs(tmp_path):
-    from powergrad import engine
+    from powergrad.training import engine
 
     recipe = load_recipe(RECIPES / "fashion_mnist" / "resnet_baseline.yaml", [
         "train.epochs=1", "sched.cooldown_epochs=1", "sched.warmup_epochs=0",

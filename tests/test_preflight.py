@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
-from powergrad import checkpoint as ckpt
-from powergrad.data.fashion_mnist import build_fashion_mnist_loaders
-from powergrad.distributed import DistInfo
-from powergrad.preflight import inspect_data, preflight
-from powergrad.recipe import RecipeError, load_recipe
-from powergrad.train import main as train_main
-
 from helpers_images import write_idx_gz
+
+from powergrad.commands.train import main as train_main
+from powergrad.config.recipe import RecipeError, load_recipe
+from powergrad.data.fashion_mnist import build_fashion_mnist_loaders
+from powergrad.system.distributed import DistInfo
+from powergrad.training import checkpoint as ckpt
+from powergrad.training.preflight import inspect_data, preflight
 
 TRAIN_IMAGES, TEST_IMAGES = 100, 20
 SMALL_RESNET = {"model": "resnet18", "num_classes": 10, "in_chans": 1, "stem": "small",
@@ -294,7 +293,7 @@ def test_two_recipes_of_one_name_would_share_a_run_directory(recipe_file, capsys
 
 def test_a_run_directory_of_other_settings_is_found_before_any_training(recipe_file, capsys,
                                                                           tmp_path):
-    from powergrad.recipe import dump_recipe
+    from powergrad.config.recipe import dump_recipe
 
     first, second = recipe_file("first.yaml"), recipe_file("second.yaml")
     earlier = tmp_path / "runs" / "second"

@@ -158,8 +158,10 @@ def imagenet_commands(code: str) -> list[str]:
 
 
 def test_the_readme_imagenet_steps_run_on_tiny_fake_archives(tmp_path):
-    from powergrad.recipe import PATH_KEYS, load_recipe
-    from test_imagenet_archives import TINY as TINY_COUNTS, build, real_meta_mat
+    from test_imagenet_archives import TINY as TINY_COUNTS
+    from test_imagenet_archives import build, real_meta_mat
+
+    from powergrad.config.recipe import PATH_KEYS, load_recipe
 
     archives = tmp_path / "archives"
     build(archives, meta_mat=real_meta_mat())

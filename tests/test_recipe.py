@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from powergrad.recipe import RecipeError, dump_recipe, load_recipe
+from powergrad.config.recipe import RecipeError, dump_recipe, load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from powergrad import engine
-from powergrad.data.ffcv_writer import ImageWriterSettings, write_imagefolder_beton
-from powergrad.data.augment import settings_in_use
-from powergrad.preflight import preflight
-from powergrad.recipe import RecipeError, load_recipe
-
 from helpers_images import CLASSES, textured_folder
+
+from powergrad.config.recipe import RecipeError, load_recipe
+from powergrad.data.augment import settings_in_use
+from powergrad.data.ffcv_writer import ImageWriterSettings, write_imagefolder_beton
+from powergrad.training import engine
+from powergrad.training.preflight import preflight
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 pytestmark = [pytest.mark.recipe_smoke,

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from powergrad import checkpoint as ckpt
-from powergrad import engine
-from powergrad.compare import read_scalars
-from powergrad.recipe import load_recipe
-from powergrad.rundir import LOCK_NAME, RunDirError, RunLock
+from powergrad.config.recipe import load_recipe
+from powergrad.report.compare import read_scalars
+from powergrad.training import checkpoint as ckpt
+from powergrad.training import engine
+from powergrad.training.rundir import LOCK_NAME, RunDirError, RunLock
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "fashion_mnist"
 TINY = ["model.kwargs.channels=[8, 8, 16, 16]", "data.train_subset=256",

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from powergrad.recipe import load_recipe
-from powergrad.study import (EXIT_PREEMPTED, StudyError, load_plan, run_recipe, run_study,
-                             status_lines, subprocess_train)
-from powergrad.study_report import (Interval, first_epoch_reaching, paired, read_records,
+from powergrad.config.recipe import load_recipe
+from powergrad.study.report import (Interval, first_epoch_reaching, paired, read_records,
                                     t_interval, verdict, why, write_report)
+from powergrad.study.runner import (EXIT_PREEMPTED, StudyError, load_plan, run_recipe, run_study,
+                                    status_lines, subprocess_train)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -373,7 +373,7 @@ def test_the_shipped_plan_covers_the_claims_within_about_five_hours():
 def in_process_train(command, log_file, timeout):
     """`powergrad train` in this process: the same code path, without a fresh interpreter
     (importing torch and timm) per run."""
-    from powergrad.train import main
+    from powergrad.commands.train import main
 
     return main(command[command.index("train") + 1:])
 

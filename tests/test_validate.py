@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from powergrad.cli import main as cli_main
+from powergrad.commands.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = REPO / "recipes/fashion_mnist/resnet_pgt.yaml"

@@ -11,7 +11,6 @@ Prints a markdown table; writes it only with --write.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import shlex
 import statistics
@@ -20,15 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+from PIL import Image
 
-from PIL import Image  # noqa: E402
-
-from powergrad.data.check_data import find_bad_images  # noqa: E402
-from powergrad.data.imagenet_archives import IMAGENET  # noqa: E402
-from powergrad.data.synthetic_images import write_synthetic_image_folder  # noqa: E402
-from powergrad.errors import whole_number  # noqa: E402
-from powergrad.machine_fit import usable_cores  # noqa: E402
+from powergrad.commands.check_data import find_bad_images
+from powergrad.data.imagenet_archives import IMAGENET
+from powergrad.data.synthetic_images import write_synthetic_image_folder
+from powergrad.errors import whole_number
+from powergrad.training.machine_fit import usable_cores
 
 IMAGENET_FILES = IMAGENET.train_images + IMAGENET.val_images
 

@@ -1,7 +1,7 @@
-"""Engine overhead: images per second of `powergrad.engine.train` against a bare PyTorch loop.
+"""Engine overhead: images per second of `powergrad.training.engine.train` against a bare PyTorch loop.
 
 Both sides build the same objects from the same recipe with the suite's own builders (the
-model from powergrad.models, the optimizer, schedule and loss from powergrad.builders, the
+model from powergrad.training.models, the optimizer, schedule and loss from powergrad.training.builders, the
 data from powergrad.data), seeded alike, so they train the same model on the same batches;
 the bench checks that by comparing their mean training losses. The engine runs as a user's
 `--fast-dev-run N` does (N optimizer steps, nothing written; its stdout and stderr are
@@ -34,14 +34,15 @@ import timm
 import torch
 from timm.utils import random_seed
 
-from powergrad.batching import plan_batch
-from powergrad.builders import build_optimizer, build_scheduler, build_train_loss, pick_device
+from powergrad.config.batching import plan_batch
+from powergrad.config.recipe import Recipe, load_recipe
 from powergrad.data import build_loaders
 from powergrad.data.fashion_mnist import FashionMNISTLoader
-from powergrad.distributed import DistInfo
-from powergrad.engine import train
-from powergrad.models import build_model
-from powergrad.recipe import Recipe, load_recipe
+from powergrad.system.distributed import DistInfo
+from powergrad.training.builders import (build_optimizer, build_scheduler, build_train_loss,
+                                         pick_device)
+from powergrad.training.engine import train
+from powergrad.training.models import build_model
 
 DEMO_RECIPE = "recipes/fashion_mnist/resnet_baseline.yaml"
 GOAL = 0.95  # engine images/s over bare images/s

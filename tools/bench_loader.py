@@ -46,19 +46,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from powergrad.data.beton_meta import read_beton_info  # noqa: E402
-from powergrad.data.device_batches import ImageBatches  # noqa: E402
-from powergrad.data.ffcv_loaders import FfcvTrainLoader  # noqa: E402
-from powergrad.data.ffcv_writer import ImageWriterSettings, write_imagefolder_beton  # noqa: E402
-from powergrad.data.imagenet_archives import IMAGENET  # noqa: E402
-from powergrad.data.synthetic_images import write_synthetic_image_folder  # noqa: E402
-from powergrad.data.torchvision_loaders import TorchvisionTrainLoader  # noqa: E402
-from powergrad.recipe import DataConfig  # noqa: E402
+from powergrad.config.recipe import DataConfig
+from powergrad.data.beton_meta import read_beton_info
+from powergrad.data.device_batches import ImageBatches
+from powergrad.data.ffcv_loaders import FfcvTrainLoader
+from powergrad.data.ffcv_writer import ImageWriterSettings, write_imagefolder_beton
+from powergrad.data.imagenet_archives import IMAGENET
+from powergrad.data.synthetic_images import write_synthetic_image_folder
+from powergrad.data.torchvision_loaders import TorchvisionTrainLoader
 
 RESOLUTIONS = (160, 192, 224)  # reached with set_epoch(0, 1, 2) on the ramp below
 WORKER_COUNTS = (1, 2)

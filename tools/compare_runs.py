@@ -6,7 +6,7 @@
 """
 import sys
 
-from powergrad.cli import main
+from powergrad.commands.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["compare", *sys.argv[1:]]))

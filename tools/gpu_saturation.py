@@ -19,22 +19,19 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+import torch
 
-import torch  # noqa: E402
-
-from powergrad.builders import AMP_DTYPES, pick_device  # noqa: E402
-from powergrad.data import TrainLoader, build_loaders  # noqa: E402
-from powergrad.distributed import DistInfo  # noqa: E402
 # the training step `powergrad gpu-check` times: the recipe's model (channels_last), loss,
 # optimizer, autocast and GradScaler
-from powergrad.gpu_check import RecipeSteps  # noqa: E402
-from powergrad.data.imagefolder_checks import ImageDataError  # noqa: E402
-from powergrad.errors import one_error_path, whole_number  # noqa: E402
-from powergrad.machine_fit import fit_to_machine, usable_cores  # noqa: E402
-from powergrad.recipe import RecipeError, load_recipe  # noqa: E402
+from powergrad.commands.gpu_check import RecipeSteps
+from powergrad.config.recipe import RecipeError, load_recipe
+from powergrad.data import TrainLoader, build_loaders
+from powergrad.data.imagefolder_checks import ImageDataError
+from powergrad.errors import one_error_path, whole_number
+from powergrad.system.distributed import DistInfo
+from powergrad.training.builders import AMP_DTYPES, pick_device
+from powergrad.training.machine_fit import fit_to_machine, usable_cores
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:

@@ -13,9 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from powergrad.compare import MISSING, pyplot, read_scalars  # noqa: E402
+from powergrad.report.compare import MISSING, pyplot, read_scalars
 
 
 def block_profile(series: dict, kind: str, last: int = 5) -> list[float]:

@@ -6,11 +6,9 @@ import sys
 import tarfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from powergrad.data.imagenet_archives import (ArchiveError, CountMismatch, Expected,  # noqa: E402
+from powergrad.data.imagenet_archives import (ArchiveError, CountMismatch, Expected,
                                               prepare_imagenet)
-from powergrad.errors import one_error_path, whole_number  # noqa: E402
+from powergrad.errors import one_error_path, whole_number
 
 EPILOG = """example:
   python tools/prepare_imagenet.py --train ILSVRC2012_img_train.tar \\

@@ -20,11 +20,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from powergrad.data.resolution_schedule import train_resolution  # noqa: E402
-from powergrad.models import build_model  # noqa: E402
-from powergrad.recipe import DataConfig, ModelConfig, load_recipe  # noqa: E402
+from powergrad.config.recipe import DataConfig, ModelConfig, load_recipe
+from powergrad.data.resolution_schedule import train_resolution
+from powergrad.training.models import build_model
 
 FOLDERS = ("imagenet", "ffcv_imagenet")
 OUT = ROOT / "recipes" / "README.md"

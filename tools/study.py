@@ -19,10 +19,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from powergrad.errors import number_in, one_error_path  # noqa: E402
-from powergrad.study import StudyError, load_plan, run_study, status_lines  # noqa: E402
+from powergrad.errors import number_in, one_error_path
+from powergrad.study.runner import StudyError, load_plan, run_study, status_lines
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -72,7 +71,7 @@ def _main(argv: list[str] | None = None) -> int:
         if code not in (0, 75):
             return code
     if not args.no_report:
-        from powergrad.study_report import write_report
+        from powergrad.study.report import write_report
 
         # The whole plan, whatever --claims trained, and the command that rewrites this
         # report from the records alone.

@@ -14,12 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from powergrad.data.ffcv_writer import (ImageWriterSettings, write_fashion_mnist_beton,  # noqa: E402
+from powergrad.data.ffcv_writer import (ImageWriterSettings, write_fashion_mnist_beton,
                                         write_imagefolder_beton)
-from powergrad.data.imagefolder_checks import ImageDataError  # noqa: E402
-from powergrad.errors import number_in, one_error_path, whole_number  # noqa: E402
+from powergrad.data.imagefolder_checks import ImageDataError
+from powergrad.errors import number_in, one_error_path, whole_number
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -52,7 +50,7 @@ def _main(argv=None) -> int:
     args = p.parse_intermixed_args(argv)
     if args.workers == 0:
         p.error("argument --workers: expected -1 (all cores) or a number of processes >= 1")
-    from powergrad.machine_fit import usable_cores
+    from powergrad.training.machine_fit import usable_cores
     args.workers = usable_cores() if args.workers == -1 else min(args.workers, usable_cores())
     out = write(args)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) and {out}.json")

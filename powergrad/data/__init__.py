@@ -1,50 +1,18 @@
-"""Data loaders for a recipe's `data:` section, and the contract every loader keeps.
-
-A loader is anything with the attributes and methods of `EvalLoader` (and, for training,
-`TrainLoader`): no base class to inherit, so a new backend (DALI, say) satisfies the contract
-by having them. `tests/test_data_images.py` checks every loader against both protocols.
-"""
+"""Data loaders for a recipe's `data:` section: `build_loaders` picks the data set's builder;
+every loader keeps the contract in contract.py (EvalLoader, TrainLoader)."""
 from __future__ import annotations
 
 import typing
-from collections.abc import Callable, Iterator
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable
 
-import torch
-
-from ..distributed import DistInfo
-from ..recipe import DataConfig, DatasetName
-
-
-@runtime_checkable
-class EvalLoader(Protocol):
-    """Yields (float32 images [B, C, H, W], normalised, int64 labels [B]), both already on the
-    training device; evaluation loaders yield every sample once, in a fixed order."""
-
-    class_names: list[str]
-
-    @property
-    def num_classes(self) -> int: ...
-
-    def __len__(self) -> int: ...  # batches per epoch (per process)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
-
-
-@runtime_checkable
-class TrainLoader(EvalLoader, Protocol):
-    """An EvalLoader whose order (and augmentation) is drawn from seed + epoch, so an epoch can
-    be replayed (resuming skips its first batches), and whose train resolution may change per
-    epoch (progressive resizing)."""
-
-    resolution: int  # of the current epoch's images, px
-
-    def set_epoch(self, epoch: int) -> None: ...
+from powergrad.config.recipe import DataConfig, DatasetName
+from powergrad.data.contract import EvalLoader, TrainLoader
+from powergrad.system.distributed import DistInfo
 
 
 def _fashion_mnist(data_cfg: DataConfig, **kwargs) -> tuple[TrainLoader, EvalLoader]:
-    from .augment import settings_in_use
-    from .fashion_mnist import build_fashion_mnist_loaders
+    from powergrad.data.augment import settings_in_use
+    from powergrad.data.fashion_mnist import build_fashion_mnist_loaders
 
     refused = settings_in_use(data_cfg, "fashion_mnist")
     if refused:  # preflight says so first on the command line; this guards the Python API
@@ -53,7 +21,7 @@ def _fashion_mnist(data_cfg: DataConfig, **kwargs) -> tuple[TrainLoader, EvalLoa
 
 
 def _image_folder(data_cfg: DataConfig, **kwargs) -> tuple[TrainLoader, EvalLoader]:
-    from .images import build_image_loaders
+    from powergrad.data.images import build_image_loaders
     return build_image_loaders(data_cfg, **kwargs)
 
 

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .imagefolder_checks import ImageDataError
+from powergrad.data.imagefolder_checks import ImageDataError
 
 SIDECAR_FORMAT = "powergrad-beton/1"
 # The fields every powergrad .beton holds, in this order (ffcv-imagenet's names too).

@@ -29,7 +29,7 @@ import math
 import numpy as np
 import torch
 
-from .device_batches import ImageBatches, TrainImageBatches
+from powergrad.data.device_batches import ImageBatches, TrainImageBatches
 
 DALI_PACKAGE = "nvidia-dali-cuda130"  # the CUDA 13 build; its CPU pipelines need no GPU
 

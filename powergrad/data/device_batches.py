@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sized
 
 import torch
 
-from .resolution_schedule import train_resolution
+from powergrad.data.resolution_schedule import train_resolution
 
 
 class ImageBatches:
@@ -82,7 +82,7 @@ class TrainImageBatches(ImageBatches):
 
     def __init__(self, batches: Iterable, *, cfg, seed: int, **kwargs):
         super().__init__(batches, mean=cfg.mean, std=cfg.std, **kwargs)
-        from .augment import batch_erasing
+        from powergrad.data.augment import batch_erasing
 
         # A function of a normalised batch the engine applies to each batch it trains on (and
         # not to batches replayed on resume): random erasing (data.reprob), else None.

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..distributed import DistInfo
+from powergrad.system.distributed import DistInfo
 
 DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
 CLASS_NAMES = (

@@ -26,9 +26,9 @@ import os
 import numpy as np
 import torch
 
-from ..distributed import world_from_env
-from .beton_meta import BetonInfo
-from .device_batches import ImageBatches, TrainImageBatches
+from powergrad.data.beton_meta import BetonInfo
+from powergrad.data.device_batches import ImageBatches, TrainImageBatches
+from powergrad.system.distributed import world_from_env
 
 
 def _pipelines(image_decoder, image_ops: list, device: torch.device) -> dict:

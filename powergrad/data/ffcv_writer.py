@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .beton_meta import write_sidecar
-from .imagefolder_checks import ImageDataError, scan_image_folder
+from powergrad.data.beton_meta import write_sidecar
+from powergrad.data.imagefolder_checks import ImageDataError, scan_image_folder
 
 
 @dataclass
@@ -136,7 +136,7 @@ def write_fashion_mnist_beton(root: str | os.PathLike, split: str, dst: str | os
     """Write a Fashion-MNIST split ('train' | 'test') to `dst` as 28x28 RGB raw pixels (the
     grey value repeated in the three channels; raw because JPEG would blur 28 px images and
     save nothing). `limit` keeps the first N examples."""
-    from .fashion_mnist import CLASS_NAMES, load_split
+    from powergrad.data.fashion_mnist import CLASS_NAMES, load_split
 
     dst = Path(dst)
     _check_target(dst, overwrite)

@@ -27,7 +27,7 @@ from pathlib import Path
 from torchvision.datasets.imagenet import ARCHIVE_META
 from torchvision.datasets.utils import check_integrity, extract_archive
 
-from ..runlog import with_progress
+from powergrad.system.progress import with_progress
 
 WNID = re.compile(r"n\d{8}")
 CLASS_TAR = re.compile(r"(n\d{8})\.tar")

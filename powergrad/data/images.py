@@ -13,11 +13,11 @@ import warnings
 
 import torch
 
-from ..distributed import DistInfo
-from ..recipe import DataConfig, LoaderName
-from . import EvalLoader, TrainLoader
-from .augment import settings_in_use
-from .imagefolder_checks import ImageDataError, scan_image_folder, verify_sample
+from powergrad.config.recipe import DataConfig, LoaderName
+from powergrad.data.augment import settings_in_use
+from powergrad.data.contract import EvalLoader, TrainLoader
+from powergrad.data.imagefolder_checks import ImageDataError, scan_image_folder, verify_sample
+from powergrad.system.distributed import DistInfo
 
 LOADERS = typing.get_args(LoaderName)
 
@@ -52,7 +52,7 @@ def choose_loader(cfg: DataConfig) -> str:
             raise ValueError(f"data.loader is {cfg.loader!r} but data.train_dir and "
                              "data.val_dir are not both set")
         if cfg.loader == "dali":
-            from .dali_loaders import DALI_PACKAGE, dali_import_error
+            from powergrad.data.dali_loaders import DALI_PACKAGE, dali_import_error
             if (why := dali_import_error()) is not None:
                 raise ImportError(f"data.loader is 'dali' but NVIDIA DALI does not import "
                                   f"({why}); install it with `pip install {DALI_PACKAGE}` or "
@@ -115,8 +115,8 @@ def build_image_loaders(cfg: DataConfig, *, batch_size: int, eval_batch_size: in
                          "use data.loader torchvision, or leave it unset")
     common = dict(device=device, distributed=dist_info.enabled, channels_last=channels_last)
     if backend == "ffcv":
-        from .beton_meta import read_beton_info
-        from .ffcv_loaders import FfcvEvalLoader, FfcvTrainLoader
+        from powergrad.data.beton_meta import read_beton_info
+        from powergrad.data.ffcv_loaders import FfcvEvalLoader, FfcvTrainLoader
 
         train_info = read_beton_info(cfg.train_beton, cfg.num_classes)
         val_info = read_beton_info(cfg.val_beton, cfg.num_classes)
@@ -125,7 +125,7 @@ def build_image_loaders(cfg: DataConfig, *, batch_size: int, eval_batch_size: in
         train = FfcvTrainLoader(train_info, cfg, batch_size=batch_size, seed=seed, **common)
         val = FfcvEvalLoader(val_info, cfg, batch_size=eval_batch_size, **common)
     elif backend == "dali":
-        from .dali_loaders import DaliEvalLoader, DaliTrainLoader
+        from powergrad.data.dali_loaders import DaliEvalLoader, DaliTrainLoader
 
         train_classes, train_samples = _scan_checked(cfg.train_dir, cfg.num_classes)
         val_classes, val_samples = _scan_checked(cfg.val_dir, cfg.num_classes)
@@ -134,7 +134,8 @@ def build_image_loaders(cfg: DataConfig, *, batch_size: int, eval_batch_size: in
                                 seed=seed, **common)
         val = DaliEvalLoader(val_samples, val_classes, cfg, batch_size=eval_batch_size, **common)
     else:
-        from .torchvision_loaders import TorchvisionEvalLoader, TorchvisionTrainLoader
+        from powergrad.data.torchvision_loaders import (TorchvisionEvalLoader,
+                                                        TorchvisionTrainLoader)
 
         train_classes = _check_image_folder(cfg.train_dir, cfg.num_classes)
         val_classes = _check_image_folder(cfg.val_dir, cfg.num_classes)

@@ -23,11 +23,10 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subs
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2 as T
 
-from ..preemption import ignore_in_worker
-from .device_batches import ImageBatches, TrainImageBatches
-from .augment import INTERPOLATIONS, colour_transforms, repeated_sampler
-from .imagefolder_checks import ImageDataError
-
+from powergrad.data.augment import INTERPOLATIONS, colour_transforms, repeated_sampler
+from powergrad.data.device_batches import ImageBatches, TrainImageBatches
+from powergrad.data.imagefolder_checks import ImageDataError
+from powergrad.system.preemption import ignore_in_worker
 
 # What TorchCodec decodes here (CMYK and greyscale JPEGs come out as RGB, as with PIL).
 TORCHCODEC_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")

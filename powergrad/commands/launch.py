@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .preemption import EXIT_PREEMPTED, exit_code_unsaved
+from powergrad.system.preemption import EXIT_PREEMPTED, exit_code_unsaved
 
 # Seconds torchrun waits for signalled workers before SIGKILL (its default is 30): a ResNet-50
 # checkpoint on a busy shared file system can take longer to write. --shutdown-timeout wins.
@@ -102,9 +102,9 @@ def check_recipes(command: list[str], world_size: int | None) -> tuple[list, str
     """(the recipes, None), or ([], the recipe error every worker would find): the checks of
     `powergrad train`, made once in the launcher, so the message is one line, not one per
     rank."""
-    from .cli import parse_args
-    from .recipe import RecipeError
-    from .train import checked_recipes, split_items
+    from powergrad.commands.cli import parse_args
+    from powergrad.commands.train import checked_recipes, split_items
+    from powergrad.config.recipe import RecipeError
 
     train_args = parse_args(command)  # argparse answers a bad option itself, exit 2
     paths, overrides = split_items(train_args.items)

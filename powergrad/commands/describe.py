@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from .batching import BatchPlanError, plan_batch
-from .builders import build_optimizer, build_scheduler
-from .clipping import clip_parameters
-from .data.imagenet_archives import IMAGENET
-from .models import build_model
-from .recipe import Recipe
+from powergrad.config.batching import BatchPlanError, plan_batch
+from powergrad.config.recipe import Recipe
+from powergrad.data.imagenet_archives import IMAGENET
+from powergrad.training.builders import build_optimizer, build_scheduler
+from powergrad.training.clipping import clip_parameters
+from powergrad.training.models import build_model
 
 WORLD_SIZES = (1, 4, 8, 16)  # one GPU, one 4-GPU node (the paper's), one 8-GPU node, 2 nodes
 FASHION_MNIST_TRAIN_IMAGES = 60_000
@@ -64,8 +64,8 @@ def key_epochs(recipe: Recipe, total_epochs: int) -> list[float]:
 
 def _augmentation(recipe: Recipe) -> str:
     """The training augmentation as the loader that reads the data will apply it."""
-    from .data.augment import describe_pipeline
-    from .machine_fit import chosen_loader
+    from powergrad.data.augment import describe_pipeline
+    from powergrad.training.machine_fit import chosen_loader
 
     try:
         loader = chosen_loader(recipe.data)[0]
@@ -153,7 +153,7 @@ def describe(recipe: Recipe, png: Path | None = None) -> str:
 
 
 def _plot_schedule(positions, lrs, alpha, recipe: Recipe, png: Path) -> None:
-    from .compare import pyplot
+    from powergrad.report.compare import pyplot
 
     plt = pyplot()
     fig, (ax_lr, ax_alpha) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)

@@ -7,12 +7,10 @@ initialisation, as timm's own pretrained loading does; every other tensor must f
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch.nn as nn
 
-from .recipe import ModelConfig
-from .weights import load_weights, read_state_dict, weights_file
+from powergrad.config.recipe import ModelConfig
+from powergrad.training.weights import load_weights, read_state_dict, weights_file
 
 
 def classifier_keys(model: nn.Module) -> list[str]:

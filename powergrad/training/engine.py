@@ -22,25 +22,25 @@ import torch.nn.functional as F
 from timm.data import Mixup
 from timm.utils import ModelEmaV3, distribute_bn, random_seed, unwrap_model
 
-from . import checkpoint as ckpt
-from .batching import plan_batch
-from .builders import (AMP_DTYPES, build_optimizer, build_scheduler, build_train_loss,
-                       pick_device)
-from .clipping import clip_gradients, clip_parameters
-from .data import build_loaders
-from .distributed import (DistInfo, all_reduce_sum, barrier, cuda_index, gather_objects,
-                          init_distributed, world_from_env)
-from .filters import FilterCollapse
-from .machine_fit import MachineFit, fit_to_machine
-from .finetune import load_initial_checkpoint
-from .models import build_model
-from .preemption import Preempted, StopRequest, exit_code_unsaved
-from .recipe import Recipe, load_recipe
-from .rundir import RunDirError, RunLock, check_same_recipe, recipe_changes
-from .sync_batchnorm import convert_to_sync_bn
-from .runlog import EPOCH_TAGS, RESULT_FIELDS, Progress, RunLog, train_img_per_sec
-from .transform import logit_stats
-
+from powergrad.config.batching import plan_batch
+from powergrad.config.recipe import Recipe, load_recipe
+from powergrad.data import build_loaders
+from powergrad.system.distributed import (DistInfo, all_reduce_sum, barrier, cuda_index,
+                                          gather_objects, init_distributed, world_from_env)
+from powergrad.system.preemption import Preempted, StopRequest, exit_code_unsaved
+from powergrad.system.progress import Progress
+from powergrad.training import checkpoint as ckpt
+from powergrad.training.builders import (AMP_DTYPES, build_optimizer, build_scheduler,
+                                         build_train_loss, pick_device)
+from powergrad.training.clipping import clip_gradients, clip_parameters
+from powergrad.training.filters import FilterCollapse
+from powergrad.training.finetune import load_initial_checkpoint
+from powergrad.training.machine_fit import MachineFit, fit_to_machine
+from powergrad.training.models import build_model
+from powergrad.training.rundir import RunDirError, RunLock, check_same_recipe, recipe_changes
+from powergrad.training.runlog import EPOCH_TAGS, RESULT_FIELDS, RunLog, train_img_per_sec
+from powergrad.training.sync_batchnorm import convert_to_sync_bn
+from powergrad.transform import logit_stats
 
 EVAL_TAGS = ("loss", "top1", "top5")  # logged as eval/<tag> (and eval_ema/<tag>)
 
@@ -165,7 +165,7 @@ def _train(recipe: Recipe, run_dir: Path, fast_dev_run: int, stop: StopRequest) 
                  ran_with=fit.record())
     probe = None
     if recipe.log.diagnostics and hasattr(model, "blocks"):  # a ViT: GPAS's per-block view
-        from .gpas import ResidualStreamProbe
+        from powergrad.gpas import ResidualStreamProbe
         probe = ResidualStreamProbe(model, enabled=False)
     saving = recipe.log.checkpoint and not fast_dev_run
     ctx = EpochContext(

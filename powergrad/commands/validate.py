@@ -12,8 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from .recipe import RUN_RECIPE, Recipe, load_recipe
-from .weights import WeightsError
+from powergrad.config.recipe import RUN_RECIPE, Recipe, load_recipe
+from powergrad.training.weights import WeightsError
 
 
 class ValidateError(ValueError):
@@ -55,13 +55,13 @@ def validate(source: str, overrides: list[str], *, checkpoint: str = "last", ema
     """The scores of `source`'s weights, with what was measured and how."""
     import torch
 
-    from .builders import AMP_DTYPES, pick_device
-    from .data import build_loaders
-    from .distributed import cuda_index, init_distributed
-    from .engine import evaluate
-    from .machine_fit import fit_to_machine
-    from .models import build_model
-    from .weights import load_weights, read_state_dict, weights_file
+    from powergrad.data import build_loaders
+    from powergrad.system.distributed import cuda_index, init_distributed
+    from powergrad.training.builders import AMP_DTYPES, pick_device
+    from powergrad.training.engine import evaluate
+    from powergrad.training.machine_fit import fit_to_machine
+    from powergrad.training.models import build_model
+    from powergrad.training.weights import load_weights, read_state_dict, weights_file
 
     source_path = Path(source).expanduser()
     recipe = with_data(source_recipe(source_path, recipe_path, overrides), data)
@@ -93,9 +93,9 @@ def validate(source: str, overrides: list[str], *, checkpoint: str = "last", ema
 
 def main(source: str, overrides: list[str], *, checkpoint: str, ema: bool,
          recipe_path: str | None, data: str | None, out: str | None) -> int:
-    from .data.imagefolder_checks import ImageDataError
-    from .distributed import shutdown, world_from_env
-    from .recipe import RecipeError
+    from powergrad.config.recipe import RecipeError
+    from powergrad.data.imagefolder_checks import ImageDataError
+    from powergrad.system.distributed import shutdown, world_from_env
 
     try:
         result = validate(source, overrides, checkpoint=checkpoint, ema=ema,

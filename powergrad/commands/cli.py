@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import __version__
-from .errors import number_in, one_error_path, whole_number
+from powergrad import __version__
+from powergrad.errors import number_in, one_error_path, whole_number
 
 # What to do after a bad argument, per subcommand: argparse names the problem, this the fix.
 _HINTS = {
@@ -169,7 +169,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                     "(architecture, model arguments, preprocessing). Plain timm models then load "
                     "with timm.create_model('local-dir:OUT', pretrained=True); models with the "
                     "suite's own layers (small stem, BlurPool, no-BN, GPAS) load with "
-                    "powergrad.export.load_exported(OUT).")
+                    "powergrad.commands.export.load_exported(OUT).")
     export.add_argument("run", metavar="RUN_DIR")
     export.add_argument("--checkpoint", choices=["best", "last"], default="best",
                         help="best.pth (highest test top-1) or last.pth (default: best)")
@@ -220,7 +220,7 @@ def _unwritable_output(args: argparse.Namespace) -> str | None:
     value = getattr(args, option, None) if option else None
     if not value:
         return None
-    from .preflight import why_not_writable
+    from powergrad.training.preflight import why_not_writable
 
     why = why_not_writable(folder_of(value))
     return f"powergrad {args.command}: --{option} {value}: {why}" if why else None
@@ -231,16 +231,16 @@ def _run(args: argparse.Namespace) -> int:
         print(message, file=sys.stderr)
         return 2
     if args.command == "check":
-        from .check import main as check_main
+        from powergrad.commands.check import main as check_main
         return check_main()
     if args.command == "check-data":
-        from .data.check_data import main as check_data_main
+        from powergrad.commands.check_data import main as check_data_main
         return check_data_main(args.paths, workers=args.workers, decode=args.decode)
     if args.command == "torchrun":
-        from .launch import main as launch_main
+        from powergrad.commands.launch import main as launch_main
         return launch_main(args.launcher_args)
     if args.command == "gpu-check":
-        from .gpu_check import main as gpu_check_main
+        from powergrad.commands.gpu_check import main as gpu_check_main
         return gpu_check_main(args.workdir, out=args.out, recipe=args.recipe)
     if args.command in ("train", "describe"):
         bad = _not_recipes(args.items)
@@ -252,15 +252,15 @@ def _run(args: argparse.Namespace) -> int:
             print("powergrad train: --compare needs saved runs; --fast-dev-run saves nothing",
                   file=sys.stderr)
             return 2
-        from .preemption import StopRequest
+        from powergrad.system.preemption import StopRequest
         with StopRequest() as stop:  # before torch's import: a scheduler's signal is never lost
-            from .train import main as train_main
+            from powergrad.commands.train import main as train_main
             return train_main(args.items, compare_name=args.compare,
                               fast_dev_run=args.fast_dev_run, stop=stop)
     if args.command == "describe":
         return _describe(args.items, args.png)
     if args.command == "compare":
-        from .compare import main as compare_main
+        from powergrad.report.compare import main as compare_main
         return compare_main(args.runs, target=args.target, out=args.out)
     if args.command == "validate":
         bad = [item for item in args.items if "=" not in item]
@@ -268,11 +268,11 @@ def _run(args: argparse.Namespace) -> int:
             print(f"powergrad validate: {bad[0]!r}: not a key=value setting\n  "
                   f"{_HINTS['validate']}", file=sys.stderr)
             return 2
-        from .validate import main as validate_main
+        from powergrad.commands.validate import main as validate_main
         return validate_main(args.source, args.items, checkpoint=args.checkpoint, ema=args.ema,
                              recipe_path=args.recipe, data=args.data, out=args.out)
     if args.command == "export":
-        from .export import main as export_main
+        from powergrad.commands.export import main as export_main
         return export_main(args.run, checkpoint=args.checkpoint, ema=args.ema, out=args.out,
                            overwrite=args.overwrite)
     return 2
@@ -294,8 +294,8 @@ def _not_recipes(items: list[str]) -> str | None:
 
 
 def _describe(items: list[str], png: str | None) -> int:
-    from .recipe import RecipeError, load_recipe
-    from .train import split_items
+    from powergrad.commands.train import split_items
+    from powergrad.config.recipe import RecipeError, load_recipe
 
     paths, overrides = split_items(items)
     if len(paths) != 1:
@@ -306,7 +306,7 @@ def _describe(items: list[str], png: str | None) -> int:
     except RecipeError as err:
         print(f"recipe error: {err}", file=sys.stderr)
         return 2
-    from .describe import default_png, describe
+    from powergrad.commands.describe import default_png, describe
 
     print(describe(recipe, Path(png) if png else default_png(recipe)))
     return 0

@@ -76,7 +76,7 @@ class StopRequest:
     @property
     def world_size(self) -> int:
         if self._world_size is None:
-            from .distributed import world_from_env
+            from powergrad.system.distributed import world_from_env
             self._world_size = world_from_env().world_size
         return self._world_size
 
@@ -91,5 +91,5 @@ class StopRequest:
         """Whether any rank received a signal: a collective, so every rank must call it."""
         if self.world_size == 1:
             return self.requested
-        from .distributed import all_reduce_sum
+        from powergrad.system.distributed import all_reduce_sum
         return all_reduce_sum([float(self.requested)], device)[0] > 0

@@ -108,14 +108,14 @@ class Context:
 # --- PGT exactness ---------------------------------------------------------------------------
 
 def pgt_row(ctx: Context, dtype: torch.dtype) -> Row:
-    from .check import FP16_SCALES, LIMITS, TARGET_KINDS, _autocast_case
+    from powergrad.commands.check import FP16_SCALES, LIMITS, TARGET_KINDS, autocast_case
 
     fp16 = dtype is torch.float16
     name = "pgt fp16 + GradScaler" if fp16 else "pgt bf16"
     gen = torch.Generator().manual_seed(0)
     cases = list(itertools.product(TARGET_KINDS, [8, 256], FP16_SCALES if fp16 else [1.0],
                                    [0.0, 0.25, 1.0]))
-    errors = [_autocast_case(kind, n, scale, alpha, dtype, ctx.device, gen)
+    errors = [autocast_case(kind, n, scale, alpha, dtype, ctx.device, gen)
               for kind, n, scale, alpha in cases]
     worst, limit = max(errors), LIMITS[dtype]
     return Row(name, f"{ctx.device.type} autocast, {len(cases)} cases",
@@ -128,8 +128,8 @@ def pgt_row(ctx: Context, dtype: torch.dtype) -> Row:
 def synthetic_data(ctx: Context) -> Path:
     """A JPEG ImageFolder tree of 10 classes (train and val) and .beton files of it as the
     writer writes them by default; reused when `workdir` already holds them."""
-    from .data.ffcv_writer import write_imagefolder_beton
-    from .data.synthetic_images import write_synthetic_image_folder
+    from powergrad.data.ffcv_writer import write_imagefolder_beton
+    from powergrad.data.synthetic_images import write_synthetic_image_folder
 
     root = ctx.workdir / f"data_{ctx.sizes.images}"
     if (root / ".complete").exists():
@@ -191,8 +191,8 @@ class RecipeSteps:
 
     def __init__(self, recipe, device: torch.device, amp_dtype: torch.dtype,
                  sync: Callable[[], None], accum: int = 1):
-        from .builders import build_optimizer, build_train_loss
-        from .models import build_model
+        from powergrad.training.builders import build_optimizer, build_train_loss
+        from powergrad.training.models import build_model
 
         self.device, self.amp_dtype, self.sync, self.accum = device, amp_dtype, sync, accum
         self.model = build_model(recipe.model).to(device, memory_format=torch.channels_last)
@@ -231,7 +231,7 @@ class RecipeSteps:
 
 
 def paper_recipe(ctx: Context, overrides: list[str]):
-    from .recipe import load_recipe
+    from powergrad.config.recipe import load_recipe
 
     return load_recipe(ctx.recipe, [*device_overrides(ctx), *overrides])
 
@@ -240,7 +240,7 @@ def paper_recipe(ctx: Context, overrides: list[str]):
 
 def engine_row(ctx: Context, root: Path) -> Row:
     """A few optimizer steps of the paper recipe through the engine, nothing written."""
-    from .engine import train
+    from powergrad.training.engine import train
 
     b = ctx.sizes.batch
     # zero_init_last: after 2-3 steps BatchNorm's running statistics are still near their
@@ -278,8 +278,8 @@ def _loader_path(ctx: Context, name: str) -> str:
 
 
 def loader_row(ctx: Context, root: Path, name: str, steps: RecipeSteps) -> Row:
-    from .data.images import build_image_loaders
-    from .recipe import DataConfig
+    from powergrad.config.recipe import DataConfig
+    from powergrad.data.images import build_image_loaders
 
     skipped = _skip_reason(name)
     if skipped is not None:
@@ -314,9 +314,9 @@ def loader_row(ctx: Context, root: Path, name: str, steps: RecipeSteps) -> Row:
 
 def gpu_hours_row(ctx: Context) -> Row:
     """Time per optimizer step of the paper recipe on one device at its own batch plan."""
-    from .batching import plan_batch
-    from .builders import build_scheduler
-    from .data.imagenet_archives import IMAGENET
+    from powergrad.config.batching import plan_batch
+    from powergrad.data.imagenet_archives import IMAGENET
+    from powergrad.training.builders import build_scheduler
 
     recipe = paper_recipe(ctx, [])
     if ctx.sizes.step_batch is None:

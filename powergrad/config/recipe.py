@@ -77,7 +77,7 @@ class ModelConfig:
     # weights, which must already be in the Hugging Face cache (nothing is downloaded at run
     # time), or from a file or folder: a run folder (its best.pth), a run's .pth, an export
     # (model.safetensors), or a timm state-dict file. A classifier of another class count is
-    # re-initialised, with a note (powergrad/finetune.py).
+    # re-initialised, with a note (powergrad/training/finetune.py).
     pretrained: bool = False
     initial_checkpoint: str | None = None
 
@@ -188,7 +188,7 @@ class TrainConfig:
     epochs: int = 10  # timm's --epochs; the schedule's cool-down epochs come on top
     # Images per optimizer step over all processes. When set, `batch_size` is the largest
     # micro-batch one process may take and the micro-batch and accumulation are derived from
-    # the world size (powergrad/batching.py); null: batch_size x processes x grad_accum_steps.
+    # the world size (powergrad/config/batching.py); null: batch_size x processes x grad_accum_steps.
     global_batch: int | None = None
     batch_size: int = 256  # per process (timm's --batch-size)
     eval_batch_size: int = 1000
@@ -214,7 +214,7 @@ class LogConfig:
     log_interval: int = 50  # optimizer steps between scalar logs
     diagnostics: bool = True  # PGT logit stats, clipping stats (and GPAS probes)
     # conv filters whose weight norm fell below 1 % of its initial value, per layer, every
-    # log_interval steps (powergrad/filters.py: the BN-free "filters zero out" observation)
+    # log_interval steps (powergrad/training/filters.py: the BN-free "filters zero out" observation)
     filter_collapse: bool = False
     # auto: continue from the run directory's newest readable checkpoint | none | a path
     # (a training checkpoint: last.pth or step-*.pth; the run directory's own newer one wins)

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .study import Claim, StudyError, StudyPlan, estimate_seconds, read_json_record
+from powergrad.study.runner import Claim, StudyError, StudyPlan, estimate_seconds, read_json_record
 
 LEVEL = 0.95
 NOT_REACHED = math.inf  # epochs_to_baseline of a seed that never reached the target
@@ -119,7 +119,7 @@ METRICS = {
     "mean_block_grad_norm": Metric("mean per-block gradient norm", lambda rec, base: (
         sum(g) / len(g) if (g := _blocks("grad_norm", rec)) else None)),
     "collapsed_filters": Metric("conv filters below 1 % of their initial norm (last logged "
-                                "batches, powergrad/filters.py)",
+                                "batches, powergrad/training/filters.py)",
                                 _diag("filters/collapsed_total")),
     "epochs_to_baseline": Metric("epochs to the baseline's final test top-1",
                                  _epochs_to_baseline),
@@ -454,7 +454,7 @@ def write_report(plan: StudyPlan, claims: list[Claim], records_root: Path, out: 
 def plot_claim(plan: StudyPlan, claim: Claim, records: dict, png_dir: Path) -> list[Path]:
     """The claim's PNGs: paired test top-1 differences and mean test curves; a sweep's metrics
     against the swept value; ViT per-block profiles."""
-    from .compare import pyplot
+    from powergrad.report.compare import pyplot
 
     plt = pyplot()
     seeds = plan.arms[claim.baseline].seeds
@@ -538,7 +538,7 @@ def _save(fig, path: Path, plt) -> None:
 def _plot_sweep(plt, plan, claim, records, path: Path) -> Path:
     """Each metric against the swept setting for the compared arms; the baseline (which may
     not have the setting at all, e.g. no clipping) as a horizontal line."""
-    from .recipe import load_recipe
+    from powergrad.config.recipe import load_recipe
 
     metrics = ["final_test_top1", "final_train_top1", "final_train_loss", "logit_norm"]
     fig, axes = plt.subplots(1, len(metrics), figsize=(16, 3.8))

@@ -6,7 +6,7 @@ subprocess, so a run that is stopped (the time budget, SIGTERM) checkpoints and 
 any other run, and one that fails does not take the study with it. A run is finished when
 its final.json exists; its small record (final.json, summary.csv, recipe.yaml, the end-of-run
 diagnostics from its event files, and the study's own run.json) is then copied to
-RECORDS/ARM/sS, where the report (powergrad/study_report.py) reads it. Checkpoints and event
+RECORDS/ARM/sS, where the report (powergrad/study/report.py) reads it. Checkpoints and event
 files stay under RUNS.
 """
 from __future__ import annotations
@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .recipe import Recipe, RecipeError, UnreadableYaml, load_recipe, read_yaml_file
+from powergrad.config.recipe import (Recipe, RecipeError, UnreadableYaml, load_recipe,
+                                     read_yaml_file)
 
 EXIT_PREEMPTED = 75  # as `powergrad train`: stopped with a checkpoint, run the same command again
 RECORD_FILES = ("final.json", "summary.csv", "recipe.yaml")
@@ -112,7 +113,7 @@ _CLAIM_KEYS = {"statement", "source", "baseline", "arms", "expect", "paper", "sw
 def load_plan(path: str | Path) -> StudyPlan:
     """Read and check a plan: every key known, every arm's recipe loads, every claim names
     known arms and metrics. Recipes are relative to the plan file."""
-    from .study_report import METRICS
+    from powergrad.study.report import METRICS
 
     path = Path(path)
     if not path.is_file():
@@ -293,7 +294,7 @@ def check_record(arm: Arm, seed: int, runs_root: Path, records_root: Path) -> No
 
 def diagnostics(run_dir: Path) -> dict:
     """Mean of the last TAIL_POINTS logged values of each PGT, GPAS and clipping scalar."""
-    from .compare import read_scalars
+    from powergrad.report.compare import read_scalars
 
     try:
         series = read_scalars(run_dir)
@@ -402,7 +403,7 @@ def run_study(plan: StudyPlan, claims: list[Claim], runs_root: Path, records_roo
     first, so a partial study already holds complete pairs). Returns 0 when all is done, 75
     when the time budget ran out (run again to continue), 2 for a changed recipe, 1 for a run
     that failed for another reason. A diverged run is recorded as a result and not retried."""
-    from .rundir import RunDirError, check_same_recipe
+    from powergrad.training.rundir import RunDirError, check_same_recipe
 
     deadline = time.monotonic() + max_minutes * 60 if max_minutes is not None else None
     arms = plan.arms_for(claims)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .transform import PowerGradCrossEntropy
+from powergrad.transform import PowerGradCrossEntropy
 
 NUM_CLASSES = 10
 TARGET_KINDS = ["hard", "smoothed", "soft", "soft+smoothed"]
@@ -64,7 +64,7 @@ def _plain_case(kind, n, scale, alpha, dtype, gen) -> float:
     return _relative_error(logits.grad, _closed_form(z.numpy(), q, alpha, scale))
 
 
-def _autocast_case(kind, n, scale, alpha, dtype, device, gen) -> float:
+def autocast_case(kind, n, scale, alpha, dtype, device, gen) -> float:
     """Logits from a Linear layer under autocast, loss scaled by a GradScaler for fp16 (bf16
     needs none): the logit gradient divided by the scale against the closed form."""
     features = torch.randn(n, 32, generator=gen).to(device)
@@ -113,7 +113,7 @@ def _run_checks(tolerance: float | None, verbose: bool) -> bool:
                 (torch.bfloat16, [1.0], "bf16 autocast"),
                 (torch.float16, FP16_SCALES, "fp16 autocast + GradScaler at scale 1/2^8/2^16")]:
             cases = itertools.product(TARGET_KINDS, [8, 256], scales, [0.0, 0.25, 1.0])
-            errors = [_autocast_case(kind, n, scale, alpha, dtype, device, gen)
+            errors = [autocast_case(kind, n, scale, alpha, dtype, device, gen)
                       for kind, n, scale, alpha in cases]
             groups.append((f"{label} on {device.type}: targets x batch 8/256 x alpha 0/0.25/1",
                            len(errors), max(errors), LIMITS[dtype]))

@@ -6,7 +6,7 @@ import timm
 import torch.nn as nn
 from timm.layers import BlurPool2d
 
-from .recipe import ModelConfig
+from powergrad.config.recipe import ModelConfig
 
 
 def build_model(cfg: ModelConfig, pretrained: bool = False) -> nn.Module:
@@ -15,8 +15,8 @@ def build_model(cfg: ModelConfig, pretrained: bool = False) -> nn.Module:
     the run's own initial_checkpoint is loaded by the engine, after the suite's layers)."""
     kwargs = dict(cfg.kwargs)
     if pretrained and cfg.pretrained:
-        from .finetune import cached_pretrained_file
-        from .weights import WeightsError
+        from powergrad.training.finetune import cached_pretrained_file
+        from powergrad.training.weights import WeightsError
 
         file = cached_pretrained_file(cfg.model)
         if file is None:
@@ -35,7 +35,7 @@ def build_model(cfg: ModelConfig, pretrained: bool = False) -> nn.Module:
     if cfg.blurpool:
         _blur_strided_convs(model)
     if cfg.gpas.enabled or cfg.gpas.variant != "pre":
-        from .gpas import apply_gpas
+        from powergrad.gpas import apply_gpas
         g = cfg.gpas
         apply_gpas(model, variant=g.variant, gate=g.gate if g.enabled else None,
                    learnable=g.learnable, init=g.init, stop_gradient=g.stop_gradient,

@@ -11,12 +11,11 @@ sidecar (the writer decoded every image when it wrote the file).
 from __future__ import annotations
 
 import functools
-import os
 import time
 from multiprocessing import get_context
 from pathlib import Path
 
-from .imagefolder_checks import ImageDataError, image_problem, scan_image_folder
+from powergrad.data.imagefolder_checks import ImageDataError, image_problem, scan_image_folder
 
 _CHUNK = 64  # images per task handed to a worker: few round trips, a smooth progress bar
 
@@ -54,7 +53,7 @@ def check_path(path: str, workers: int, say=print, decode: bool = False) -> list
     """Check one ImageFolder tree or .beton file; return one line per problem found."""
     target = Path(path).expanduser()
     if target.is_file():
-        from .beton_meta import read_beton_info
+        from powergrad.data.beton_meta import read_beton_info
 
         if target.suffix != ".beton":
             return [f"{path}: not a .beton file nor an ImageFolder directory"]
@@ -71,7 +70,7 @@ def check_path(path: str, workers: int, say=print, decode: bool = False) -> list
     except ImageDataError as err:  # no folder, no class folders
         return [str(err)]
     files = [p for p, _ in samples]
-    from ..runlog import Progress
+    from powergrad.system.progress import Progress
 
     start = time.perf_counter()
     bar = Progress(len(files), f"check-data {path}", unit="img", every=max(1, len(files) // 20))
@@ -89,7 +88,7 @@ def check_path(path: str, workers: int, say=print, decode: bool = False) -> list
 def main(paths: list[str], workers: int | None = None, decode: bool = False) -> int:
     """Exit 0 when every path is sound, else 2 after listing every problem (one per line).
     workers: processes that open images (default and most: one per usable core)."""
-    from ..machine_fit import usable_cores
+    from powergrad.training.machine_fit import usable_cores
 
     workers = usable_cores() if workers is None else min(workers, usable_cores())
     problems = []

@@ -10,8 +10,8 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
-from .recipe import Recipe
-from .transform import wrap_loss
+from powergrad.config.recipe import Recipe
+from powergrad.transform import wrap_loss
 
 AMP_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .recipe import Recipe, file_value
+from powergrad.config.recipe import Recipe, file_value
 
 
 @dataclass
@@ -66,7 +66,7 @@ def chosen_loader(data) -> tuple[str, str]:
     """(the loader that reads `data`, why auto chose it: '' when chosen by name)."""
     if data.dataset == "fashion_mnist":
         return "fashion_mnist", ""
-    from .data.images import choose_loader
+    from powergrad.data.images import choose_loader
 
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")

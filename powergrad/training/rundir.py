@@ -11,7 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .recipe import Recipe, RecipeError, load_recipe
+from powergrad.config.recipe import Recipe, RecipeError, load_recipe
 
 LOCK_NAME = "run.lock"
 LOCK_STALE_AFTER = 120.0  # seconds without a heartbeat before a lock counts as stale

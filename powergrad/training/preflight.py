@@ -17,9 +17,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .batching import BatchPlan, BatchPlanError, plan_batch
-from .distributed import cuda_index, world_from_env
-from .recipe import Recipe, RecipeError
+from powergrad.config.batching import BatchPlan, BatchPlanError, plan_batch
+from powergrad.config.recipe import Recipe, RecipeError
+from powergrad.system.distributed import cuda_index, world_from_env
 
 
 def preflight(recipe: Recipe, world_size: int | None = None) -> None:
@@ -42,8 +42,8 @@ def check_run_dirs(recipes: list[Recipe]) -> None:
     recipe would write (two files named run.yaml in different folders share runs/run), and
     not one that holds a run of other settings (found now, not after the recipes before it
     have trained)."""
-    from .engine import run_dir_for
-    from .rundir import RunDirError, check_same_recipe
+    from powergrad.training.engine import run_dir_for
+    from powergrad.training.rundir import RunDirError, check_same_recipe
 
     first_by_dir: dict[Path, Recipe] = {}
     for recipe in recipes:
@@ -99,8 +99,8 @@ def check_model_builds(recipe: Recipe):
     that meta model for the checks that follow."""
     import torch
 
-    from .builders import build_optimizer
-    from .models import build_model
+    from powergrad.training.builders import build_optimizer
+    from powergrad.training.models import build_model
 
     try:
         with torch.device("meta"):
@@ -121,8 +121,8 @@ def check_model_builds(recipe: Recipe):
 def check_initial_weights(recipe: Recipe, model) -> None:
     """model.pretrained's weights are on this machine; model.initial_checkpoint reads and
     fits the recipe's network (the classifier may differ: it is then re-initialised)."""
-    from .finetune import cached_pretrained_file, load_initial_checkpoint
-    from .weights import WeightsError
+    from powergrad.training.finetune import cached_pretrained_file, load_initial_checkpoint
+    from powergrad.training.weights import WeightsError
 
     cfg = recipe.model
     if cfg.pretrained and cached_pretrained_file(cfg.model) is None:
@@ -168,7 +168,7 @@ def check_batch_plan(recipe: Recipe, world_size: int) -> BatchPlan:
 def check_resume_file(recipe: Recipe) -> None:
     """A checkpoint named in log.resume must exist and be one training can continue from
     (auto and none name no file; auto skips damaged checkpoints by itself)."""
-    from .checkpoint import CheckpointError, read_training
+    from powergrad.training.checkpoint import CheckpointError, read_training
 
     setting = recipe.log.resume
     if setting in ("auto", "none"):
@@ -205,7 +205,7 @@ def inspect_data(recipe: Recipe) -> DataFacts:
 
 
 def _fashion_mnist_facts(recipe: Recipe) -> DataFacts:
-    from .data.fashion_mnist import CLASS_NAMES, split_size
+    from powergrad.data.fashion_mnist import CLASS_NAMES, split_size
 
     check_augmentation(recipe, "fashion_mnist")
     root = recipe.data.root
@@ -221,8 +221,8 @@ def _fashion_mnist_facts(recipe: Recipe) -> DataFacts:
 
 
 def _image_facts(recipe: Recipe) -> DataFacts:
-    from .data.imagefolder_checks import ImageDataError
-    from .data.images import choose_loader
+    from powergrad.data.imagefolder_checks import ImageDataError
+    from powergrad.data.images import choose_loader
 
     data_cfg = recipe.data
     try:
@@ -237,7 +237,7 @@ def _image_facts(recipe: Recipe) -> DataFacts:
                                          "cannot skip a file; expected error with data.loader "
                                          "dali (`powergrad check-data` lists bad files first)")
     if backend == "ffcv":
-        from .data.beton_meta import read_beton_info
+        from powergrad.data.beton_meta import read_beton_info
 
         infos = []
         for key in ("data.train_beton", "data.val_beton"):
@@ -260,7 +260,7 @@ def _image_facts(recipe: Recipe) -> DataFacts:
 def check_augmentation(recipe: Recipe, loader: str) -> None:
     """timm's augmentation keys are the torchvision loader's: another loader refuses them
     (one line naming the loader that can), and data.aa must be a policy timm parses."""
-    from .data.augment import colour_transforms, settings_in_use
+    from powergrad.data.augment import colour_transforms, settings_in_use
 
     used = settings_in_use(recipe.data, loader)
     if used:
@@ -281,7 +281,7 @@ def _scan_folder(recipe: Recipe, key: str) -> tuple[list[str], int]:
     """(class names, image count) of the ImageFolder tree `key` names, listed as the loader
     will list it; a missing tree, a class folder without images or a file that is not an
     image fails here (every such file counted in the message), not hours into an epoch."""
-    from .data.imagefolder_checks import ImageDataError, scan_image_folder
+    from powergrad.data.imagefolder_checks import ImageDataError, scan_image_folder
 
     root = getattr(recipe.data, key.split(".")[1])
     tree = f"expected an ImageFolder tree ({root}/<class>/<image>)"

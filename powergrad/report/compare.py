@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from .runlog import RESULT_FIELDS, train_img_per_sec
+from powergrad.training.runlog import RESULT_FIELDS, train_img_per_sec
 
 MISSING = "n/a"
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import umask_mode
-from .recipe import ModelConfig, Recipe, RecipeError, load_recipe
+from powergrad.config.recipe import ModelConfig, Recipe, RecipeError, load_recipe
+from powergrad.training.checkpoint import umask_mode
 
 FILES = ("model.safetensors", "config.json")
 
@@ -39,8 +39,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, checkpoint: s
     if existing and not overwrite:
         raise ExportError(f"{existing[0]}: already exists; pass --overwrite to replace it")
 
-    from .models import build_model
-    from .weights import WeightsError, load_weights
+    from powergrad.training.models import build_model
+    from powergrad.training.weights import WeightsError, load_weights
     model = build_model(recipe.model).eval()
     try:
         load_weights(model, state_dict, run_dir / f"{checkpoint}.pth",
@@ -54,7 +54,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, checkpoint: s
     described = plain if plain is not None else _timm_base(recipe.model)
     extra = {} if plain is not None else {"powergrad": {
         "model": _plain(recipe.model), "why": _suite_layers(recipe.model),
-        "load_with": f"powergrad.export.load_exported({str(out)!r})"}}
+        "load_with": f"powergrad.commands.export.load_exported({str(out)!r})"}}
     timm.models.save_for_hf(described, str(out), model_config=extra, safe_serialization=True,
                             data_config=_data_config(recipe))
     _note_provenance(out / "config.json", run_dir, recipe, checkpoint, ema)
@@ -79,8 +79,8 @@ def load_exported(folder: str | Path) -> nn.Module:
     config = json.loads((folder / "config.json").read_text())
     if "powergrad" not in config:
         return timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
-    from .models import build_model
-    from .recipe import GPASConfig
+    from powergrad.config.recipe import GPASConfig
+    from powergrad.training.models import build_model
 
     fields = dict(config["powergrad"]["model"])
     gpas = GPASConfig(**fields.pop("gpas"))
@@ -103,7 +103,7 @@ def _run_recipe(run_dir: Path) -> Recipe:
 
 
 def _weights(path: Path, recipe: Recipe, ema: bool) -> dict:
-    from .weights import WeightsError, read_payload, state_dict_in
+    from powergrad.training.weights import WeightsError, read_payload, state_dict_in
 
     if not path.is_file():
         hint = (" (a run writes best.pth after its first epoch; try --checkpoint last)"
@@ -157,7 +157,7 @@ def _data_config(recipe: Recipe) -> dict:
     """The evaluation preprocessing the run used, in timm's data-config keys."""
     data, chans = recipe.data, recipe.model.in_chans
     if data.dataset == "fashion_mnist":
-        from .data.fashion_mnist import MEAN, STD
+        from powergrad.data.fashion_mnist import MEAN, STD
         return {"input_size": (chans, 28, 28), "mean": (MEAN,) * chans, "std": (STD,) * chans,
                 "crop_pct": 1.0}
     res = data.val_img_size or data.img_size
@@ -214,6 +214,6 @@ def main(run_dir: str, checkpoint: str = "best", ema: bool = False, out: str | N
         print(f"load with plain timm: timm.create_model('local-dir:{folder}', pretrained=True)")
     else:
         print("this network uses the suite's own layers; load it with timm and powergrad:\n"
-              f"  from powergrad.export import load_exported; "
+              f"  from powergrad.commands.export import load_exported; "
               f"model = load_exported('{folder}')")
     return 0

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .distributed import world_from_env
-from .preemption import StopRequest
-from .preflight import check_run_dirs, preflight
-from .recipe import RUN_RECIPE, Recipe, RecipeError, load_recipe
+from powergrad.config.recipe import RUN_RECIPE, Recipe, RecipeError, load_recipe
+from powergrad.system.distributed import world_from_env
+from powergrad.system.preemption import StopRequest
+from powergrad.training.preflight import check_run_dirs, preflight
 
 
 def split_items(items: list[str]) -> tuple[list[str], list[str]]:
@@ -35,13 +35,13 @@ def _train_or_exit_code(train, recipe: Recipe, stop):
     """The run's summary, or the exit code for how it stopped: 75 when preempted (SIGTERM:
     the checkpoint holds the place, run the same command again), 2 for a run directory or
     checkpoint that cannot take this run, 1 for a diverged run. One line, no traceback."""
-    from .checkpoint import CheckpointError
-    from .data.imagefolder_checks import ImageDataError
-    from .distributed import shutdown
-    from .engine import NonFiniteError
-    from .preemption import Preempted
-    from .rundir import RunDirError
-    from .weights import WeightsError
+    from powergrad.data.imagefolder_checks import ImageDataError
+    from powergrad.system.distributed import shutdown
+    from powergrad.system.preemption import Preempted
+    from powergrad.training.checkpoint import CheckpointError
+    from powergrad.training.engine import NonFiniteError
+    from powergrad.training.rundir import RunDirError
+    from powergrad.training.weights import WeightsError
 
     try:
         return train(recipe, stop=stop)
@@ -87,11 +87,11 @@ def _main(items: list[str], compare_name: str | None, fast_dev_run: int,
         if world.is_main:
             print(f"recipe error: {err}", file=sys.stderr)
         return 2
-    from .engine import run_dir_for, train
+    from powergrad.training.engine import run_dir_for, train
 
     if compare_name:  # its folder is checked now, not after hours of training
-        from .compare import out_path_for
-        from .preflight import why_not_writable
+        from powergrad.report.compare import out_path_for
+        from powergrad.training.preflight import why_not_writable
 
         why = why_not_writable(out_path_for(compare_name, [run_dir_for(r) for r in recipes]
                                             ).parent)
@@ -124,10 +124,11 @@ def _main(items: list[str], compare_name: str | None, fast_dev_run: int,
         say(f"== {recipe.source}: final test top-1 {summary['final_test_top1']:.2f} %, "
               f"best {summary['best_test_top1']:.2f} % (epoch {summary['best_epoch']}), "
               f"{summary['train_seconds']:.0f} s", flush=True)
-    from .distributed import shutdown
+    from powergrad.system.distributed import shutdown
     shutdown()
     if compare_name and run_dirs and world.is_main:
-        from .compare import main as compare_main, out_path_for
+        from powergrad.report.compare import main as compare_main
+        from powergrad.report.compare import out_path_for
         return compare_main(run_dirs, out=out_path_for(compare_name, run_dirs),
                             command="powergrad train " + " ".join(items)
                             + f" --compare {compare_name}")

@@ -1,0 +1,1 @@
+"""The `powergrad` command and one module per subcommand."""

@@ -1,0 +1,1 @@
+"""Recipes: the settings, their files, and the batch arithmetic."""

@@ -1,0 +1,1 @@
+"""Reading runs back: event files, tables and plots."""
