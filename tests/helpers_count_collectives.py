@@ -6,7 +6,7 @@ import traceback
 
 import torch.distributed as dist
 
-from powergrad.config.recipe import load_recipe
+from powergrad.config.loading import load_recipe
 from powergrad.training import engine
 
 in_epoch = []

@@ -14,7 +14,7 @@ from helpers_images import textured_folder
 from PIL import Image
 
 from powergrad.commands.cli import main as cli_main
-from powergrad.config.recipe import DataConfig
+from powergrad.config.schema import DataConfig
 from powergrad.data.augment import batch_erasing, colour_transforms, repeated_sampler
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def test_random_erasing_runs_on_every_image_loaders_trained_batches(tmp_path, mo
     batch, after normalisation (the erased values are those of the normalised batch)."""
     from timm.data.random_erasing import RandomErasing
 
-    from powergrad.config.recipe import load_recipe
+    from powergrad.config.loading import load_recipe
     from powergrad.data.ffcv_writer import ImageWriterSettings, write_imagefolder_beton
     from powergrad.training import engine
 

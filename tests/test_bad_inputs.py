@@ -229,7 +229,7 @@ def test_an_output_path_that_is_a_file_is_refused_before_work(tmp_path, capsys):
 
 def test_paths_expand_home_and_variables_and_an_unset_one_is_named(tmp_path, monkeypatch,
                                                                    capsys):
-    from powergrad.config.recipe import RecipeError, load_recipe
+    from powergrad.config.loading import RecipeError, load_recipe
     monkeypatch.setenv("SCRATCH", str(tmp_path))
     recipe = load_recipe(REPO / "recipes/fashion_mnist/resnet_pgt.yaml",
                          ["log.output=$SCRATCH/runs", "data.root=~/fm"])

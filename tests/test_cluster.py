@@ -20,7 +20,7 @@ from helpers_images import imagenet_format
 from helpers_net import free_port
 
 from powergrad.commands.launch import exit_code
-from powergrad.config.recipe import load_recipe
+from powergrad.config.loading import load_recipe
 from powergrad.system.distributed import (SLURM_PORT_BASE, SLURM_PORT_SPAN, first_host,
                                           rendezvous_address, world_from_env)
 from powergrad.system.preemption import Preempted

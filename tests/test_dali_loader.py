@@ -20,7 +20,8 @@ from test_recipe_smoke import (RECIPES, batch_overrides, cpu_overrides, image_ov
                                vit_overrides)
 from torchvision.transforms.v2 import functional as TF
 
-from powergrad.config.recipe import DataConfig, load_recipe
+from powergrad.config.loading import load_recipe
+from powergrad.config.schema import DataConfig
 from powergrad.data import dali_loaders
 from powergrad.data.augment import settings_in_use
 from powergrad.data.dali_loaders import DaliEvalLoader, DaliTrainLoader

@@ -17,7 +17,7 @@ from helpers_images import (CLASSES, constant_colour_folder, textured_folder, ti
                             write_idx_gz)
 from PIL import Image
 
-from powergrad.config.recipe import DataConfig
+from powergrad.config.schema import DataConfig
 from powergrad.data import EvalLoader, TrainLoader, build_loaders
 from powergrad.data.beton_meta import sidecar_path
 from powergrad.data.device_batches import ImageBatches

@@ -13,7 +13,8 @@ import pytest
 import torch
 from helpers_net import free_port
 
-from powergrad.config.recipe import DataConfig, load_recipe
+from powergrad.config.loading import load_recipe
+from powergrad.config.schema import DataConfig
 from powergrad.data.fashion_mnist import build_fashion_mnist_loaders
 from powergrad.system.distributed import SLURM_PORT_BASE, SLURM_PORT_SPAN
 from powergrad.system.preemption import AGREE_EVERY

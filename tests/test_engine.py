@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers_net import free_port
 
-from powergrad.config.recipe import load_recipe
+from powergrad.config.loading import load_recipe
 from powergrad.report.compare import markdown_table, read_scalars, summarize
 from powergrad.system.preemption import Preempted
 from powergrad.training import checkpoint as ckpt

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from powergrad.commands.export import export_run, load_exported, main
-from powergrad.config.recipe import load_recipe
+from powergrad.config.loading import load_recipe
 from powergrad.training import checkpoint as ckpt
 from powergrad.training import engine
 from powergrad.training.models import build_model

@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-from powergrad.config.recipe import DataConfig
+from powergrad.config.schema import DataConfig
 from powergrad.data.fashion_mnist import (DEBIAN_ROOT, MEAN, STD, DatasetMissingError,
                                           FashionMNISTLoader, load_split)
 from powergrad.training import checkpoint as ckpt

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from test_engine import RECIPES
 
-from powergrad.config.recipe import load_recipe
+from powergrad.config.loading import load_recipe
 from powergrad.report.compare import read_scalars
 from powergrad.training import engine
 from powergrad.training.filters import FilterCollapse

@@ -10,7 +10,7 @@ import torch
 from helpers_images import textured_folder
 
 from powergrad.commands.cli import main as cli_main
-from powergrad.config.recipe import load_recipe
+from powergrad.config.loading import load_recipe
 from powergrad.training import finetune
 from powergrad.training.models import build_model
 

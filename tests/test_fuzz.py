@@ -20,7 +20,8 @@ import yaml
 from helpers_images import textured_folder
 
 from powergrad.commands.cli import main as cli_main
-from powergrad.config.recipe import Recipe, RecipeError, load_recipe
+from powergrad.config.loading import RecipeError, load_recipe
+from powergrad.config.schema import Recipe
 
 REPO = Path(__file__).resolve().parents[1]
 # Small recipes of every kind: a BN ResNet, a BN-free ResNet with AGC, a GPAS ViT (Fashion-

@@ -308,7 +308,7 @@ def test_deepnorm_with_gpas_keeps_timms_init_by_default(gate):
 
 
 def test_deepnorm_gpas_recipe_follows_the_official_init():
-    from powergrad.config.recipe import load_recipe
+    from powergrad.config.loading import load_recipe
     from powergrad.training.models import build_model
 
     recipe = RECIPES / "fashion_mnist" / "vit_deepnorm_gpas.yaml"

@@ -15,7 +15,7 @@ import timm
 import torch
 
 from powergrad.config.batching import BatchPlanError, plan_batch
-from powergrad.config.recipe import load_recipe
+from powergrad.config.loading import load_recipe
 from powergrad.training.builders import build_scheduler
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"

@@ -11,7 +11,7 @@ import yaml
 from helpers_images import write_idx_gz
 
 from powergrad.commands.train import main as train_main
-from powergrad.config.recipe import RecipeError, load_recipe
+from powergrad.config.loading import RecipeError, load_recipe
 from powergrad.data.fashion_mnist import build_fashion_mnist_loaders
 from powergrad.system.distributed import DistInfo
 from powergrad.training import checkpoint as ckpt
@@ -293,7 +293,7 @@ def test_two_recipes_of_one_name_would_share_a_run_directory(recipe_file, capsys
 
 def test_a_run_directory_of_other_settings_is_found_before_any_training(recipe_file, capsys,
                                                                           tmp_path):
-    from powergrad.config.recipe import dump_recipe
+    from powergrad.config.loading import dump_recipe
 
     first, second = recipe_file("first.yaml"), recipe_file("second.yaml")
     earlier = tmp_path / "runs" / "second"

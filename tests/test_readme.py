@@ -161,7 +161,7 @@ def test_the_readme_imagenet_steps_run_on_tiny_fake_archives(tmp_path):
     from test_imagenet_archives import TINY as TINY_COUNTS
     from test_imagenet_archives import build, real_meta_mat
 
-    from powergrad.config.recipe import PATH_KEYS, load_recipe
+    from powergrad.config.loading import PATH_KEYS, load_recipe
 
     archives = tmp_path / "archives"
     build(archives, meta_mat=real_meta_mat())

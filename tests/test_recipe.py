@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from powergrad.config.recipe import RecipeError, dump_recipe, load_recipe
+from powergrad.config.loading import RecipeError, dump_recipe, load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -178,3 +178,14 @@ def test_empty_recipe_file(tmp_path):
         path = write(tmp_path, "empty.yaml", text)
         with pytest.raises(RecipeError, match=f"^{path}: the file is empty; expected sections"):
             load_recipe(path)
+
+
+def test_every_setting_is_declared_with_a_meaning_and_every_range_parses():
+    from powergrad.config.schema import declared_settings, in_interval
+
+    settings = list(declared_settings())
+    assert len(settings) > 100
+    assert [key for key, field, _ in settings if len(field.metadata.get("meaning", "")) < 5] == []
+    for key, field, _ in settings:
+        if field.metadata.get("range"):
+            in_interval(0.5, field.metadata["range"])  # raises on a malformed interval

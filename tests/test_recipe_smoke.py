@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers_images import CLASSES, textured_folder
 
-from powergrad.config.recipe import RecipeError, load_recipe
+from powergrad.config.loading import RecipeError, load_recipe
 from powergrad.data.augment import settings_in_use
 from powergrad.data.ffcv_writer import ImageWriterSettings, write_imagefolder_beton
 from powergrad.training import engine

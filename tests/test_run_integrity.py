@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from powergrad.config.recipe import load_recipe
+from powergrad.config.loading import load_recipe
 from powergrad.report.compare import read_scalars
 from powergrad.training import checkpoint as ckpt
 from powergrad.training import engine

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from powergrad.config.recipe import load_recipe
+from powergrad.config.loading import load_recipe
 from powergrad.study.report import (Interval, first_epoch_reaching, paired, read_records,
                                     t_interval, verdict, why, write_report)
 from powergrad.study.runner import (EXIT_PREEMPTED, StudyError, load_plan, run_recipe, run_study,

@@ -35,7 +35,8 @@ import torch
 from timm.utils import random_seed
 
 from powergrad.config.batching import plan_batch
-from powergrad.config.recipe import Recipe, load_recipe
+from powergrad.config.loading import load_recipe
+from powergrad.config.schema import Recipe
 from powergrad.data import build_loaders
 from powergrad.data.fashion_mnist import FashionMNISTLoader
 from powergrad.system.distributed import DistInfo

@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from powergrad.config.recipe import DataConfig
+from powergrad.config.schema import DataConfig
 from powergrad.data.beton_meta import read_beton_info
 from powergrad.data.device_batches import ImageBatches
 from powergrad.data.ffcv_loaders import FfcvTrainLoader

@@ -25,7 +25,7 @@ import torch
 # the training step `powergrad gpu-check` times: the recipe's model (channels_last), loss,
 # optimizer, autocast and GradScaler
 from powergrad.commands.gpu_check import RecipeSteps
-from powergrad.config.recipe import RecipeError, load_recipe
+from powergrad.config.loading import RecipeError, load_recipe
 from powergrad.data import TrainLoader, build_loaders
 from powergrad.data.imagefolder_checks import ImageDataError
 from powergrad.errors import one_error_path, whole_number

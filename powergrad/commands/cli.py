@@ -295,7 +295,7 @@ def _not_recipes(items: list[str]) -> str | None:
 
 def _describe(items: list[str], png: str | None) -> int:
     from powergrad.commands.train import split_items
-    from powergrad.config.recipe import RecipeError, load_recipe
+    from powergrad.config.loading import RecipeError, load_recipe
 
     paths, overrides = split_items(items)
     if len(paths) != 1:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from powergrad.config.batching import BatchPlanError, plan_batch
-from powergrad.config.recipe import Recipe
+from powergrad.config.schema import Recipe
 from powergrad.data.imagenet_archives import IMAGENET
 from powergrad.training.builders import build_optimizer, build_scheduler
 from powergrad.training.clipping import clip_parameters

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from powergrad.config.recipe import ModelConfig, Recipe, RecipeError, load_recipe
+from powergrad.config.loading import RecipeError, load_recipe
+from powergrad.config.schema import ModelConfig, Recipe
 from powergrad.training.checkpoint import umask_mode
 
 FILES = ("model.safetensors", "config.json")
@@ -79,7 +80,7 @@ def load_exported(folder: str | Path) -> nn.Module:
     config = json.loads((folder / "config.json").read_text())
     if "powergrad" not in config:
         return timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
-    from powergrad.config.recipe import GPASConfig
+    from powergrad.config.schema import GPASConfig
     from powergrad.training.models import build_model
 
     fields = dict(config["powergrad"]["model"])

@@ -231,7 +231,7 @@ class RecipeSteps:
 
 
 def paper_recipe(ctx: Context, overrides: list[str]):
-    from powergrad.config.recipe import load_recipe
+    from powergrad.config.loading import load_recipe
 
     return load_recipe(ctx.recipe, [*device_overrides(ctx), *overrides])
 
@@ -278,7 +278,7 @@ def _loader_path(ctx: Context, name: str) -> str:
 
 
 def loader_row(ctx: Context, root: Path, name: str, steps: RecipeSteps) -> Row:
-    from powergrad.config.recipe import DataConfig
+    from powergrad.config.schema import DataConfig
     from powergrad.data.images import build_image_loaders
 
     skipped = _skip_reason(name)

@@ -104,7 +104,7 @@ def check_recipes(command: list[str], world_size: int | None) -> tuple[list, str
     rank."""
     from powergrad.commands.cli import parse_args
     from powergrad.commands.train import checked_recipes, split_items
-    from powergrad.config.recipe import RecipeError
+    from powergrad.config.loading import RecipeError
 
     train_args = parse_args(command)  # argparse answers a bad option itself, exit 2
     paths, overrides = split_items(train_args.items)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from powergrad.config.recipe import RUN_RECIPE, Recipe, RecipeError, load_recipe
+from powergrad.config.loading import RUN_RECIPE, RecipeError, load_recipe
+from powergrad.config.schema import Recipe
 from powergrad.system.distributed import world_from_env
 from powergrad.system.preemption import StopRequest
 from powergrad.training.preflight import check_run_dirs, preflight

@@ -12,7 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from powergrad.config.recipe import RUN_RECIPE, Recipe, load_recipe
+from powergrad.config.loading import RUN_RECIPE, load_recipe
+from powergrad.config.schema import Recipe
 from powergrad.training.weights import WeightsError
 
 
@@ -93,7 +94,7 @@ def validate(source: str, overrides: list[str], *, checkpoint: str = "last", ema
 
 def main(source: str, overrides: list[str], *, checkpoint: str, ema: bool,
          recipe_path: str | None, data: str | None, out: str | None) -> int:
-    from powergrad.config.recipe import RecipeError
+    from powergrad.config.loading import RecipeError
     from powergrad.data.imagefolder_checks import ImageDataError
     from powergrad.system.distributed import shutdown, world_from_env
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typing
 from collections.abc import Callable
 
-from powergrad.config.recipe import DataConfig, DatasetName
+from powergrad.config.schema import DataConfig, DatasetName
 from powergrad.data.contract import EvalLoader, TrainLoader
 from powergrad.system.distributed import DistInfo
 

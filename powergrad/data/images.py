@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from powergrad.config.recipe import DataConfig, LoaderName
+from powergrad.config.schema import DataConfig, LoaderName
 from powergrad.data.augment import settings_in_use
 from powergrad.data.contract import EvalLoader, TrainLoader
 from powergrad.data.imagefolder_checks import ImageDataError, scan_image_folder, verify_sample

@@ -538,7 +538,7 @@ def _save(fig, path: Path, plt) -> None:
 def _plot_sweep(plt, plan, claim, records, path: Path) -> Path:
     """Each metric against the swept setting for the compared arms; the baseline (which may
     not have the setting at all, e.g. no clipping) as a horizontal line."""
-    from powergrad.config.recipe import load_recipe
+    from powergrad.config.loading import load_recipe
 
     metrics = ["final_test_top1", "final_train_top1", "final_train_loss", "logit_norm"]
     fig, axes = plt.subplots(1, len(metrics), figsize=(16, 3.8))

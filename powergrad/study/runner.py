@@ -22,8 +22,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from powergrad.config.recipe import (Recipe, RecipeError, UnreadableYaml, load_recipe,
-                                     read_yaml_file)
+from powergrad.config.loading import RecipeError, load_recipe
+from powergrad.config.schema import Recipe
+from powergrad.config.yaml_files import UnreadableYaml, read_yaml_file
 
 EXIT_PREEMPTED = 75  # as `powergrad train`: stopped with a checkpoint, run the same command again
 RECORD_FILES = ("final.json", "summary.csv", "recipe.yaml")

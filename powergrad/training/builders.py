@@ -10,7 +10,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
-from powergrad.config.recipe import Recipe
+from powergrad.config.schema import Recipe
 from powergrad.transform import wrap_loss
 
 AMP_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -23,7 +23,8 @@ from timm.data import Mixup
 from timm.utils import ModelEmaV3, distribute_bn, random_seed, unwrap_model
 
 from powergrad.config.batching import plan_batch
-from powergrad.config.recipe import Recipe, load_recipe
+from powergrad.config.loading import load_recipe
+from powergrad.config.schema import Recipe
 from powergrad.data import build_loaders
 from powergrad.system.distributed import (DistInfo, all_reduce_sum, barrier, cuda_index,
                                           gather_objects, init_distributed, world_from_env)

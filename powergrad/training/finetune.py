@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from powergrad.config.recipe import ModelConfig
+from powergrad.config.schema import ModelConfig
 from powergrad.training.weights import load_weights, read_state_dict, weights_file
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from powergrad.config.recipe import Recipe, file_value
+from powergrad.config.loading import file_value
+from powergrad.config.schema import Recipe
 
 
 @dataclass

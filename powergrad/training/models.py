@@ -6,7 +6,7 @@ import timm
 import torch.nn as nn
 from timm.layers import BlurPool2d
 
-from powergrad.config.recipe import ModelConfig
+from powergrad.config.schema import ModelConfig
 
 
 def build_model(cfg: ModelConfig, pretrained: bool = False) -> nn.Module:

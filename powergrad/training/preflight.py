@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from powergrad.config.batching import BatchPlan, BatchPlanError, plan_batch
-from powergrad.config.recipe import Recipe, RecipeError
+from powergrad.config.loading import RecipeError
+from powergrad.config.schema import Recipe
 from powergrad.system.distributed import cuda_index, world_from_env
 
 

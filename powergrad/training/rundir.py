@@ -11,7 +11,8 @@ import time
 import uuid
 from pathlib import Path
 
-from powergrad.config.recipe import Recipe, RecipeError, load_recipe
+from powergrad.config.loading import RecipeError, load_recipe
+from powergrad.config.schema import Recipe
 
 LOCK_NAME = "run.lock"
 LOCK_STALE_AFTER = 120.0  # seconds without a heartbeat before a lock counts as stale

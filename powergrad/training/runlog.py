@@ -7,7 +7,8 @@ import json
 import os
 from pathlib import Path
 
-from powergrad.config.recipe import Recipe, dump_recipe
+from powergrad.config.loading import dump_recipe
+from powergrad.config.schema import Recipe
 
 # timm's summary.csv columns first (epoch, train_loss, eval_loss, eval_top1, eval_top5, lr),
 # then the ones timm does not write.
