@@ -17,6 +17,11 @@ from powergrad import __version__
 BAD_INPUT = 2
 
 
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (library messages often span several)."""
+    return " ".join(str(err).split())
+
+
 def os_error_line(err: OSError) -> str:
     """'PATH: what went wrong; what to do' for an OSError from a path."""
     where = f"{err.filename}: " if err.filename else ""

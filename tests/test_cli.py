@@ -2,6 +2,7 @@
 clear message, options come in any order, and nothing is written where it was not asked."""
 import csv
 import json
+import re
 import runpy
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from powergrad.commands import check, cli, train
+from powergrad.commands.arguments import build_parser
 from powergrad.report import compare
 from powergrad.training.runlog import RESULT_FIELDS
 
@@ -83,16 +85,23 @@ def test_version_is_the_installed_distributions(capsys):
 
 
 def test_every_subcommand_describes_itself_and_its_defaults():
-    _, subs = cli._build_parser()
-    assert set(subs) >= {"check", "train", "describe", "compare", "export"}
+    """From each subcommand's --help text: a description, and every option that takes a value
+    (its entry shows a metavar) says its default."""
+    _, subs = build_parser()
+    assert set(subs) >= {"check", "train", "describe", "compare", "export", "validate"}
     for name, parser in subs.items():
         assert len(parser.description) > 40, name
-        for action in parser._actions:
-            if action.option_strings and action.default not in (None, False, "==SUPPRESS=="):
-                assert "default" in action.help, (name, action.dest)
-            if action.option_strings and action.dest != "help":
-                assert action.help and "default" in action.help or action.default is False, \
-                    (name, action.dest)
+        text = parser.format_help()
+        options = text.split("options:", 1)[1] if "options:" in text else ""
+        entries = re.split(r"\n(?=  -)", options)
+        for entry in entries:
+            flags = entry.strip().split("  ")[0]
+            if flags.startswith("-h, --help") or not flags.startswith("-"):
+                continue
+            takes_value = any(part.strip().split(" ")[1:] for part in flags.split(","))
+            words = " ".join(entry.split())
+            assert not takes_value or "default" in words, (name, flags)
+            assert len(words) > len(flags) + 10, (name, flags)  # it has a help text
 
 
 @pytest.mark.parametrize("tool", ["plot_blocks.py", "compare_runs.py", "write_ffcv.py"])

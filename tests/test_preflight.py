@@ -15,7 +15,8 @@ from powergrad.config.loading import RecipeError, load_recipe
 from powergrad.data.fashion_mnist import build_fashion_mnist_loaders
 from powergrad.system.distributed import DistInfo
 from powergrad.training import checkpoint as ckpt
-from powergrad.training.preflight import inspect_data, preflight
+from powergrad.training.preflight import preflight
+from powergrad.training.preflight_data import inspect_data
 
 TRAIN_IMAGES, TEST_IMAGES = 100, 20
 SMALL_RESNET = {"model": "resnet18", "num_classes": 10, "in_chans": 1, "stem": "small",

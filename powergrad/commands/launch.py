@@ -102,7 +102,7 @@ def check_recipes(command: list[str], world_size: int | None) -> tuple[list, str
     """(the recipes, None), or ([], the recipe error every worker would find): the checks of
     `powergrad train`, made once in the launcher, so the message is one line, not one per
     rank."""
-    from powergrad.commands.cli import parse_args
+    from powergrad.commands.arguments import parse_args
     from powergrad.commands.train import checked_recipes, split_items
     from powergrad.config.loading import RecipeError
 

@@ -31,6 +31,12 @@ class RecipeError(ValueError):
         super().__init__(f"{file}: {key}: {message}" if key else f"{file}: {message}")
 
 
+def fail_on(recipe: Recipe, key: str, message: str):
+    """Raise the RecipeError for `key` of a loaded recipe, naming the file (or command line)
+    that set it: for checks made after loading (preflight)."""
+    raise RecipeError(recipe.origins.get(key, recipe.source), key, message)
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Load a recipe file (following `extends:`), apply `key=value` overrides, validate."""
     path = Path(path)

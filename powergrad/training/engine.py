@@ -38,7 +38,8 @@ from powergrad.training.filters import FilterCollapse
 from powergrad.training.finetune import load_initial_checkpoint
 from powergrad.training.machine_fit import MachineFit, fit_to_machine
 from powergrad.training.models import build_model
-from powergrad.training.rundir import RunDirError, RunLock, check_same_recipe, recipe_changes
+from powergrad.training.rundir import (RunDirError, RunLock, check_same_recipe, recipe_changes,
+                                       run_dir_for)
 from powergrad.training.runlog import EPOCH_TAGS, RESULT_FIELDS, RunLog, train_img_per_sec
 from powergrad.training.sync_batchnorm import convert_to_sync_bn
 from powergrad.transform import logit_stats
@@ -56,11 +57,6 @@ class TrainState:
     # epoch's running sums, so a resumed run replays the loader past them and goes on.
     batch_in_epoch: int = 0
     epoch_totals: dict = field(default_factory=dict)
-
-
-def run_dir_for(recipe: Recipe) -> Path:
-    name = recipe.log.experiment or Path(recipe.source or "run").stem
-    return Path(recipe.log.output) / name
 
 
 class NonFiniteError(FloatingPointError):

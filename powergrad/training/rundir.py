@@ -177,3 +177,9 @@ class RunLock:
             except (PermissionError, KeyError, ValueError, TypeError):
                 return False
         return False
+
+
+def run_dir_for(recipe: Recipe) -> Path:
+    """log.output/log.experiment, the experiment named after the recipe file by default."""
+    name = recipe.log.experiment or Path(recipe.source or "run").stem
+    return Path(recipe.log.output) / name
