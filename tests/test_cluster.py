@@ -25,7 +25,7 @@ from powergrad.system.distributed import (SLURM_PORT_BASE, SLURM_PORT_SPAN, firs
                                           rendezvous_address, world_from_env)
 from powergrad.system.preemption import Preempted
 from powergrad.training import checkpoint as ckpt
-from powergrad.training import engine
+from powergrad.training import engine, step
 from powergrad.training.rundir import LOCK_NAME, RunDirError, RunLock
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,16 +98,16 @@ def test_sigterm_twice_to_the_process_group_with_loader_workers_exits_75_and_res
     assert final["updates"] == 18
 
 
-def signalled_at_step(monkeypatch, signum: int, step: int) -> None:
-    """The signal arrives while the optimizer step `step` is being taken."""
-    real_clip, steps = engine.clip_gradients, []
+def signalled_at_step(monkeypatch, signum: int, at: int) -> None:
+    """The signal arrives while the optimizer step `at` is being taken."""
+    real_clip, steps = step.clip_gradients, []
 
     def clip_and_signal(*args, **kwargs):
         steps.append(1)
-        if len(steps) == step:
+        if len(steps) == at:
             os.kill(os.getpid(), signum)
         return real_clip(*args, **kwargs)
-    monkeypatch.setattr(engine, "clip_gradients", clip_and_signal)
+    monkeypatch.setattr(step, "clip_gradients", clip_and_signal)
 
 
 @pytest.fixture

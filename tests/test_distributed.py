@@ -19,7 +19,7 @@ from powergrad.data.fashion_mnist import build_fashion_mnist_loaders
 from powergrad.system.distributed import SLURM_PORT_BASE, SLURM_PORT_SPAN
 from powergrad.system.preemption import AGREE_EVERY
 from powergrad.training import checkpoint as ckpt
-from powergrad.training.engine import evaluate
+from powergrad.training.evaluate import evaluate
 from powergrad.training.models import build_model
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "fashion_mnist" / "resnet_pgt.yaml"

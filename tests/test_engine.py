@@ -20,7 +20,7 @@ from powergrad.config.loading import load_recipe
 from powergrad.report.compare import markdown_table, read_scalars, summarize
 from powergrad.system.preemption import Preempted
 from powergrad.training import checkpoint as ckpt
-from powergrad.training import engine
+from powergrad.training import engine, step
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "fashion_mnist"
 PLOT_BLOCKS = runpy.run_path(str(RECIPES.parents[1] / "tools" / "plot_blocks.py"))
@@ -92,11 +92,11 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     real_epoch = engine.train_one_epoch
     calls = []
 
-    def killed_in_second_epoch(ctx, loader, epoch, state, stop=None):
+    def killed_in_second_epoch(training, epoch, state, run):
         calls.append(epoch)
         if epoch == 1:
             raise KeyboardInterrupt  # like a hard kill after the first epoch's checkpoint
-        return real_epoch(ctx, loader, epoch, state, stop)
+        return real_epoch(training, epoch, state, run)
 
     monkeypatch.setattr(engine, "train_one_epoch", killed_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
@@ -205,7 +205,7 @@ def test_sigterm_preempts_cleanly_and_resumes_mid_epoch_exactly(tmp_path, monkey
     straight = engine.train(tiny_recipe(tmp_path / "a", extra=extra))
     state_a = ckpt.load(Path(straight["run_dir"]) / "last.pth")
 
-    real_clip = engine.clip_gradients
+    real_clip = step.clip_gradients
     updates = []
 
     def terminated_at_update_5(*args, **kwargs):
@@ -214,10 +214,10 @@ def test_sigterm_preempts_cleanly_and_resumes_mid_epoch_exactly(tmp_path, monkey
             os.kill(os.getpid(), signal.SIGTERM)
         return real_clip(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "clip_gradients", terminated_at_update_5)
+    monkeypatch.setattr(step, "clip_gradients", terminated_at_update_5)
     with pytest.raises(Preempted, match="preempted: saved .*last.pth at epoch 1, batch 5"):
         engine.train(tiny_recipe(tmp_path / "b", extra=extra))
-    monkeypatch.setattr(engine, "clip_gradients", real_clip)
+    monkeypatch.setattr(step, "clip_gradients", real_clip)
     saved = ckpt.load(tmp_path / "b" / "resnet_pgt" / "last.pth")["state"]
     assert saved["num_updates"] == 5
     assert (saved["epoch"], saved["batch_in_epoch"]) == (0, 5)

@@ -10,6 +10,7 @@ from powergrad.config.loading import load_recipe
 from powergrad.report.compare import read_scalars
 from powergrad.training import engine
 from powergrad.training.filters import FilterCollapse
+from powergrad.training.models import build_model
 
 
 def test_counts_filters_below_one_percent_of_their_initial_norm():
@@ -42,7 +43,7 @@ def test_engine_logs_the_counts_when_asked(tmp_path):
         "log.log_interval=2", f"log.output={tmp_path}", "log.checkpoint=false"])
     summary = engine.train(recipe)
     scalars = read_scalars(summary["run_dir"])
-    convs = [n for n, m in engine.build_model(recipe.model).named_modules()
+    convs = [n for n, m in build_model(recipe.model).named_modules()
              if isinstance(m, nn.Conv2d)]
     assert {f"filters/collapsed/{n}" for n in convs} <= set(scalars)
     assert [step for step, _ in scalars["filters/collapsed_total"]] == [2, 4]

@@ -13,7 +13,7 @@ import torch
 from powergrad.config.loading import load_recipe
 from powergrad.report.compare import read_scalars
 from powergrad.training import checkpoint as ckpt
-from powergrad.training import engine
+from powergrad.training import engine, step
 from powergrad.training.rundir import LOCK_NAME, RunDirError, RunLock
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "fashion_mnist"
@@ -87,7 +87,7 @@ def test_a_stale_lock_is_taken_over(tmp_path, capsys):
 def test_kill_during_training_loses_at_most_the_step_interval_and_resumes_exactly(
         finished, tmp_path, monkeypatch):
     _, straight_dir, straight = finished
-    real_clip = engine.clip_gradients
+    real_clip = step.clip_gradients
     updates = []
 
     def killed_at_update_11(*args, **kwargs):
@@ -96,10 +96,10 @@ def test_kill_during_training_loses_at_most_the_step_interval_and_resumes_exactl
             raise KeyboardInterrupt
         return real_clip(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "clip_gradients", killed_at_update_11)
+    monkeypatch.setattr(step, "clip_gradients", killed_at_update_11)
     with pytest.raises(KeyboardInterrupt):
         engine.train(recipe(tmp_path, "log.checkpoint_every=3"))
-    monkeypatch.setattr(engine, "clip_gradients", real_clip)
+    monkeypatch.setattr(step, "clip_gradients", real_clip)
     run_dir = tmp_path / "resnet_baseline"
     newest = ckpt.training_checkpoints(run_dir)[0]
     assert newest.name == "step-000000009.pth"  # updates 10 and 11 are all that is lost
@@ -127,8 +127,8 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     path, payload, notes = ckpt.choose_resume(run_dir, "auto")
     assert path.name == "step-000000006.pth" and payload["state"]["num_updates"] == 6
     assert len(notes) == 1 and "last.pth: cannot be read" in notes[0]
-    for step in run_dir.glob("step-*.pth"):
-        step.write_bytes(b"not a checkpoint")
+    for step_file in run_dir.glob("step-*.pth"):
+        step_file.write_bytes(b"not a checkpoint")
     with pytest.raises(ckpt.CheckpointError, match="no readable checkpoint to resume from"):
         ckpt.choose_resume(run_dir, "auto")
 
@@ -158,7 +158,7 @@ def test_a_diverged_epoch_is_never_saved(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(torch.optim.SGD, "step", poisoned_step)
-    with pytest.raises(engine.NonFiniteError) as err:
+    with pytest.raises(step.NonFiniteError) as err:
         engine.train(recipe(tmp_path, "train.epochs=1", "log.checkpoint_every=3"))
     message = str(err.value)
     run_dir = tmp_path / "resnet_baseline"

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-PAPER_RECIPE = Path(__file__).resolve().parent.parent / "recipes/imagenet/resnet50_cosine_pgt.yaml"
+PAPER_RECIPE = Path(__file__).resolve().parents[2] / "recipes/imagenet/resnet50_cosine_pgt.yaml"
 NO_CUDA = "skipped: no CUDA device"
 LOADERS = ("ffcv", "dali", "torchvision")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from powergrad.config.loading import RUN_RECIPE, RecipeError, load_recipe
 from powergrad.config.schema import Recipe
 from powergrad.system.distributed import world_from_env
+from powergrad.system.exit_codes import EXIT_DIVERGED
 from powergrad.system.preemption import StopRequest
 from powergrad.training.preflight import check_run_dirs, preflight
 
@@ -35,13 +36,14 @@ def checked_recipes(paths: list[str], overrides: list[str], world_size: int,
 def _train_or_exit_code(train, recipe: Recipe, stop):
     """The run's summary, or the exit code for how it stopped: 75 when preempted (SIGTERM:
     the checkpoint holds the place, run the same command again), 2 for a run directory or
-    checkpoint that cannot take this run, 1 for a diverged run. One line, no traceback."""
+    checkpoint that cannot take this run, 3 (EXIT_DIVERGED) for a diverged run. One line, no
+    traceback."""
     from powergrad.data.imagefolder_checks import ImageDataError
     from powergrad.system.distributed import shutdown
     from powergrad.system.preemption import Preempted
     from powergrad.training.checkpoint import CheckpointError
-    from powergrad.training.engine import NonFiniteError
     from powergrad.training.rundir import RunDirError
+    from powergrad.training.step import NonFiniteError
     from powergrad.training.weights import WeightsError
 
     try:
@@ -59,7 +61,7 @@ def _train_or_exit_code(train, recipe: Recipe, stop):
         code = 2
     except NonFiniteError as err:
         print(f"diverged: {err}", file=sys.stderr, flush=True)
-        code = 1
+        code = EXIT_DIVERGED
     shutdown()
     return code
 
@@ -88,7 +90,8 @@ def _main(items: list[str], compare_name: str | None, fast_dev_run: int,
         if world.is_main:
             print(f"recipe error: {err}", file=sys.stderr)
         return 2
-    from powergrad.training.engine import run_dir_for, train
+    from powergrad.training.engine import train
+    from powergrad.training.rundir import run_dir_for
 
     if compare_name:  # its folder is checked now, not after hours of training
         from powergrad.report.compare import out_path_for

@@ -59,7 +59,7 @@ def validate(source: str, overrides: list[str], *, checkpoint: str = "last", ema
     from powergrad.data import build_loaders
     from powergrad.system.distributed import cuda_index, init_distributed
     from powergrad.training.builders import AMP_DTYPES, pick_device
-    from powergrad.training.engine import evaluate
+    from powergrad.training.evaluate import evaluate
     from powergrad.training.machine_fit import fit_to_machine
     from powergrad.training.models import build_model
     from powergrad.training.weights import load_weights, read_state_dict, weights_file

@@ -21,9 +21,10 @@ class Progress:
         self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True,
                         leave=True) if self.interactive else None
 
-    def update(self, postfix: dict[str, str] | int | None = None) -> None:
-        """One step done (a batch, with its postfix values), or `postfix` items when an int."""
-        steps = postfix if isinstance(postfix, int) else 1
+    def update(self, postfix: dict[str, str] | int | None = None, steps: int = 1) -> None:
+        """`steps` items done (batches, with the postfix values shown), or `postfix` items when
+        it is an int."""
+        steps = postfix if isinstance(postfix, int) else steps
         postfix = postfix if isinstance(postfix, dict) else {}
         self.count += steps
         if self.bar is not None:

@@ -1,0 +1,136 @@
+"""Everything a run trains with, built once: `build_training(recipe)`. The engine, validate's
+neighbours, gpu-check, tools/gpu_saturation.py, tools/bench_engine.py and `describe` all build
+through it, so what they time or show is what the engine trains.
+
+Order matters for exact resumes and DDP: the seed, then the model (and its first weights),
+then the data, then the optimizer, schedule and loss; the model is wrapped (torch.compile,
+DDP) only after a checkpoint has been loaded into the bare model (`Training.wrap`).
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from timm.data import Mixup
+from timm.utils import ModelEmaV3, random_seed
+
+from powergrad.config.batching import BatchPlan, plan_batch
+from powergrad.config.schema import Recipe
+from powergrad.data import build_loaders
+from powergrad.system.distributed import DistInfo, cuda_index, init_distributed
+from powergrad.training.builders import (AMP_DTYPES, build_optimizer, build_scheduler,
+                                         build_train_loss, pick_device)
+from powergrad.training.clipping import clip_parameters
+from powergrad.training.filters import FilterCollapse
+from powergrad.training.finetune import load_initial_checkpoint
+from powergrad.training.machine_fit import MachineFit, fit_to_machine
+from powergrad.training.models import build_model
+from powergrad.training.sync_batchnorm import convert_to_sync_bn
+
+
+@dataclass
+class Training:
+    """One run's parts. `model` is the bare module (checkpoints, EMA, evaluation);
+    `train_model` is what the step calls: the same module, compiled and DDP-wrapped by wrap()."""
+    recipe: Recipe
+    device: torch.device
+    dist_info: DistInfo
+    plan: BatchPlan
+    fit: MachineFit
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    total_epochs: int  # train.epochs + the schedule's cool-down
+    updates_per_epoch: int
+    mixup: Mixup | None
+    loss_fn: nn.Module
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
+    ema: ModelEmaV3 | None
+    clip_params: list
+    filters: FilterCollapse | None = None  # log.filter_collapse
+    probe: object = None  # gpas.ResidualStreamProbe on ViTs when diagnostics are on
+    train_loader: object = None
+    eval_loader: object = None
+    notes: list[str] = field(default_factory=list)  # what set-up decided, for the log
+    train_model: nn.Module | None = None
+
+    def wrap(self) -> nn.Module:
+        """The model as it trains: torch.compile'd when the recipe asks, under DDP when there
+        are several processes."""
+        model = self.model
+        if self.recipe.train.torchcompile:
+            model = torch.compile(model)
+        if self.dist_info.enabled:
+            ids = [self.dist_info.local_rank] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.train_model = model
+        return model
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def build_training(recipe: Recipe, *, with_data: bool = True, updates_per_epoch: int | None = None,
+                   device: torch.device | str | None = None) -> Training:
+    """Build a run's parts from the recipe with timm's factories. with_data=False builds no
+    loader (describe, timing on synthetic batches); updates_per_epoch then sets the schedule's
+    length (default 1). device overrides train.device (tools that time on a chosen device)."""
+    cfg = recipe.train
+    device = pick_device(str(device) if device is not None else cfg.device)
+    dist_info = init_distributed(device.type)
+    plan = plan_batch(cfg.global_batch, cfg.batch_size, cfg.grad_accum_steps,
+                      dist_info.world_size)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", cuda_index(dist_info.local_rank, torch.cuda.device_count()))
+    fit = fit_to_machine(recipe, device, plan.global_batch)  # what this machine changes
+    notes = list(fit.notes)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    random_seed(cfg.seed, dist_info.rank)
+
+    model = build_model(recipe.model, pretrained=True)  # model.pretrained decides
+    if recipe.model.initial_checkpoint:  # fine-tuning: a resumed run's checkpoint wins later
+        notes += load_initial_checkpoint(model, recipe.model)
+    model = model.to(device)
+    if cfg.sync_bn and dist_info.enabled:  # one process: BatchNorm already sees the batch
+        model = convert_to_sync_bn(model, device)
+    # reference norms from the seed's initial weights (before any checkpoint is loaded)
+    filters = FilterCollapse(model) if recipe.log.filter_collapse else None
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_loader = eval_loader = None
+    if with_data:
+        with warnings.catch_warnings():  # auto's choice is in fit.notes already
+            warnings.filterwarnings("ignore", message="data.loader auto")
+            train_loader, eval_loader = build_loaders(
+                fit.data, batch_size=plan.micro_batch, eval_batch_size=cfg.eval_batch_size,
+                seed=cfg.seed, device=device, dist_info=dist_info,
+                channels_last=cfg.channels_last)
+        if train_loader.num_classes != recipe.model.num_classes:
+            raise ValueError(f"{recipe.source}: model.num_classes is {recipe.model.num_classes} "
+                             f"but the data has {train_loader.num_classes} classes")
+        updates_per_epoch = max(1, len(train_loader) // plan.accum_steps)
+    updates_per_epoch = updates_per_epoch or 1
+    ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
+    optimizer = build_optimizer(recipe, model)
+    scheduler, total_epochs = build_scheduler(recipe, optimizer, updates_per_epoch)
+    mixup, loss_fn = build_train_loss(recipe)
+    amp_dtype = AMP_DTYPES[fit.amp_dtype]
+    probe = None
+    if recipe.log.diagnostics and hasattr(model, "blocks"):  # a ViT: GPAS's per-block view
+        from powergrad.gpas import ResidualStreamProbe
+        probe = ResidualStreamProbe(model, enabled=False)
+    return Training(
+        recipe=recipe, device=device, dist_info=dist_info, plan=plan, fit=fit, model=model,
+        optimizer=optimizer, scheduler=scheduler, total_epochs=total_epochs,
+        updates_per_epoch=updates_per_epoch, mixup=mixup, loss_fn=loss_fn, amp_dtype=amp_dtype,
+        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16), ema=ema,
+        clip_params=clip_parameters(model, recipe.clip.clip_mode, recipe.clip.exclude_head),
+        filters=filters, probe=probe, train_loader=train_loader, eval_loader=eval_loader,
+        notes=notes)
