@@ -9,15 +9,16 @@ and it dies on SIGUSR1 (SLURM's usual warning signal) without telling its worker
   to the workers, which save and exit 75; the launcher then exits 75;
 - workers that all exit 75 (they were signalled directly, as SLURM does) give 75;
 - the recipes are checked here before any worker starts: a recipe error is one line, exit 2;
-- otherwise the failed rank's code (2: a run-folder error, printed by rank 0; 1: diverged),
-  with one line instead of the traceback.
+- otherwise the failed rank's code (2: a run-folder error, printed by rank 0; 3: diverged;
+  1: a bug), with one line instead of the traceback.
 """
 from __future__ import annotations
 
 import os
 import sys
 
-from powergrad.system.preemption import EXIT_PREEMPTED, exit_code_unsaved
+from powergrad.system.exit_codes import EXIT_PREEMPTED
+from powergrad.system.preemption import exit_code_unsaved
 
 # Seconds torchrun waits for signalled workers before SIGKILL (its default is 30): a ResNet-50
 # checkpoint on a busy shared file system can take longer to write. --shutdown-timeout wins.

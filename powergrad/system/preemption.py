@@ -12,7 +12,8 @@ from __future__ import annotations
 import signal
 import threading
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: neither success nor failure; run the command again
+from powergrad.system.exit_codes import EXIT_PREEMPTED
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # Under DDP the ranks agree on a stop every this many optimizer steps (one all-reduce of one
 # number, a host sync): a run trains at most this many steps past the signal. One process
