@@ -296,13 +296,19 @@ def run_tool(name: str, argv: list[str]) -> int:
     ("write_ffcv", ["fashion_mnist", "src", "x.beton", "--limit", "0"], "--limit"),
     ("prepare_imagenet", ["out", "--train", "a.tar", "--val", "b.tar", "--val-solution", "c.csv",
                           "--expected-classes", "0"], "--expected-classes"),
-    ("study", ["--max-minutes", "nan"], "--max-minutes"),
 ])
 def test_a_tool_option_out_of_range_is_refused_by_name(name, argv, named, capsys):
     with pytest.raises(SystemExit) as exit_:
         run_tool(name, argv)
     assert exit_.value.code == 2
     assert f"argument {named}: expected" in capsys.readouterr().err
+
+
+def test_a_study_option_out_of_range_is_refused_by_name(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["study", "plan.yaml", "--max-minutes", "nan"])
+    assert exit_.value.code == 2
+    assert "argument --max-minutes: expected" in capsys.readouterr().err
 
 
 def test_tools_name_files_that_are_not_what_they_should_be(tmp_path, capsys):
@@ -317,9 +323,9 @@ def test_tools_name_files_that_are_not_what_they_should_be(tmp_path, capsys):
         f"write_ffcv: {tmp_path / 'out.txt'}: expected an output file name ending in .beton")
     plan = tmp_path / "plan.yaml"
     plan.write_text("claims: [unclosed\n")
-    assert run_tool("study", ["--plan", str(plan), "--status"]) == 2
+    assert cli_main(["study", str(plan), "--status"]) == 2
     err = one_line(capsys.readouterr().err)
-    assert err.startswith("study: ") and str(plan) in err and "Traceback" not in err
+    assert err.startswith(f"powergrad study: {plan}: ") and "Traceback" not in err
 
 
 def test_compare_and_export_name_damaged_files(finished_demo, tmp_path, capsys):
@@ -358,11 +364,12 @@ def test_a_damaged_study_record_is_named_not_reported(tmp_path, capsys):
     record = tmp_path / "records" / "bn_base" / "s0"
     record.mkdir(parents=True)
     (record / "final.json").write_text('{"final_test_top1": 91.')  # a copy cut short
-    argv = ["--report-only", "--records", str(tmp_path / "records"), "--out",
-            str(tmp_path / "report")]
-    assert run_tool("study", argv) == 2
+    argv = ["study", str(REPO / "recipes" / "study" / "plan.yaml"), "--report-only", "--records",
+            str(tmp_path / "records"), "--out", str(tmp_path / "report")]
+    assert cli_main(argv) == 2
     err = one_line(capsys.readouterr().err)
-    assert err.startswith(f"study: {record / 'final.json'}: damaged record (JSONDecodeError: ")
+    assert err.startswith(f"powergrad study: {record / 'final.json'}: damaged record "
+                          "(JSONDecodeError: ")
     assert f"delete its folder {record} to train that run again" in err
     assert not (tmp_path / "report.md").exists()
 

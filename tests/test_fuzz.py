@@ -177,9 +177,9 @@ def _caused_elsewhere(err: RecipeError) -> bool:
 
 @pytest.mark.parametrize("chunk", range(2))
 def test_damaged_study_plans_get_one_error(chunk, tmp_path):
-    from powergrad.study.runner import StudyError, load_plan
+    from powergrad.study.plan import StudyError, load_plan
 
-    plan_file = REPO / "tools" / "study_plan.yaml"
+    plan_file = REPO / "recipes" / "study" / "plan.yaml"
     failures = []
     for case in range(chunk * CASES_PER_TEST, (chunk + 1) * CASES_PER_TEST):
         rng = random.Random(1000 + case)
@@ -215,13 +215,13 @@ COMMANDS = {  # every command's options, and the positional arguments they are t
     "compare": (["--target", "--out"], ["RUN"]),
     "export": (["--checkpoint", "--out"], ["RUN"]),
     "check-data": (["--workers"], ["DIR"]),
+    "study": (["--max-minutes", "--claims", "--runs", "--records"], ["PLAN", "--status"]),
 }
 TOOLS = {
     "write_ffcv": ["--max-resolution", "--compress-probability", "--jpeg-quality", "--workers",
                    "--limit", "--split"],
     "prepare_imagenet": ["--train", "--val", "--val-solution", "--expected-classes",
                          "--expected-train-images", "--expected-val-per-class"],
-    "study": ["--plan", "--max-minutes", "--claims", "--runs"],
 }
 
 
@@ -254,7 +254,6 @@ def test_hostile_options_get_one_error_naming_the_option(chunk, tmp_path, tiny_i
                                    str(tmp_path / f"w{case}.beton")],
                     "prepare_imagenet": [str(tmp_path / f"p{case}"), "--train", "a", "--val",
                                          "b", "--val-solution", "c"],
-                    "study": ["--status", "--plan", str(REPO / "tools/study_plan.yaml")]
                     }[tool] + [option, value]
             main = runpy.run_path(str(REPO / "tools" / f"{tool}.py"))["main"]
             code, err = outcome(lambda: main(argv))
@@ -263,8 +262,9 @@ def test_hostile_options_get_one_error_naming_the_option(chunk, tmp_path, tiny_i
             command = rng.choice(sorted(COMMANDS))
             options, positional = COMMANDS[command]
             option = rng.choice(options)
-            positional = [{"RUN": str(finished_run), "DIR": str(tiny_imagenet / "val")}.get(
-                p, p) for p in positional]
+            positional = [{"RUN": str(finished_run), "DIR": str(tiny_imagenet / "val"),
+                           "PLAN": str(REPO / "recipes" / "study" / "plan.yaml")}.get(p, p)
+                          for p in positional]
             argv = [command, *positional, option, value]
             if command == "train":
                 argv += ["data.train_subset=40", "train.batch_size=20", "train.epochs=1",

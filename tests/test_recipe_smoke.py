@@ -37,8 +37,9 @@ def one_thread():
 
 
 def runs(folder: str) -> list[Path]:
-    return sorted(p for p in (RECIPES / folder).glob("*.yaml")
-                  if p.name != "base.yaml" and not p.name.endswith("_base.yaml"))
+    return sorted(p for p in (RECIPES / folder).glob("*.yaml")  # plan.yaml: the study's plan
+                  if p.name not in ("base.yaml", "plan.yaml")
+                  and not p.name.endswith("_base.yaml"))
 
 
 IMAGE_RECIPES = runs("imagenet") + runs("ffcv_imagenet")

@@ -22,6 +22,7 @@ HINTS = {
     "gpu-check": "`powergrad gpu-check` takes --workdir DIR, --out DIR and --recipe FILE; see "
                  "`powergrad gpu-check --help`",
     "torchrun": "powergrad torchrun [TORCHRUN OPTIONS] train RECIPE.yaml [key=value ...]",
+    "study": "name one plan .yaml file (claims, arms, seeds); see `powergrad study --help`",
     "validate": "name a run folder, an export folder or a weights file (then --recipe), and "
                 "key=value settings if any; see `powergrad validate --help`",
 }
@@ -43,7 +44,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = _Parser(prog="powergrad", description="The `powergrad` command: check, check-data, "
-                     "train, torchrun, describe, compare, validate, export, gpu-check.")
+                     "train, torchrun, describe, compare, validate, export, gpu-check, study.")
     parser.add_argument("--version", action="version", version=f"powergrad {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     subs = {}
@@ -180,6 +181,38 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                         help="output folder (default: RUN_DIR/export, or RUN_DIR/export_ema)")
     export.add_argument("--overwrite", action="store_true",
                         help="replace the files of an earlier export in the output folder")
+
+    study = subs["study"] = sub.add_parser(
+        "study", help="a plan's claims x arms x seeds: resumable runs, intervals and verdicts",
+        description="Train every (arm, seed) the plan's claims need, once, each a `powergrad "
+                    "train` that resumes where it stopped; then write the report (paired "
+                    "differences with 95 % t intervals, a verdict per claim, plots) from the "
+                    "run records alone. Exit 0 when all is done, 75 when --max-minutes ran out "
+                    "(the same command continues).")
+    study.add_argument("plan", metavar="PLAN.yaml",
+                       help="the plan: claims, arms (recipe + seeds), the verdict's margin")
+    study.add_argument("--claims", default=None, metavar="NAME[,NAME...]",
+                       help="train only these claims (and the arms they need); the report "
+                            "always covers the whole plan (default: all)")
+    study.add_argument("--max-minutes", type=number_in(0, 1e9, low_open=True), default=None,
+                       help="stop training after this many minutes, the current run with a "
+                            "checkpoint, and exit 75: the same command continues (default: no "
+                            "limit)")
+    study.add_argument("--runs", default="runs/study", help="where runs train: checkpoints, "
+                       "event files, logs (default: %(default)s)")
+    study.add_argument("--records", default="results/study_runs", help="where each finished "
+                       "run's small record is copied (default: %(default)s)")
+    study.add_argument("--out", default="results/study",
+                       help="the report: OUT.md, plots in OUT/ (default: %(default)s)")
+    study.add_argument("--readme", default=None, help="also write the verdict table into this "
+                       "markdown file, between its markers (default: results/README.md when "
+                       "--out is the default and that file exists)")
+    study_mode = study.add_mutually_exclusive_group()
+    study_mode.add_argument("--status", action="store_true", help="print each claim's runs by "
+                            "state and the time left; train nothing")
+    study_mode.add_argument("--report-only", action="store_true",
+                            help="write the report from the records; train nothing")
+    study_mode.add_argument("--no-report", action="store_true", help="train, write no report")
 
     for name, sub_parser in subs.items():
         sub_parser.hint = HINTS[name]

@@ -12,7 +12,7 @@ from powergrad.errors import one_error_path
 
 def main(argv: list[str] | None = None) -> int:
     """Every command's one error path (errors.one_error_path): an expected failure has
-    already printed its one line and returns its code (2 bad input, 1 divergence, 75
+    already printed its one line and returns its code (2 bad input, 3 divergence, 75
     preempted); an OS error on a path the user named becomes one line naming it; anything
     else is a bug, said as one."""
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
@@ -82,6 +82,9 @@ def _run(args: argparse.Namespace) -> int:
         from powergrad.commands.validate import main as validate_main
         return validate_main(args.source, args.items, checkpoint=args.checkpoint, ema=args.ema,
                              recipe_path=args.recipe, data=args.data, out=args.out)
+    if args.command == "study":
+        from powergrad.commands.study import main as study_main
+        return study_main(args)
     if args.command == "export":
         from powergrad.commands.export import main as export_main
         return export_main(args.run, checkpoint=args.checkpoint, ema=args.ema, out=args.out,

@@ -1,0 +1,77 @@
+"""`powergrad study PLAN.yaml`: train a plan's claims x arms x seeds in resumable pieces, then
+write the report from the run records alone.
+
+    powergrad study recipes/study/plan.yaml --status                 # done, left, hours
+    powergrad study recipes/study/plan.yaml --claims pgt_bn --max-minutes 50   # a piece
+    powergrad study recipes/study/plan.yaml --report-only            # the report alone
+
+A finished run (final.json) is skipped, an interrupted one resumes from its checkpoints, and a
+recipe changed after its run is refused (its old record would be reported under the new
+settings). --max-minutes stops the current run with a checkpoint when the time is up (exit 75:
+run the same command again). Runs train under --runs (checkpoints, event files, a log per
+run); their small records go to --records, and the report to OUT.md and OUT/*.png.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+from powergrad.commands.arguments import build_parser
+from powergrad.errors import one_error_path
+
+README = "results/README.md"  # the verdict table's place when --out is the default
+REPORT_OPTIONS = ("records", "out", "readme")  # what the report is written from and to
+
+
+def _default(option: str):
+    return build_parser()[1]["study"].get_default(option)
+
+
+def report_command(args: argparse.Namespace) -> str:
+    """The command that rewrites this report from the records alone: the plan, --report-only
+    and the report's options that differ from their defaults."""
+    options = [(f"--{key}", getattr(args, key)) for key in REPORT_OPTIONS
+               if getattr(args, key) != _default(key)]
+    return shlex.join(["powergrad", "study", args.plan, "--report-only",
+                       *[part for option in options for part in option]])
+
+
+def main(args: argparse.Namespace) -> int:
+    """The command through the one error path: a plan or record problem is one line, exit 2."""
+    from powergrad.study.plan import StudyError
+
+    return one_error_path("powergrad study", lambda: _main(args), expected=(StudyError,))
+
+
+def _main(args: argparse.Namespace) -> int:
+    from powergrad.study.plan import load_plan
+    from powergrad.study.runner import run_study
+    from powergrad.study.status import status_lines
+    from powergrad.system.exit_codes import EXIT_PREEMPTED
+
+    plan = load_plan(args.plan)
+    claims = plan.select(args.claims.split(",") if args.claims else None)
+    runs, records = Path(args.runs), Path(args.records)
+    if args.status:
+        print("\n".join(status_lines(plan, claims, runs, records)))
+        return 0
+    code = 0
+    if not args.report_only:
+        code = run_study(plan, claims, runs, records, max_minutes=args.max_minutes)
+        if code not in (0, EXIT_PREEMPTED):
+            return code
+    if not args.no_report:
+        from powergrad.study.report import write_report
+
+        readme = args.readme
+        if readme is None and args.out == _default("out") and Path(README).is_file():
+            readme = README
+        readme = Path(readme) if readme else None
+        # The whole plan, whatever --claims trained.
+        md = write_report(plan, list(plan.claims.values()), records, Path(args.out),
+                          report_command(args), readme=readme)
+        print(f"wrote {md} and its plots in {args.out}/"
+              + (f", and the verdict table in {readme}" if readme else ""), flush=True)
+    return code
+
