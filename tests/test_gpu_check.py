@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from powergrad.commands import gpu_check
+from powergrad.commands import gpu_check, gpu_context
 
 
 def table_rows(output: str) -> dict[str, list[str]]:
@@ -31,7 +31,7 @@ def test_the_ffcv_and_dali_rows_run_their_cpu_form(tmp_path):
         torch.set_num_threads(threads)
     for row in rows:
         assert row.status == "pass", row
-        assert gpu_check.NO_CUDA in row.path and "feed ratio" in row.numbers
+        assert gpu_context.NO_CUDA in row.path and "feed ratio" in row.numbers
 
 
 def test_a_failing_row_fails_the_command_and_the_others_still_run(tmp_path, monkeypatch,

@@ -34,24 +34,32 @@ def test_tiny_cpu_run_trains_resnet50_from_the_recipe(tmp_path, capsys):
     assert f"ratio {result['ratio']:.2f}" in out
 
 
-def sleeping_step(seconds: float):
-    def step(images, labels):
-        time.sleep(seconds)  # a device busy for a known time
-    return step
+class Clock:
+    """A clock the fake step and loader advance by known amounts: the ratio is then exact,
+    whatever else the machine is doing (no sleeps, no timing tolerance)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def step(self, seconds: float):
+        def step(images, labels):
+            self.now += seconds  # a device busy for a known time
+        return step
+
+    def loader(self, seconds: float):
+        batch = (torch.zeros(4, 3, 8, 8), torch.zeros(4, dtype=torch.int64))
+        for _ in itertools.count():
+            self.now += seconds  # a loader that takes a known time per batch
+            yield batch
 
 
-def sleeping_loader(seconds: float):
-    batch = (torch.zeros(4, 3, 8, 8), torch.zeros(4, dtype=torch.int64))
-    for _ in itertools.count():
-        time.sleep(seconds)  # a loader that takes a known time per batch
-        yield batch
-
-
-@pytest.mark.parametrize("load_s, want", [(0.0, 1.0), (0.03, 0.01 / 0.04)])
-def test_ratio_is_step_time_over_step_plus_wait(load_s, want):
+@pytest.mark.parametrize("load_s, want", [(0.0, 1.0), (0.03, 0.01 / 0.04), (0.01, 0.5)])
+def test_ratio_is_step_time_over_step_plus_wait(load_s, want, monkeypatch):
     # the loader runs in the training thread here, so each step costs step + load time
-    result = TOOL["feed_ratio"](sleeping_step(0.01), sleeping_loader(load_s), steps=8,
-                                warmup=1, sync=TOOL["synchronizer"](torch.device("cpu")),
-                                rounds=1)
-    assert result["ratio"] == pytest.approx(want, rel=0.2)
-    assert result["resident"] == pytest.approx(4 / 0.01, rel=0.2)
+    clock = Clock()
+    monkeypatch.setattr(time, "perf_counter", lambda: clock.now)
+    result = TOOL["feed_ratio"](clock.step(0.01), clock.loader(load_s), steps=8, warmup=1,
+                                sync=TOOL["synchronizer"](torch.device("cpu")), rounds=2)
+    assert result["ratio"] == pytest.approx(want, rel=1e-9)
+    assert result["resident"] == pytest.approx(4 / 0.01, rel=1e-9)
+    assert result["loader"] == pytest.approx(4 / (0.01 + load_s), rel=1e-9)

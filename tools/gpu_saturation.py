@@ -24,7 +24,7 @@ import torch
 
 # the training step `powergrad gpu-check` times: the recipe's model (channels_last), loss,
 # optimizer, autocast and GradScaler
-from powergrad.commands.gpu_check import RecipeSteps
+from powergrad.commands.gpu_throughput import RecipeSteps
 from powergrad.config.loading import RecipeError, load_recipe
 from powergrad.data import TrainLoader, build_loaders
 from powergrad.data.imagefolder_checks import ImageDataError
