@@ -1,51 +1,32 @@
 """Cost of the PowerGrad Transform, measured side by side with ordinary cross-entropy.
 
 (a) the loss alone: forward + backward on logits [N, C] for each --sizes, eager and with
-    torch.compile (both sides compiled);
+    torch.compile (both sides compiled), timed by torch.utils.benchmark.Timer;
 (b) a whole training step (forward, backward, SGD step) of timm's resnet50 on the CPU.
 Baseline and PGT runs are interleaved round by round (who goes first alternates), and the
 median and range of the per-round ratios are reported, so slow drifts of this shared machine
-hit both sides alike and the noise shows. Prints a markdown table; writes it only with --write.
+hit both sides alike and the noise shows. Writes a JSON record and renders the markdown table
+from it (tools/bench_record.py); --render redraws a table from a record without measuring.
 
-    python tools/bench_pgt.py --write results/bench_pgt.md
+    python tools/bench_pgt.py --write results/bench_pgt.md      # and results/bench_pgt.json
+    python tools/bench_pgt.py --render results/bench_pgt.json --write results/bench_pgt.md
 """
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shlex
-import statistics
-import sys
-import time
-from pathlib import Path
 
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from bench_record import add_output_arguments, new_record, run
 
 from powergrad import PowerGradCrossEntropy
+from powergrad.system.timing import Spread, calls_for, op_seconds, seconds, side_by_side
 
-
-def timed(fn, iters: int) -> float:
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - start) / iters
-
-
-def interleaved(fns: dict, rounds: int, seconds: float = 0.05) -> dict[str, list[float]]:
-    for fn in fns.values():  # warm-up: compilation, allocator, thread pools, dispatch
-        timed(fn, 3)
-    # calls per timing: about `seconds` for the slower side, so timer overhead stays negligible
-    iters = max(1, round(seconds / max(timed(fn, 3) for fn in fns.values())))
-    times = {name: [] for name in fns}
-    for r in range(rounds):
-        order = list(fns) if r % 2 == 0 else list(reversed(fns))  # alternate who goes first
-        for name in order:
-            times[name].append(timed(fns[name], iters))
-    return times
+TOOL, TOOL_PATH = "bench_pgt", "tools/bench_pgt.py"
+SIDES = ("cross_entropy", "pgt")
+TARGETS = {"loss_op": 1.3, "train_step": 1.01}  # PGT/CE, median over rounds
 
 
 def loss_op_case(alpha: float, n: int, c: int, compiled: bool):
@@ -57,10 +38,10 @@ def loss_op_case(alpha: float, n: int, c: int, compiled: bool):
         ce, pgt = torch.compile(ce), torch.compile(pgt)
 
     def make(loss_fn):
-        def run():
+        def run_once():
             z.grad = None
             loss_fn(z, y).backward()
-        return run
+        return run_once
 
     return {"cross_entropy": make(ce), "pgt": make(pgt)}
 
@@ -84,11 +65,98 @@ def train_step_case(alpha: float, res: int, batch: int):
             "pgt": make_step(PowerGradCrossEntropy(alpha))}
 
 
-def summarize(times: dict[str, list[float]]) -> tuple[float, float, float, float, float]:
-    """Median times, and the median, min and max of the per-round ratios (one round is fine)."""
-    ratios = [p / b for p, b in zip(times["pgt"], times["cross_entropy"])]
-    return (statistics.median(times["cross_entropy"]), statistics.median(times["pgt"]),
-            statistics.median(ratios), min(ratios), max(ratios))
+def timed_sides(fns: dict, rounds: int, threads: int, op_level: bool,
+                target_s: float = 0.05) -> dict[str, list[float]]:
+    """Seconds per call of each side, one per round; each measurement about `target_s` for the
+    slower side. Op-level cases go through torch.utils.benchmark.Timer."""
+    for fn in fns.values():  # warm-up: compilation, allocator, thread pools, dispatch
+        seconds(fn, 3)
+    calls = calls_for(list(fns.values()), target_s)
+    if op_level:
+        cases = {side: op_seconds(fn, calls, threads) for side, fn in fns.items()}
+    else:
+        cases = {side: (lambda fn=fn: seconds(fn, calls)) for side, fn in fns.items()}
+    return side_by_side(cases, rounds)
+
+
+def case_row(case: dict, times: dict[str, list[float]]) -> dict:
+    ms = {side: [t * 1e3 for t in times[side]] for side in SIDES}
+    return {**case, "target": TARGETS[case["kind"]],
+            **{f"{side}_ms": Spread.of(ms[side]).to_json() for side in SIDES},
+            "ratio": Spread.of_ratios(ms["pgt"], ms["cross_entropy"]).to_json()}
+
+
+def label(row: dict) -> str:
+    if row["kind"] == "loss_op":
+        how = "torch.compile" if row["compiled"] else "eager"
+        return f"loss op [{row['n']}, {row['c']}], {how}"
+    return f"resnet50 train step, batch {row['batch']} at {row['res']}px"
+
+
+def measure(args, command: str) -> dict:
+    torch.set_num_threads(args.threads)
+    record = new_record(TOOL, command, {
+        "alpha": args.alpha, "rounds": args.rounds, "op_clock": "torch.utils.benchmark.Timer",
+        "sizes": [list(s) for s in args.sizes], "compile": not args.no_compile,
+        "res": args.res, "batch": args.batch}, threads=args.threads)
+    cases = [{"kind": "loss_op", "n": n, "c": c, "compiled": compiled}
+             for n, c in args.sizes for compiled in ([False] if args.no_compile else [False, True])]
+    if args.batch:
+        cases.append({"kind": "train_step", "batch": args.batch, "res": args.res})
+    for case in cases:
+        if case["kind"] == "loss_op":
+            fns = loss_op_case(args.alpha, case["n"], case["c"], case["compiled"])
+        else:
+            fns = train_step_case(args.alpha, case["res"], case["batch"])
+        times = timed_sides(fns, args.rounds, args.threads, op_level=case["kind"] == "loss_op")
+        record["samples"][label(case)] = {f"{side}_s": times[side] for side in SIDES}
+        record["rows"].setdefault("cases", []).append(case_row(case, times))
+        print(label(case), Spread(**record["rows"]["cases"][-1]["ratio"]).text(), flush=True)
+    return record
+
+
+def implied_step_ratio(rows: list[dict]) -> str | None:
+    """The loss is the only difference inside a step, so its measured extra cost bounds the
+    step ratio far more tightly than timing whole steps on a noisy machine can."""
+    op = next((r for r in rows if r["kind"] == "loss_op" and r["c"] == 1000
+               and not r["compiled"]), None)
+    step = next((r for r in rows if r["kind"] == "train_step"), None)
+    if op is None or step is None:
+        return None
+    op_ce, op_pgt = op["cross_entropy_ms"]["median"], op["pgt_ms"]["median"]
+    step_ce = step["cross_entropy_ms"]["median"]
+    implied = 1 + (op_pgt - op_ce) * (step["batch"] / op["n"]) / step_ce  # op cost ~ batch
+    return (f"Implied whole-step ratio from the eager loss-op difference alone: {implied:.4f} "
+            f"(the loss op costs {op_pgt:.2f} ms at batch {op['n']} against a {step_ce:.0f} ms "
+            f"step at batch {step['batch']}).")
+
+
+def render(record: dict) -> str:
+    m, p, rows = record["machine"], record["params"], record["rows"]["cases"]
+    lines = [
+        "# PGT cost against ordinary cross-entropy", "",
+        f"Command: `{record['command']}`  ",
+        f"Machine: {m['arch']}, {m['cores']} cores, {m['torch_threads']} torch threads, "
+        f"load average {m['load_average'][0]:.2f} at the start; torch {m['torch']}, "
+        f"timm {m['timm']}; alpha = {p['alpha']}; {p['rounds']} interleaved rounds"
+        + (f"; measured {record['date']}." if record.get("date") else "."), "",
+        "| case | cross-entropy ms | PGT ms | median ratio PGT/CE | ratio range | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ratio = Spread(**row["ratio"])
+        verdict = "met" if ratio.median <= row["target"] else "NOT met"
+        lines.append(f"| {label(row)} | {row['cross_entropy_ms']['median']:.3f} "
+                     f"| {row['pgt_ms']['median']:.3f} | {ratio.median:.2f} "
+                     f"| {ratio.low:.2f} - {ratio.high:.2f} | <= {row['target']} ({verdict}) |")
+    lines += [
+        "", "Times are medians over rounds; the ratio is the median of per-round ratios, each "
+        "round timing both sides back to back (the order alternates between rounds); the range "
+        "is the smallest and largest per-round ratio. Compiled rows compile both sides. "
+        f"Loss-op rows are timed with {p['op_clock']}.",
+    ]
+    implied = implied_step_ratio(rows)
+    return "\n".join(lines + (["", implied] if implied else [])) + "\n"
 
 
 def size(text: str) -> tuple[int, int]:
@@ -96,7 +164,7 @@ def size(text: str) -> tuple[int, int]:
     return int(n), int(c)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--rounds", type=int, default=31, help="interleaved rounds per case")
@@ -108,75 +176,10 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=16, help="train-step batch (0: skip the step)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads")
-    parser.add_argument("--write", metavar="PATH", help="also write the markdown table here")
-    parser.add_argument("--note", default="", help="a sentence to add below the table")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    load = os.getloadavg()[0]
-
-    cases = []
-    for n, c in args.sizes:
-        for compiled in [False] if args.no_compile else [False, True]:
-            label = f"loss op [{n}, {c}], {'torch.compile' if compiled else 'eager'}"
-            cases.append((label, lambda n=n, c=c, k=compiled: loss_op_case(args.alpha, n, c, k),
-                          1.3, (n, c, compiled)))
-    if args.batch:
-        cases.append((f"resnet50 train step, batch {args.batch} at {args.res}px",
-                      lambda: train_step_case(args.alpha, args.res, args.batch), 1.01, "step"))
-    rows, medians = [], {}
-    for label, build, target, key in cases:
-        base, pgt, ratio, lo, hi = summarize(interleaved(build(), args.rounds))
-        medians[key] = (base, pgt)
-        verdict = "met" if ratio <= target else "NOT met"
-        rows.append(f"| {label} | {base * 1e3:.3f} | {pgt * 1e3:.3f} | {ratio:.2f} "
-                    f"| {lo:.2f} - {hi:.2f} | <= {target} ({verdict}) |")
-        print(rows[-1], flush=True)
-
-    notes = []
-    op = next((k for k in medians if k != "step" and k[1] == 1000 and not k[2]), None)
-    if "step" in medians and op:
-        # The loss is the only difference inside a step, so its measured extra cost bounds the
-        # step ratio far more tightly than timing whole steps on a noisy machine can.
-        (op_base, op_pgt), (step_base, _) = medians[op], medians["step"]
-        implied = 1 + (op_pgt - op_base) * (args.batch / op[0]) / step_base  # op cost ~ batch
-        notes.append(f"Implied whole-step ratio from the eager loss-op difference alone: "
-                     f"{implied:.4f} (the loss op costs {op_pgt * 1e3:.2f} ms at batch {op[0]} "
-                     f"against a {step_base * 1e3:.0f} ms step at batch {args.batch}).")
-        print(notes[-1])
-    command = "python " + shlex.join(sys.argv)
-    table = "\n".join([
-        "# PGT cost against ordinary cross-entropy",
-        "",
-        f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads, "
-        f"load average {load:.2f} at the start; torch {torch.__version__}, "
-        f"timm {timm.__version__}; alpha = {args.alpha}; {args.rounds} interleaved rounds.",
-        "",
-        "| case | cross-entropy ms | PGT ms | median ratio PGT/CE | ratio range | target |",
-        "|---|---|---|---|---|---|",
-        *rows,
-        "",
-        "Times are medians over rounds; the ratio is the median of per-round ratios, each round "
-        "timing both sides back to back (the order alternates between rounds); the range is "
-        "the smallest and largest per-round ratio. Compiled rows compile both sides.",
-        "",
-        "Where PGT's time goes. Eager: the forward is cross-entropy's own (log-softmax, saved); "
-        "the backward makes four passes over [N, C] (alpha log p into a new buffer, exp, row "
-        "sums, one scaling pass) and scatters N values for the one-hot target, where "
-        "cross-entropy's backward makes about three; at small C the fixed cost of a Python "
-        "autograd.Function and a few small ops dominates instead. torch.compile: the forward "
-        "keeps only two numbers per row and the backward is one fused kernel.",
-        *(["", *notes] if notes else []),
-        *(["", args.note] if args.note else []),
-    ])
-    if args.write:
-        Path(args.write).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.write).write_text(table + "\n")
-        print(f"wrote {args.write}")
-    else:
-        print("\n" + table)
-    return 0
+    add_output_arguments(parser)
+    args = parser.parse_args(argv)
+    return run(args, argv, TOOL, TOOL_PATH, measure, render)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()
