@@ -13,25 +13,22 @@ batch, so the span from batch W to the last batch covers whole training steps of
 everything the loop does between batches included, and nothing of the set-up or evaluation.
 Rounds interleave the two sides (who goes first alternates); the ratio engine/bare of images
 per second is taken per round, and its median and range over rounds are reported, on wall
-time and on this process's CPU time. Prints a markdown table; writes it only with --write.
+time and on this process's CPU time. Writes a JSON record and renders the markdown table
+from it (tools/bench_record.py); --render redraws a table from a record without measuring.
 
-    python tools/bench_engine.py --write results/bench_engine.md
+    python tools/bench_engine.py --write results/bench_engine.md   # and results/bench_engine.json
+    python tools/bench_engine.py --render results/bench_engine.json --write results/bench_engine.md
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import io
-import os
-import platform
-import shlex
-import statistics
-import sys
 import time
-from pathlib import Path
 
-import timm
+import bench_record
 import torch
+from bench_record import add_output_arguments, new_record
 from timm.utils import random_seed
 
 from powergrad.config.batching import plan_batch
@@ -40,11 +37,13 @@ from powergrad.config.schema import Recipe
 from powergrad.data import build_loaders
 from powergrad.data.fashion_mnist import FashionMNISTLoader
 from powergrad.system.distributed import DistInfo
+from powergrad.system.timing import Spread, side_by_side
 from powergrad.training.builders import (build_optimizer, build_scheduler, build_train_loss,
                                          pick_device)
 from powergrad.training.engine import train
 from powergrad.training.models import build_model
 
+TOOL, TOOL_PATH = "bench_engine", "tools/bench_engine.py"
 DEMO_RECIPE = "recipes/fashion_mnist/resnet_baseline.yaml"
 GOAL = 0.95  # engine images/s over bare images/s
 # Wall time is what a user waits; CPU time (this process's) moves far less when other jobs
@@ -125,23 +124,17 @@ def measure(recipe: Recipe, steps: int, skip: int, rounds: int) -> tuple[dict, d
     sides = {"engine": run_engine, "bare": run_bare}
     for run in sides.values():  # warm-up: allocator, dispatch, file cache, lazy imports
         run(recipe, skip + 2)
-    times = {clock: {side: [] for side in sides} for clock in CLOCKS}
-    losses = {}
-    for r in range(rounds):
-        for side in list(sides) if r % 2 == 0 else list(reversed(sides)):
-            per_step, losses[side] = seconds_per_step(sides[side], recipe, steps, skip)
-            for clock in CLOCKS:
-                times[clock][side].append(per_step[clock])
+
+    def progress(r: int, done: dict) -> None:
         print(f"round {r + 1}/{rounds}: ms per step " + "; ".join(
-            f"{clock}: engine {times[clock]['engine'][-1] * 1e3:.1f}, "
-            f"bare {times[clock]['bare'][-1] * 1e3:.1f}" for clock in CLOCKS), flush=True)
-    return times, losses
+            f"{clock}: engine {done['engine'][-1][0][clock] * 1e3:.1f}, "
+            f"bare {done['bare'][-1][0][clock] * 1e3:.1f}" for clock in CLOCKS), flush=True)
 
-
-def ratio_stats(times: dict[str, list[float]]) -> tuple[float, float, float]:
-    """Median, min and max over rounds of engine images/s over bare images/s."""
-    ratios = [bare / engine for engine, bare in zip(times["engine"], times["bare"])]
-    return statistics.median(ratios), min(ratios), max(ratios)
+    done = side_by_side({side: (lambda run=run: seconds_per_step(run, recipe, steps, skip))
+                         for side, run in sides.items()}, rounds, after_round=progress)
+    times = {clock: {side: [per_step[clock] for per_step, _ in done[side]] for side in sides}
+             for clock in CLOCKS}
+    return times, {side: done[side][-1][1] for side in sides}
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -165,7 +158,75 @@ def check_recipe(recipe: Recipe) -> None:
         raise SystemExit(f"bench_engine: {recipe.source}: " + "; ".join(problems))
 
 
-def main() -> int:
+def summarise(record: dict, times: dict, losses: dict, batch: int) -> dict:
+    """The record's rows from seconds per step {clock: {side: [per round]}}."""
+    record["samples"] = {f"{clock}_s_per_step": by_side for clock, by_side in times.items()}
+    spreads = {clock: {side: Spread.of(v) for side, v in by_side.items()}
+               for clock, by_side in times.items()}
+    record["rows"]["sides"] = [
+        {"side": side, **{key: value for clock in CLOCKS for key, value in (
+            (f"{clock}_ms", Spread.of([t * 1e3 for t in times[clock][side]]).to_json()),
+            (f"{clock}_images_per_s", batch / spreads[clock][side].median))}}
+        for side in ("bare", "engine")]
+    # engine images/s over bare images/s, per round: bare seconds over engine seconds
+    record["rows"]["ratios"] = [
+        {"clock": clock, "goal": GOAL,
+         "ratio": Spread.of_ratios(times[clock]["bare"], times[clock]["engine"]).to_json()}
+        for clock in CLOCKS]
+    record["facts"]["mean_train_loss"] = losses
+    return record
+
+
+def render(record: dict) -> str:
+    m, p, rows = record["machine"], record["params"], record["rows"]
+    load = m["load_average"]
+    load = f"{load[0]:.2f} at the start" + (f", {load[1]:.2f} at the end" if len(load) > 1 else "")
+    losses = record["facts"]["mean_train_loss"]
+    lines = [
+        "# Engine overhead against a bare PyTorch loop", "",
+        f"Command: `{record['command']}`  ",
+        f"Machine: {m['arch']}, {m['cores']} cores, {m['torch_threads']} torch threads, "
+        f"load average {load}; torch {m['torch']}, timm {m['timm']}; recipe `{p['recipe']}`"
+        + (f" with {' '.join(p['overrides'])}" if p["overrides"] else "")
+        + f", batch {p['batch']}; {p['steps']} steps per run, {p['steps'] - 1 - p['skip']} timed "
+        f"(steps {p['skip'] + 1}-{p['steps'] - 1}); {p['rounds']} interleaved rounds"
+        + (f"; measured {record['date']}." if record.get("date") else "."), "",
+        "| side | wall ms per step | images/s (wall) | CPU ms per step | images/s (CPU) |",
+        "|---|---|---|---|---|",
+        *(f"| {r['side']} | {r['wall_ms']['median']:.1f} | {r['wall_images_per_s']:.0f} "
+          f"| {r['cpu_ms']['median']:.1f} | {r['cpu_images_per_s']:.0f} |" for r in rows["sides"]),
+        "",
+        "| engine/bare images per second | median | range over rounds | goal |",
+        "|---|---|---|---|",
+        *(f"| {r['clock']} time | {r['ratio']['median']:.3f} | {r['ratio']['low']:.3f} - "
+          f"{r['ratio']['high']:.3f} | >= {r['goal']} "
+          f"({'met' if r['ratio']['median'] >= r['goal'] else 'NOT met'}) |"
+          for r in rows["ratios"]),
+        "",
+        "A step's time runs from one batch leaving the training loader to the next, so it "
+        "holds everything either loop does per step (data, forward, backward, optimizer, "
+        "schedule, and the engine's running sums, progress and periodic diagnostics) and "
+        "nothing of set-up or evaluation. Times are medians over rounds; a ratio is the median "
+        "of per-round ratios, each round running both sides back to back, and its range the "
+        "smallest and largest of them. CPU time is this process's own. Both sides trained the "
+        f"same model on the same batches: their mean training losses over {p['steps']} steps "
+        f"agree ({losses['engine']:.6f} and {losses['bare']:.6f})." + spread_sentence(rows),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def spread_sentence(rows: dict) -> str:
+    """Which clock's per-round ratios spread less, from the ratio rows."""
+    ranges = {r["clock"]: (r["ratio"]["low"], r["ratio"]["high"]) for r in rows["ratios"]}
+    if not {"wall", "cpu"} <= set(ranges):
+        return ""
+    (c_lo, c_hi), (w_lo, w_hi) = ranges["cpu"], ranges["wall"]
+    less = "less" if c_hi - c_lo < w_hi - w_lo else "no less"
+    return (f" Here the CPU-time ratios spread {less} than the wall-time ones "
+            f"({c_lo:.3f}-{c_hi:.3f} against {w_lo:.3f}-{w_hi:.3f}).")
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("recipe", nargs="?", default=DEMO_RECIPE, help="recipe file")
@@ -177,75 +238,34 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=11, help="interleaved rounds")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: this machine's second core is shared)")
-    parser.add_argument("--write", metavar="PATH", help="also write the markdown table here")
-    parser.add_argument("--note", default="", help="a sentence to add below the table")
-    args = parser.parse_args()
+    add_output_arguments(parser)
+    args = parser.parse_args(argv)
     if "=" in args.recipe:  # only overrides given: they apply to the demo recipe
         args.overrides, args.recipe = [args.recipe, *args.overrides], DEMO_RECIPE
     if not 0 <= args.skip < args.steps - 1:
         parser.error(f"--skip {args.skip} --steps {args.steps}: expected 0 <= SKIP < STEPS - 1")
     if args.rounds < 1:
         parser.error(f"--rounds: got {args.rounds}, expected at least 1")
+    return bench_record.run(args, argv, TOOL, TOOL_PATH, measure_record, render)
+
+
+def measure_record(args, command: str) -> dict:
     torch.set_num_threads(args.threads)
     recipe = load_recipe(args.recipe, [f"train.threads={args.threads}", *args.overrides])
     check_recipe(recipe)
     # The engine evaluates after its steps; one batch keeps each call short (untimed anyway).
     recipe.data.eval_subset = recipe.train.eval_batch_size
     batch = recipe.train.batch_size
-    load = os.getloadavg()[0]
-
+    record = new_record(TOOL, command, {
+        "recipe": args.recipe, "overrides": args.overrides, "batch": batch, "steps": args.steps,
+        "skip": args.skip, "rounds": args.rounds}, threads=args.threads)
     times, losses = measure(recipe, args.steps, args.skip, args.rounds)
-    load = f"{load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
     if abs(losses["engine"] - losses["bare"]) > 1e-6 * abs(losses["bare"]):
         raise SystemExit(f"bench_engine: the two sides trained differently (mean loss engine "
                          f"{losses['engine']:.6f}, bare {losses['bare']:.6f}); the bare loop "
                          "no longer mirrors the engine's set-up")
-    median = {clock: {side: statistics.median(v) for side, v in by_side.items()}
-              for clock, by_side in times.items()}
-    rows = [f"| {side} | {median['wall'][side] * 1e3:.1f} | {batch / median['wall'][side]:.0f} "
-            f"| {median['cpu'][side] * 1e3:.1f} | {batch / median['cpu'][side]:.0f} |"
-            for side in ("bare", "engine")]
-    ratios = {clock: ratio_stats(times[clock]) for clock in CLOCKS}
-    timed_steps = args.steps - 1 - args.skip
-    command = "python " + shlex.join(sys.argv)
-    table = "\n".join([
-        "# Engine overhead against a bare PyTorch loop",
-        "",
-        f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads, "
-        f"load average {load}; torch {torch.__version__}, timm "
-        f"{timm.__version__}; recipe `{args.recipe}`"
-        + (f" with {' '.join(args.overrides)}" if args.overrides else "")
-        + f", batch {batch}; {args.steps} steps per run, {timed_steps} timed "
-        f"(steps {args.skip + 1}-{args.steps - 1}); {args.rounds} interleaved rounds.",
-        "",
-        "| side | wall ms per step | images/s (wall) | CPU ms per step | images/s (CPU) |",
-        "|---|---|---|---|---|",
-        *rows,
-        "",
-        "| engine/bare images per second | median | range over rounds | goal |",
-        "|---|---|---|---|",
-        *(f"| {clock} time | {ratios[clock][0]:.3f} | {ratios[clock][1]:.3f} - "
-          f"{ratios[clock][2]:.3f} | >= {GOAL} "
-          f"({'met' if ratios[clock][0] >= GOAL else 'NOT met'}) |" for clock in CLOCKS),
-        "",
-        "A step's time runs from one batch leaving the training loader to the next, so it "
-        "holds everything either loop does per step (data, forward, backward, optimizer, "
-        "schedule, and the engine's running sums, progress and periodic diagnostics) and "
-        "nothing of set-up or evaluation. Times are medians over rounds; a ratio is the median "
-        "of per-round ratios, each round running both sides back to back, and its range the "
-        "smallest and largest of them. CPU time is this process's own, which other jobs on a "
-        "shared machine disturb far less than wall time. Both sides trained the same model on "
-        f"the same batches: their mean training losses over {args.steps} steps agree "
-        f"({losses['engine']:.6f} and {losses['bare']:.6f}).",
-    ] + (["", args.note] if args.note else []))
-    print(table)
-    if args.write:
-        Path(args.write).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.write).write_text(table + "\n")
-        print(f"wrote {args.write}")
-    return 0
+    return summarise(record, times, losses, batch)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
