@@ -39,16 +39,21 @@ test: setup
 	$(VENV)/bin/powergrad check
 	$(PY) -m pytest -q -p xdist -n 2
 
+# A benchmark writes its JSON record beside its table (runs/bench/bench_pgt.json) and renders
+# the table from it; `--render RECORD --write TABLE` redraws a table without measuring.
 bench: setup
 	$(PY) tools/bench_pgt.py --write runs/bench/bench_pgt.md
 
 # For maintainers: refresh the tracked tables in results/ (the demo's runs are reused when
-# already trained). Each file records the command that made it.
+# already trained). Each file records the command that made it; each benchmark table is
+# rendered from the JSON record beside it (results/bench_*.json), and what is written by hand
+# below a table's generated part stays.
 results: setup
 	$(VENV)/bin/powergrad train $(DEMO_RECIPES) --compare results/fashion_mnist_demo
 	$(PY) tools/bench_pgt.py --threads 1 --write results/bench_pgt.md
-	$(PY) tools/bench_loader.py --images 1280 --repeats 3 --out results/bench_loader.md
+	$(PY) tools/bench_loader.py --images 1280 --repeats 3 --write results/bench_loader.md
 	$(PY) tools/bench_engine.py --write results/bench_engine.md
+	$(PY) tools/bench_check_data.py --images 2000 --write results/bench_check_data.md
 
 clean:
 	rm -rf $(VENV) .apt-installed runs
