@@ -67,7 +67,6 @@ def limit_rate(beton: Path, workers: int) -> float:
         return n / seconds(lambda: pool.map(_decode_or_copy, chunks, chunksize=1))
 
 
-
 def stage_costs(beton: Path, batch_size: int, rounds: int = STAGE_ROUNDS) -> dict:
     """Milliseconds per image of each stage of the ffcv pipeline on one core: JPEG decode, raw
     read, random crop + resize at each resolution (ffcv's own C calls), the hand-off of a batch
