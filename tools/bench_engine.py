@@ -1,8 +1,7 @@
 """Engine overhead: images per second of `powergrad.training.engine.train` against a bare PyTorch loop.
 
-Both sides build the same objects from the same recipe with the suite's own builders (the
-model from powergrad.training.models, the optimizer, schedule and loss from powergrad.training.builders, the
-data from powergrad.data), seeded alike, so they train the same model on the same batches;
+Both sides build the same objects from the same recipe through the engine's own set-up
+(powergrad.training.setup.build_training), seeded alike, so they train the same model on the same batches;
 the bench checks that by comparing their mean training losses. The engine runs as a user's
 `--fast-dev-run N` does (N optimizer steps, nothing written; its stdout and stderr are
 captured, so progress shows as plain lines, not a bar); the bare side is a plain loop:
@@ -29,19 +28,14 @@ import time
 import bench_record
 import torch
 from bench_record import add_output_arguments, new_record
-from timm.utils import random_seed
 
 from powergrad.config.batching import plan_batch
 from powergrad.config.loading import load_recipe
 from powergrad.config.schema import Recipe
-from powergrad.data import build_loaders
 from powergrad.data.fashion_mnist import FashionMNISTLoader
-from powergrad.system.distributed import DistInfo
 from powergrad.system.timing import Spread, side_by_side
-from powergrad.training.builders import (build_optimizer, build_scheduler, build_train_loss,
-                                         pick_device)
 from powergrad.training.engine import train
-from powergrad.training.models import build_model
+from powergrad.training.setup import build_training
 
 TOOL, TOOL_PATH = "bench_engine", "tools/bench_engine.py"
 DEMO_RECIPE = "recipes/fashion_mnist/resnet_baseline.yaml"
@@ -79,20 +73,11 @@ def run_engine(recipe: Recipe, steps: int) -> float:
 
 
 def run_bare(recipe: Recipe, steps: int) -> float:
-    """The engine's set-up, then a plain loop; the mean training loss of `steps` steps."""
-    cfg = recipe.train
-    device = pick_device(cfg.device)
-    plan = plan_batch(cfg.global_batch, cfg.batch_size, cfg.grad_accum_steps, 1)
-    random_seed(cfg.seed, 0)
-    model = build_model(recipe.model).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    train_loader, _ = build_loaders(
-        recipe.data, batch_size=plan.micro_batch, eval_batch_size=cfg.eval_batch_size,
-        seed=cfg.seed, device=device, dist_info=DistInfo(), channels_last=cfg.channels_last)
-    optimizer = build_optimizer(recipe, model)
-    scheduler, _ = build_scheduler(recipe, optimizer, len(train_loader))
-    _, loss_fn = build_train_loss(recipe)
+    """The engine's set-up (build_training), then a plain loop; the mean training loss of
+    `steps` steps."""
+    training = build_training(recipe)
+    model, optimizer, scheduler = training.model, training.optimizer, training.scheduler
+    loss_fn, train_loader, device = training.loss_fn, training.train_loader, training.device
 
     model.train()
     train_loader.set_epoch(0)

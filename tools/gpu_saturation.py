@@ -14,68 +14,20 @@ with a tiny model and images): only the device and its synchronisation change.
 from __future__ import annotations
 
 import argparse
-import itertools
-import statistics
 import sys
-import time
-from collections.abc import Callable, Iterator
 
 import torch
 
 # the training step `powergrad gpu-check` times: the recipe's model (channels_last), loss,
 # optimizer, autocast and GradScaler
-from powergrad.commands.gpu_throughput import RecipeSteps
+# the feed ratio and its timing are gpu-check's own (one function for both)
+from powergrad.commands.gpu_throughput import RecipeSteps, endless, feed_ratio, synchronizer
 from powergrad.config.loading import RecipeError, load_recipe
-from powergrad.data import TrainLoader, build_loaders
 from powergrad.data.imagefolder_checks import ImageDataError
 from powergrad.errors import one_error_path, whole_number
-from powergrad.system.distributed import DistInfo
 from powergrad.training.builders import AMP_DTYPES, pick_device
-from powergrad.training.machine_fit import fit_to_machine, usable_cores
-
-
-def synchronizer(device: torch.device) -> Callable[[], None]:
-    """Wait for the device's queued work (CUDA runs asynchronously; the CPU does not)."""
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
-
-
-def endless(loader: TrainLoader, first_epoch: int = 0) -> Iterator:
-    """The loader's batches, epoch after epoch (each epoch's order from seed + epoch)."""
-    for epoch in itertools.count(first_epoch):
-        loader.set_epoch(epoch)
-        yield from loader
-
-
-def images_per_second(step: Callable, batches: Iterator, steps: int, warmup: int,
-                      sync: Callable[[], None]) -> float:
-    """Train `warmup` steps untimed, then `steps` timed steps on the next batches."""
-    for _ in range(warmup):
-        step(*next(batches))
-    sync()
-    start, count = time.perf_counter(), 0
-    for _ in range(steps):
-        images, labels = next(batches)
-        step(images, labels)
-        count += images.shape[0]
-    sync()
-    return count / (time.perf_counter() - start)
-
-
-def feed_ratio(step: Callable, loader_batches: Iterator, steps: int, warmup: int,
-               sync: Callable[[], None], rounds: int = 2) -> dict:
-    """Rates from the loader and from one of its batches kept on the device, alternating,
-    `rounds` times; ratio = median of per-round loader rate / resident rate."""
-    images, labels = next(loader_batches)
-    resident = itertools.repeat((images.clone(), labels.clone()))
-    fed, kept = [], []
-    for _ in range(rounds):
-        fed.append(images_per_second(step, loader_batches, steps, warmup, sync))
-        kept.append(images_per_second(step, resident, steps, warmup, sync))
-    return {"loader": statistics.median(fed), "resident": statistics.median(kept),
-            "ratio": statistics.median(f / k for f, k in zip(fed, kept)),
-            "batch": int(images.shape[0]), "resolution": tuple(images.shape[-2:])}
+from powergrad.training.machine_fit import usable_cores
+from powergrad.training.setup import build_training
 
 
 def amp_dtype_for(name: str) -> torch.dtype:
@@ -98,20 +50,16 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     device = pick_device(args.device or recipe.train.device)
-    if recipe.train.threads:
-        torch.set_num_threads(recipe.train.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    fit = fit_to_machine(recipe, device, recipe.train.batch_size)  # workers, fp16 on a CPU
+    # the engine's own set-up: the loader, model, optimizer and loss the run will have
+    training = build_training(recipe, device=device)
+    fit, train_loader = training.fit, training.train_loader
     amp_dtype = amp_dtype_for(fit.amp_dtype)
-    for note in fit.notes:
+    for note in training.notes:
         print(f"note: {note}")
-    train_loader, _ = build_loaders(
-        fit.data, batch_size=recipe.train.batch_size,
-        eval_batch_size=recipe.train.eval_batch_size, seed=recipe.train.seed, device=device,
-        dist_info=DistInfo(), channels_last=True)
     sync = synchronizer(device)
-    step = RecipeSteps(recipe, device, amp_dtype, sync)
+    step = RecipeSteps(recipe, device, amp_dtype, sync, training=training)
     result = feed_ratio(step, endless(train_loader), args.steps, args.warmup, sync, args.rounds)
     cores = usable_cores()
     print(f"{recipe.model.model} on {device} ({str(amp_dtype).removeprefix('torch.')} autocast, "

@@ -4,20 +4,16 @@ Prints the resolved settings with the file each came from, the model and its par
 the optimizer's parameter groups (with and without weight decay), what gradient clipping
 leaves out, the batch arithmetic for common launches, the learning rate at key epochs and the
 epoch count, and the paper's numbers; writes a PNG of the lr and the PGT alpha over training.
-Everything is built by the same functions the engine uses (builders.py, batching.py).
+Everything is built by the engine's own set-up (training/setup.py: build_training).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from powergrad.config.batching import BatchPlanError, plan_batch
 from powergrad.config.schema import Recipe
 from powergrad.data.imagenet_archives import IMAGENET
-from powergrad.training.builders import build_optimizer, build_scheduler
-from powergrad.training.clipping import clip_parameters
-from powergrad.training.models import build_model
+from powergrad.training.setup import Training, build_training
 
 WORLD_SIZES = (1, 4, 8, 16)  # one GPU, one 4-GPU node (the paper's), one 8-GPU node, 2 nodes
 FASHION_MNIST_TRAIN_IMAGES = 60_000
@@ -38,15 +34,14 @@ def train_images(recipe: Recipe) -> tuple[int, str]:
     return count, why
 
 
-def lr_schedule(recipe: Recipe, updates_per_epoch: int):
-    """(lr_at(epoch position), total epochs) from timm's scheduler, as the engine builds it."""
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=recipe.optim.lr)
-    scheduler, total_epochs = build_scheduler(recipe, optimizer, updates_per_epoch)
+def lr_schedule(training: Training):
+    """lr_at(epoch position) from the run's own timm scheduler (build_training's)."""
+    updates_per_epoch, optimizer = training.updates_per_epoch, training.optimizer
 
     def lr_at(epoch: float) -> float:
-        scheduler.step_update(num_updates=round(epoch * updates_per_epoch))
+        training.scheduler.step_update(num_updates=round(epoch * updates_per_epoch))
         return optimizer.param_groups[0]["lr"]
-    return lr_at, total_epochs
+    return lr_at
 
 
 def key_epochs(recipe: Recipe, total_epochs: int) -> list[float]:
@@ -86,11 +81,17 @@ def describe(recipe: Recipe, png: Path | None = None) -> str:
         lines.append(f"  {key} = {value!r}" + (f"  <- {origin}" if origin else ""))
 
     lines += ["", f"augmentation: {_augmentation(recipe)}"]
-    model = build_model(recipe.model)
+    images, why = train_images(recipe)
+    step_batch = plan_batch(recipe.train.global_batch, recipe.train.batch_size,
+                            recipe.train.grad_accum_steps, 1).global_batch
+    updates_per_epoch = max(1, images // step_batch)
+    # the engine's own set-up, without data and without loading weights
+    training = build_training(recipe, with_data=False, with_weights=False,
+                              updates_per_epoch=updates_per_epoch, device="cpu")
+    model, optimizer, total_epochs = training.model, training.optimizer, training.total_epochs
     names = {id(p): n for n, p in model.named_parameters()}
     total = sum(p.numel() for p in model.parameters())
     lines += ["", f"model {recipe.model.model}: {total:,} parameters ({total / 1e6:.2f} M)"]
-    optimizer = build_optimizer(recipe, model)
     lines.append(f"optimizer {type(optimizer).__name__} ({recipe.optim.opt}), parameter groups:")
     for group in optimizer.param_groups:
         params = group["params"]
@@ -101,7 +102,7 @@ def describe(recipe: Recipe, png: Path | None = None) -> str:
     if clip_cfg.clip_mode == "none":
         lines.append("gradient clipping: none")
     else:
-        kept = {id(p) for p in clip_parameters(model, clip_cfg.clip_mode, clip_cfg.exclude_head)}
+        kept = {id(p) for p in training.clip_params}
         left_out = [n for n, p in model.named_parameters() if id(p) not in kept]
         lines.append(f"gradient clipping: {clip_cfg.clip_mode} at {clip_cfg.clip_grad:g}; "
                      f"left out: {', '.join(left_out) or 'nothing'}")
@@ -128,11 +129,7 @@ def describe(recipe: Recipe, png: Path | None = None) -> str:
               f"--rdzv_endpoint HOST:29500 train {source}  (on each node)",
               "  SLURM:   README, \"On a cluster\" (srun tasks or one torchrun per node)"]
 
-    images, why = train_images(recipe)
-    step_batch = plan_batch(recipe.train.global_batch, recipe.train.batch_size,
-                            recipe.train.grad_accum_steps, 1).global_batch
-    updates_per_epoch = max(1, images // step_batch)
-    lr_at, total_epochs = lr_schedule(recipe, updates_per_epoch)
+    lr_at = lr_schedule(training)
     alpha = recipe.pgt.alpha if recipe.pgt.enabled else 1.0
     lines += ["", f"schedule {recipe.sched.sched}: {total_epochs} epochs to train "
               f"(train.epochs {recipe.train.epochs} + cool-down "

@@ -5,15 +5,17 @@ tools/gpu_saturation.py."""
 from __future__ import annotations
 
 import itertools
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from powergrad.commands.gpu_context import NO_CUDA, Context, Row, paper_recipe, skip_reason
 from powergrad.config.batching import plan_batch
-from powergrad.training.setup import build_training
+from powergrad.data.contract import TrainLoader
+from powergrad.training.setup import Training, build_training
 from powergrad.training.step import TrainState, train_step
 
 
@@ -23,8 +25,8 @@ class RecipeSteps:
     step without the engine's logging, timed against different sources of batches."""
 
     def __init__(self, recipe, device: torch.device, amp_dtype: torch.dtype,
-                 sync: Callable[[], None], accum: int = 1):
-        self.training = build_training(recipe, with_data=False, device=device)
+                 sync: Callable[[], None], accum: int = 1, training: Training | None = None):
+        self.training = training or build_training(recipe, with_data=False, device=device)
         self.training.model.to(memory_format=torch.channels_last)
         self.training.amp_dtype = amp_dtype  # the check is about AMP, whatever the recipe says
         self.training.plan = plan_batch(None, recipe.train.batch_size, accum, 1)
@@ -41,23 +43,48 @@ class RecipeSteps:
                    self.state)
         return sum(images.shape[0] for images, _ in batches)
 
-    def images_per_second(self, batches, warmup: int) -> tuple[float, int]:
-        """Train on every batch of `batches` (accum per step); time all but the first `warmup`
-        steps."""
-        batches, start, count, steps = iter(batches), None, 0, 0
-        while group := list(itertools.islice(batches, self.accum)):
-            if len(group) < self.accum:
-                break
-            if steps == warmup:
-                self.sync()
-                start = time.perf_counter()
-            trained = self.step(group)
-            count += trained if steps >= warmup else 0
-            steps += 1
-        self.sync()
-        if start is None or count == 0:
-            raise RuntimeError(f"only {steps} steps: nothing timed")
-        return count / (time.perf_counter() - start), count
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """Wait for the device's queued work (CUDA runs asynchronously; the CPU does not)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def endless(loader: TrainLoader, first_epoch: int = 0) -> Iterator:
+    """The loader's batches, epoch after epoch (each epoch's order from seed + epoch)."""
+    for epoch in itertools.count(first_epoch):
+        loader.set_epoch(epoch)
+        yield from loader
+
+
+def images_per_second(step: Callable, batches: Iterator, steps: int, warmup: int,
+                      sync: Callable[[], None]) -> float:
+    """Train `warmup` steps untimed, then `steps` timed steps on the next batches; `step`
+    returns the images it trained."""
+    for _ in range(warmup):
+        step(*next(batches))
+    sync()
+    start, count = time.perf_counter(), 0
+    for _ in range(steps):
+        count += step(*next(batches))  # a step returns the images it trained
+    sync()
+    return count / (time.perf_counter() - start)
+
+
+def feed_ratio(step: Callable, loader_batches: Iterator, steps: int, warmup: int,
+               sync: Callable[[], None], rounds: int = 2) -> dict:
+    """Rates from the loader and from one of its batches kept on the device, alternating,
+    `rounds` times; ratio = median of per-round loader rate / resident rate."""
+    images, labels = next(loader_batches)
+    resident = itertools.repeat((images.clone(), labels.clone()))
+    fed, kept = [], []
+    for _ in range(rounds):
+        fed.append(images_per_second(step, loader_batches, steps, warmup, sync))
+        kept.append(images_per_second(step, resident, steps, warmup, sync))
+    return {"loader": statistics.median(fed), "resident": statistics.median(kept),
+            "ratio": statistics.median(f / k for f, k in zip(fed, kept)),
+            "batch": int(images.shape[0]), "resolution": tuple(images.shape[-2:])}
 
 
 def _loader_path(ctx: Context, name: str) -> str:
@@ -82,9 +109,10 @@ def loader_row(ctx: Context, root: Path, name: str, steps: RecipeSteps) -> Row:
                      num_classes=10)
     train, _ = build_image_loaders(cfg, batch_size=s.batch, eval_batch_size=s.batch, seed=0,
                                    device=ctx.device, channels_last=True)
-    train.set_epoch(0)  # first pass: start-up (ffcv compiles, DALI builds) and training
-    fed, count = steps.images_per_second(train, s.warmup)
-    train.set_epoch(1)  # second pass: the loader alone
+    # the first pass: start-up (ffcv compiles, DALI builds), then loader-fed against resident
+    result = feed_ratio(steps, endless(train), steps=max(1, len(train) - s.warmup - 1),
+                        warmup=s.warmup, sync=ctx.sync, rounds=1)
+    train.set_epoch(1)  # another pass: the loader alone
     batches = iter(train)
     next(batches)
     ctx.sync()
@@ -93,10 +121,8 @@ def loader_row(ctx: Context, root: Path, name: str, steps: RecipeSteps) -> Row:
         alone += images.shape[0]
     ctx.sync()
     alone_rate = alone / (time.perf_counter() - start)
-    images, labels = next(iter(train))
-    cached = itertools.repeat((images.clone(), labels.clone()), s.warmup + len(train))
-    cached_rate, _ = steps.images_per_second(cached, s.warmup)
-    ratio = fed / cached_rate
+    fed, cached_rate, ratio = result["loader"], result["resident"], result["ratio"]
+    count = result["batch"] * max(1, len(train) - s.warmup - 1)
     ctx.feed_ratios[name] = ratio
     return Row(f"loader {name}", _loader_path(ctx, name), "pass",
                f"alone {alone_rate:.0f} img/s; ResNet-50 from it {fed:.0f} img/s, from a cached "
@@ -106,7 +132,6 @@ def loader_row(ctx: Context, root: Path, name: str, steps: RecipeSteps) -> Row:
 def gpu_hours_row(ctx: Context) -> Row:
     """Time per optimizer step of the paper recipe on one device at its own batch plan."""
     from powergrad.data.imagenet_archives import IMAGENET
-    from powergrad.training.builders import build_scheduler
 
     recipe = paper_recipe(ctx, [])
     if ctx.sizes.step_batch is None:
@@ -120,9 +145,9 @@ def gpu_hours_row(ctx: Context) -> Row:
     images = torch.randn(micro, 3, res, res, generator=gen).to(
         ctx.device, memory_format=torch.channels_last)
     labels = torch.randint(0, recipe.model.num_classes, (micro,), generator=gen).to(ctx.device)
-    warmup_steps = 2
-    batches = itertools.repeat((images, labels), accum * (warmup_steps + ctx.sizes.step_repeats))
-    rate, _ = steps.images_per_second(batches, warmup_steps)
+    one_step = lambda i, l: steps.step([(i, l)] * accum)  # noqa: E731  (accum micro-batches)
+    rate = images_per_second(one_step, itertools.repeat((images, labels)),
+                             ctx.sizes.step_repeats, 2, ctx.sync)
     seconds_per_step = micro * accum / rate
     path = f"{micro} x {accum} accumulation, {res} px, {ctx.device.type}"
     if not ctx.cuda:
@@ -130,7 +155,7 @@ def gpu_hours_row(ctx: Context) -> Row:
                    f"(the step code ran: {seconds_per_step:.2f} s per step at this tiny size)")
     global_batch = micro * accum
     steps_per_epoch = IMAGENET.train_images // global_batch
-    _, epochs = build_scheduler(recipe, steps.optimizer, steps_per_epoch)  # cool-down too
+    epochs = steps.training.total_epochs  # the schedule's cool-down too
     hours = seconds_per_step * steps_per_epoch * epochs / 3600
     loaders = "; ".join(f"fed by {name} (ratio {r:.2f}): {hours / r:.0f}"
                         for name, r in ctx.feed_ratios.items() if r > 0)

@@ -76,11 +76,14 @@ class Training:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
-def build_training(recipe: Recipe, *, with_data: bool = True, updates_per_epoch: int | None = None,
+def build_training(recipe: Recipe, *, with_data: bool = True, with_weights: bool = True,
+                   updates_per_epoch: int | None = None,
                    device: torch.device | str | None = None) -> Training:
     """Build a run's parts from the recipe with timm's factories. with_data=False builds no
     loader (describe, timing on synthetic batches); updates_per_epoch then sets the schedule's
-    length (default 1). device overrides train.device (tools that time on a chosen device)."""
+    length (default 1). with_weights=False leaves the seed's initial weights (no pretrained
+    or initial checkpoint: describe). device overrides train.device (tools that time on a
+    chosen device)."""
     cfg = recipe.train
     device = pick_device(str(device) if device is not None else cfg.device)
     dist_info = init_distributed(device.type)
@@ -94,8 +97,8 @@ def build_training(recipe: Recipe, *, with_data: bool = True, updates_per_epoch:
         torch.set_num_threads(cfg.threads)
     random_seed(cfg.seed, dist_info.rank)
 
-    model = build_model(recipe.model, pretrained=True)  # model.pretrained decides
-    if recipe.model.initial_checkpoint:  # fine-tuning: a resumed run's checkpoint wins later
+    model = build_model(recipe.model, pretrained=with_weights)  # model.pretrained decides
+    if with_weights and recipe.model.initial_checkpoint:  # a resumed run's checkpoint wins later
         notes += load_initial_checkpoint(model, recipe.model)
     model = model.to(device)
     if cfg.sync_bn and dist_info.enabled:  # one process: BatchNorm already sees the batch
