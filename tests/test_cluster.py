@@ -18,6 +18,7 @@ import pytest
 import torch
 from helpers_images import imagenet_format
 from helpers_net import free_port
+from helpers_signals import handler_before_the_run
 
 from powergrad.commands.launch import exit_code
 from powergrad.config.loading import load_recipe
@@ -111,28 +112,37 @@ def signalled_at_step(monkeypatch, signum: int, at: int) -> None:
 
 
 @pytest.fixture
-def default_stop_signals():
-    yield  # a stop leaves the signals ignored until the process exits: put them back
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(signum, signal.SIG_DFL)
+def handler_before():
+    """(handler, received): the test's own handler on SIGTERM and SIGUSR1 before the run; a
+    stop leaves both ignored until the process exits, so the ones found are put back after."""
+    with handler_before_the_run() as installed:
+        yield installed
 
 
-def test_sigusr1_preempts_like_sigterm(tmp_path, monkeypatch, default_stop_signals):
-    """SLURM's early warning, --signal=USR1@120."""
+def test_sigusr1_preempts_like_sigterm(tmp_path, monkeypatch, handler_before):
+    """SLURM's early warning, --signal=USR1@120. The run's handler takes it (not the one
+    installed before the run), and after the stop both signals are ignored: neither the
+    handler from before nor the default action (death) sees a second one."""
+    before, received = handler_before
     signalled_at_step(monkeypatch, signal.SIGUSR1, 3)
     with pytest.raises(Preempted) as stop:
         engine.train(load_recipe(FASHION, TINY + [f"log.output={tmp_path}"]))
     assert stop.value.exit_code == 75 and "preempted: saved" in str(stop.value)
     assert ckpt.read_training(tmp_path / "resnet_pgt" / "last.pth")["state"]["num_updates"] == 3
-    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN  # a second one changes nothing
+    assert received == []
+    assert [signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)] == [
+        signal.SIG_IGN, signal.SIG_IGN]
+    os.kill(os.getpid(), signal.SIGUSR1)  # a second one changes nothing
+    assert received == []
 
 
 def test_without_checkpoints_a_preemption_says_nothing_was_saved_and_is_not_75(
-        tmp_path, monkeypatch, default_stop_signals):
+        tmp_path, monkeypatch, handler_before):
     signalled_at_step(monkeypatch, signal.SIGTERM, 3)
     with pytest.raises(Preempted) as stop:
         engine.train(load_recipe(FASHION, TINY + ["log.checkpoint=false",
                                                   f"log.output={tmp_path}"]))
+    assert handler_before[1] == []  # the run's handler took the signal
     assert stop.value.exit_code == 143  # 128 + SIGTERM, as a shell reports it: no requeue
     assert "nothing saved (log.checkpoint is false)" in str(stop.value)
     assert not list(tmp_path.rglob("*.pth"))

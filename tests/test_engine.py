@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_net import free_port
+from helpers_signals import handler_before_the_run
 
 from powergrad.config.loading import load_recipe
 from powergrad.report.compare import markdown_table, read_scalars, summarize
@@ -201,31 +202,44 @@ def test_engine_options_run_end_to_end(tmp_path, extra):
 
 
 def test_sigterm_preempts_cleanly_and_resumes_mid_epoch_exactly(tmp_path, monkeypatch):
+    """A SIGTERM at the 5th step saves there and resumes to the straight run's weights. The
+    signal handlers are compared with one this test installed before the runs: a run that
+    ends puts that one back; a stopped run leaves both stop signals ignored (a second signal
+    must not kill it between its save and its exit); none of the signals reaches it."""
     extra = ["loss.mixup=0.5", "train.model_ema=true"]  # RNG-consuming and stateful parts too
-    straight = engine.train(tiny_recipe(tmp_path / "a", extra=extra))
-    state_a = ckpt.load(Path(straight["run_dir"]) / "last.pth")
+    stop_signals = (signal.SIGTERM, signal.SIGUSR1)
+    with handler_before_the_run(stop_signals) as (before, received):
+        straight = engine.train(tiny_recipe(tmp_path / "a", extra=extra))
+        assert [signal.getsignal(s) for s in stop_signals] == [before, before]
+        state_a = ckpt.load(Path(straight["run_dir"]) / "last.pth")
 
-    real_clip = step.clip_gradients
-    updates = []
+        real_clip = step.clip_gradients
+        updates = []
 
-    def terminated_at_update_5(*args, **kwargs):
-        updates.append(1)
-        if len(updates) == 5:  # the scheduler's SIGTERM arrives during the 5th step
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_clip(*args, **kwargs)
+        def terminated_at_update_5(*args, **kwargs):
+            updates.append(1)
+            if len(updates) == 5:  # the scheduler's SIGTERM arrives during the 5th step
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_clip(*args, **kwargs)
 
-    monkeypatch.setattr(step, "clip_gradients", terminated_at_update_5)
-    with pytest.raises(Preempted, match="preempted: saved .*last.pth at epoch 1, batch 5"):
-        engine.train(tiny_recipe(tmp_path / "b", extra=extra))
-    monkeypatch.setattr(step, "clip_gradients", real_clip)
-    saved = ckpt.load(tmp_path / "b" / "resnet_pgt" / "last.pth")["state"]
-    assert saved["num_updates"] == 5
-    assert (saved["epoch"], saved["batch_in_epoch"]) == (0, 5)
-    # the process is about to exit: a second signal must not kill it before then
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        monkeypatch.setattr(step, "clip_gradients", terminated_at_update_5)
+        with pytest.raises(Preempted, match="preempted: saved .*last.pth at epoch 1, batch 5"):
+            engine.train(tiny_recipe(tmp_path / "b", extra=extra))
+        monkeypatch.setattr(step, "clip_gradients", real_clip)
+        saved = ckpt.load(tmp_path / "b" / "resnet_pgt" / "last.pth")["state"]
+        assert saved["num_updates"] == 5
+        assert (saved["epoch"], saved["batch_in_epoch"]) == (0, 5)
+        assert received == []  # the run's own handler took it
+        # the process is about to exit: a second signal must not kill it before then
+        assert [signal.getsignal(s) for s in stop_signals] == [signal.SIG_IGN, signal.SIG_IGN]
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert received == []
+        for signum in stop_signals:  # the next command is a new process: as it finds them
+            signal.signal(signum, before)
 
-    resumed = engine.train(tiny_recipe(tmp_path / "b", extra=extra))
+        resumed = engine.train(tiny_recipe(tmp_path / "b", extra=extra))
+        assert [signal.getsignal(s) for s in stop_signals] == [before, before]
+        assert received == []
     state_b = ckpt.load(Path(resumed["run_dir"]) / "last.pth")
     assert "preempted" not in resumed and state_b["state"]["num_updates"] == 16
     for key, value in state_a["model"].items():
