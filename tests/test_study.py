@@ -10,6 +10,7 @@ import csv
 import gzip
 import json
 import math
+import re
 import shutil
 import statistics
 import struct
@@ -415,6 +416,30 @@ def test_plan_mistakes_name_the_file_and_key(tmp_path):
         load_plan(plan)
     plan.write_text(text.replace("logit_norm: higher", "logit_norm: up"))
     with pytest.raises(StudyError, match="expect.logit_norm: got 'up'; expected one of: higher"):
+        load_plan(plan)
+
+
+def test_plan_types_ranges_and_keys_are_checked_by_the_recipe_code(tmp_path):
+    """The plan's schema is declared with schema.setting and checked by build_checked, as a
+    recipe's is: the same messages for a range, a type and a misspelled key."""
+    plan = tiny_plan(tmp_path)
+    text = plan.read_text()
+    plan.write_text(re.sub(r"^margin_points: .*$", "margin_points: -0.5", text, flags=re.M))
+    with pytest.raises(StudyError, match=r"plan.yaml: margin_points: got -0.5, expected a value "
+                                         r"in \[0, inf\)"):
+        load_plan(plan)
+    plan.write_text(text.replace("seeds: [0, 1], cost: tiny}\n  pgt",
+                                 "seeds: [0, -1], cost: tiny}\n  pgt"))
+    with pytest.raises(StudyError, match=r"arms.base.seeds: got \[0, -1\], expected each item "
+                                         r"in \[0, 2147483647\]"):
+        load_plan(plan)
+    plan.write_text(text.replace("cost: tiny}\n  pgt", "costs: tiny}\n  pgt", 1))
+    with pytest.raises(StudyError, match=r"arms.base.costs: unknown key .*did you mean "
+                                         r"'arms.base.cost'\?"):
+        load_plan(plan)
+    plan.write_text(text.replace("arms: [pgt]", "arms: pgt"))
+    with pytest.raises(StudyError, match=r"claims.pgt_tiny.arms: expected a list of any number "
+                                         r"of strings, got 'pgt'"):
         load_plan(plan)
 
 

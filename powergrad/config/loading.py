@@ -19,7 +19,7 @@ from typing import Literal
 
 import yaml
 
-from powergrad.config.schema import FREE_FORM, Recipe, declared_settings, in_interval
+from powergrad.config.schema import FREE_FORM, Recipe, in_interval
 from powergrad.config.yaml_files import DuplicateKey, UnreadableYaml, parse_yaml, read_yaml_file
 
 
@@ -27,7 +27,7 @@ class RecipeError(ValueError):
     """A recipe problem, naming the file, the key, the value and what was expected."""
 
     def __init__(self, file: str, key: str, message: str):
-        self.file, self.key = file, key
+        self.file, self.key, self.message = file, key, message
         super().__init__(f"{file}: {key}: {message}" if key else f"{file}: {message}")
 
 
@@ -132,7 +132,10 @@ def _build(cls, tree, prefix: str, origins: dict, default_file: str):
         raise RecipeError(origins.get(prefix.rstrip("."), default_file), prefix.rstrip("."),
                           f"expected a section (mapping), got {tree!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in ("source", "origins")]
+    # the keys: fields declared with schema.setting, and sections (Recipe.source and .origins,
+    # set by load_recipe, are neither)
+    names = [f.name for f in dataclasses.fields(cls)
+             if "meaning" in f.metadata or dataclasses.is_dataclass(hints[f.name])]
     values = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
@@ -144,9 +147,55 @@ def _build(cls, tree, prefix: str, origins: dict, default_file: str):
         hint_type = hints[key]
         if dataclasses.is_dataclass(hint_type):
             values[key] = _build(hint_type, value, dotted + ".", origins, default_file)
+        elif _section_map(hint_type):  # named sections of one kind (a study plan's arms)
+            if not isinstance(value, dict):
+                raise RecipeError(file, dotted, f"expected a mapping of names to sections, "
+                                                f"got {value!r}")
+            values[key] = {name: _build(_section_map(hint_type), section, f"{dotted}.{name}.",
+                                        origins, default_file)
+                           for name, section in value.items()}
         else:
             values[key] = _coerce(value, hint_type, file, dotted)
     return cls(**values)
+
+
+def _section_map(hint):
+    """The dataclass X of a `dict[str, X]` hint, else None."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
+        return args[1]
+    return None
+
+
+def build_checked(cls, tree, file: str):
+    """A YAML mapping turned into the dataclass `cls` declared with schema.setting fields
+    (a recipe's sections, a study plan): every key known, every type and range as declared,
+    or a RecipeError naming the file, the dotted key and what was expected."""
+    value = _build(cls, tree, prefix="", origins={}, default_file=file)
+
+    def fail(key: str, message: str):
+        raise RecipeError(file, key, message)
+    check_ranges(value, "", fail)
+    return value
+
+
+def check_ranges(value, prefix: str, fail) -> None:
+    """Each field's declared range (schema.setting) on a built dataclass, its sections and
+    named sections included; `fail(dotted key, message)` on the first value outside."""
+    for f in dataclasses.fields(value):
+        item, key = getattr(value, f.name), f"{prefix}{f.name}"
+        interval = f.metadata.get("range")
+        if dataclasses.is_dataclass(item):
+            check_ranges(item, key + ".", fail)
+        elif isinstance(item, dict) and item and all(dataclasses.is_dataclass(v)
+                                                     for v in item.values()):
+            for name, section in item.items():
+                check_ranges(section, f"{key}.{name}.", fail)
+        elif interval is not None and item is not None:
+            items = item if isinstance(item, (list, tuple)) else [item]
+            if not all(in_interval(x, interval) for x in items):
+                each = "each item" if isinstance(item, (list, tuple)) else "a value"
+                fail(key, f"got {item!r}, expected {each} in {interval}")
 
 
 def _coerce(value, hint, file: str, key: str):
@@ -215,14 +264,7 @@ def _check_semantics(recipe: Recipe, origins: dict, default_file: str) -> None:
     def fail(key: str, message: str):
         raise RecipeError(origins.get(key, default_file), key, message)
 
-    for key, declared, _ in declared_settings():
-        interval, value = declared.metadata.get("range"), _get_dotted(recipe, key)
-        if interval is None or value is None:  # no range, or an optional setting left unset
-            continue
-        items = value if isinstance(value, (list, tuple)) else [value]
-        if not all(in_interval(item, interval) for item in items):
-            each = "each item" if isinstance(value, (list, tuple)) else "a value"
-            fail(key, f"got {value!r}, expected {each} in {interval}")
+    check_ranges(recipe, "", fail)
     for key in ("data.scale", "data.ratio"):
         low, high = _get_dotted(recipe, key)
         if low > high:

@@ -14,12 +14,12 @@ same model and machine): an arm not yet run is estimated from the measured runs 
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from powergrad.config.loading import RecipeError, load_recipe
+from powergrad.config.loading import RecipeError, build_checked, load_recipe
+from powergrad.config.schema import setting
 from powergrad.config.yaml_files import UnreadableYaml, read_yaml_file
 from powergrad.study.metrics import METRICS
 
@@ -87,12 +87,42 @@ class StudyPlan:
         return [self.arms[n] for n in names]
 
 
-_PLAN_KEYS = {"description", "margin_points", "fits_at", "arms", "claims"}
+# The plan file's schema, declared as a recipe's is (config/schema.setting: type, default,
+# range and meaning on the field) and checked by the same code (config/loading.build_checked).
+@dataclass
+class ArmFile:
+    recipe: str = setting("", "the arm's recipe, relative to the plan file")
+    seeds: list[int] = setting([], "the seeds it trains, each once", "[0, 2147483647]")
+    cost: str | None = setting(None, "arms of one cost take the same time per training image "
+                                     "(the time estimate; default: the arm's own name)")
+
+
+@dataclass
+class ClaimFile:
+    statement: str = setting("", "the claim, in a sentence")
+    source: str = setting("", "where the paper says it")
+    baseline: str | None = setting(None, "the arm the others are compared with")
+    arms: list[str] = setting([], "the arms compared with the baseline, paired by seed")
+    expect: dict = setting({}, "metric: higher | lower | no_gain, relative to the baseline")
+    paper: dict = setting({}, "the paper's number as text: metric: text, or arm: {metric: text}")
+    sweep: str | None = setting(None, "a dotted recipe key: plot the metrics against its value")
+    profiles: bool = setting(False, "ViT arms: plot per-block variance, gradient norm and gate")
+    requires: str | None = setting(None, "a feature the suite lacks: listed, not run")
+
+
+@dataclass
+class PlanFile:
+    description: str = setting("", "the report's title")
+    margin_points: float = setting(0.1, "top-1 differences smaller than this count as no gain",
+                                   "[0, inf)")
+    fits_at: float = setting(99.0, "a baseline at this final train top-1 or above fits its "
+                                   "training set", "(0, 100]")
+    arms: dict[str, ArmFile] = setting({}, "name: an arm (a recipe over seeds)")
+    claims: dict[str, ClaimFile] = setting({}, "name: a claim (a baseline, arms, expectations)")
+
+
 # Keys of plans written before run times were measured from the records.
 _RETIRED_KEYS = {"throughput", "throughput_note"}
-_ARM_KEYS = {"recipe", "seeds", "cost"}
-_CLAIM_KEYS = {"statement", "source", "baseline", "arms", "expect", "paper", "sweep", "profiles",
-               "requires"}
 
 
 def load_plan(path: str | Path) -> StudyPlan:
@@ -109,61 +139,41 @@ def load_plan(path: str | Path) -> StudyPlan:
             raise StudyError(path, key, "no longer read: run times are measured from the "
                              "records (the runs of the same arm, or of arms with the same "
                              "`cost`); delete it")
-    _expect_mapping(tree, path, "", _PLAN_KEYS)
-    arms = {name: _arm(name, value, path) for name, value in _section(tree, "arms", path).items()}
-    claims = {name: _claim(name, value, path, arms)
-              for name, value in _section(tree, "claims", path).items()}
-    return StudyPlan(file=path, arms=arms, claims=claims,
-                     margin_points=_number(tree, "margin_points", path, "", positive=False),
-                     fits_at=_number(tree, "fits_at", path, "", positive=True),
-                     description=str(tree.get("description") or ""))
+    if not isinstance(tree, dict):
+        raise StudyError(path, "", f"expected a mapping of plan keys, got {tree!r}")
+    try:
+        plan = build_checked(PlanFile, tree, str(path))
+    except RecipeError as err:
+        raise StudyError(err.file, err.key, err.message) from None
+    for key in ("arms", "claims"):
+        if not getattr(plan, key):
+            raise StudyError(path, key, f"got {tree.get(key)!r}; expected a non-empty mapping")
+    arms = {name: _arm(name, arm, path) for name, arm in plan.arms.items()}
+    claims = {name: _claim(name, claim, path, arms) for name, claim in plan.claims.items()}
+    return StudyPlan(file=path, arms=arms, claims=claims, margin_points=plan.margin_points,
+                     fits_at=plan.fits_at, description=plan.description)
 
 
-def _arm(name: str, value, path: Path) -> Arm:
+def _arm(name: str, spec: ArmFile, path: Path) -> Arm:
     where = f"arms.{name}"
-    _expect_mapping(value, path, where, _ARM_KEYS)
-    seeds = value.get("seeds")
-    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                       for s in seeds)):
-        raise StudyError(path, f"{where}.seeds", f"got {seeds!r}; expected a list of "
+    if not spec.seeds or len(set(spec.seeds)) != len(spec.seeds):
+        raise StudyError(path, f"{where}.seeds", f"got {spec.seeds!r}; expected a list of "
                          "distinct non-negative integers")
-    cost = value.get("cost", name)
-    if not isinstance(cost, str) or not cost:
-        raise StudyError(path, f"{where}.cost", f"got {cost!r}; expected a name shared by "
-                         "arms whose runs take the same time per image")
-    recipe = Path(os.path.normpath(path.parent / str(value.get("recipe"))))
+    recipe = Path(os.path.normpath(path.parent / spec.recipe))
     try:
         load_recipe(recipe)
     except RecipeError as err:
         raise StudyError(path, f"{where}.recipe", f"does not load: {err}") from None
-    return Arm(name, recipe, tuple(seeds), cost)
+    return Arm(name, recipe, tuple(spec.seeds), spec.cost or name)
 
 
-def _claim(name: str, value, path: Path, arms: dict[str, Arm]) -> Claim:
+def _claim(name: str, spec: ClaimFile, path: Path, arms: dict[str, Arm]) -> Claim:
     where = f"claims.{name}"
-    _expect_mapping(value, path, where, _CLAIM_KEYS)
-    for key, types, what in (("baseline", (str, type(None)), "an arm's name"),
-                             ("arms", (list, type(None)), "a list of arm names"),
-                             ("expect", (dict, type(None)), "a mapping metric: direction"),
-                             ("paper", (dict, type(None)), "a mapping of the paper's numbers"),
-                             ("sweep", (str, type(None)), "a dotted recipe key"),
-                             ("requires", (str, type(None)), "a sentence"),
-                             ("profiles", (bool,), "true or false"),
-                             ("statement", (str,), "a sentence"),
-                             ("source", (str,), "a citation")):
-        if key in value and not isinstance(value[key], types):
-            raise StudyError(path, f"{where}.{key}", f"got {value[key]!r}; expected {what}")
-    if not all(isinstance(arm, str) for arm in value.get("arms") or []):
-        raise StudyError(path, f"{where}.arms", f"got {value['arms']!r}; expected a list "
-                         "of arm names")
-    claim = Claim(name=name, statement=str(value.get("statement", "")),
-                  source=str(value.get("source", "")), baseline=value.get("baseline"),
-                  arms=list(value.get("arms") or []), expect=dict(value.get("expect") or {}),
+    claim = Claim(name=name, statement=spec.statement, source=spec.source,
+                  baseline=spec.baseline, arms=list(spec.arms), expect=dict(spec.expect),
                   paper={k: ({m: str(t) for m, t in v.items()} if isinstance(v, dict)
-                             else str(v)) for k, v in (value.get("paper") or {}).items()},
-                  sweep=value.get("sweep"), profiles=bool(value.get("profiles", False)),
-                  requires=value.get("requires"))
+                             else str(v)) for k, v in spec.paper.items()},
+                  sweep=spec.sweep, profiles=spec.profiles, requires=spec.requires)
     if claim.requires is None:
         for arm in [claim.baseline, *claim.arms]:
             if arm not in arms:
@@ -184,29 +194,3 @@ def _claim(name: str, value, path: Path, arms: dict[str, Arm]) -> Claim:
             raise StudyError(path, f"{where}.expect.{metric}", f"got {direction!r}; "
                              f"expected one of: {', '.join(DIRECTIONS)}")
     return claim
-
-
-def _expect_mapping(value, path: Path, where: str, allowed: set[str]) -> None:
-    if not isinstance(value, dict):
-        raise StudyError(path, where, f"expected a mapping, got {value!r}")
-    for key in value:
-        if key not in allowed:
-            raise StudyError(path, f"{where}.{key}" if where else key,
-                             f"unknown key; expected one of: {', '.join(sorted(allowed))}")
-
-
-def _section(tree: dict, key: str, path: Path) -> dict:
-    value = tree.get(key)
-    if not isinstance(value, dict) or not value:
-        raise StudyError(path, key, f"got {value!r}; expected a non-empty mapping")
-    return value
-
-
-def _number(tree: dict, key: str, path: Path, where: str, positive: bool) -> float:
-    value = tree.get(key)
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value) and (value > 0 if positive else value >= 0))
-    if not ok:
-        raise StudyError(path, f"{where}.{key}" if where else key, f"got {value!r}; expected a "
-                         f"{'positive' if positive else 'non-negative'} finite number")
-    return float(value)
