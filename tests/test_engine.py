@@ -18,7 +18,8 @@ from helpers_net import free_port
 from helpers_signals import handler_before_the_run
 
 from powergrad.config.loading import load_recipe
-from powergrad.report.compare import markdown_table, read_scalars, summarize
+from powergrad.report.compare import markdown_table, summarize
+from powergrad.report.events import read_scalars
 from powergrad.system.preemption import Preempted
 from powergrad.training import checkpoint as ckpt
 from powergrad.training import engine, step
@@ -186,19 +187,104 @@ def test_vit_recipes_smoke(tmp_path, name):
     # bf16 autocast + mixup/cutmix soft targets through PGT + EMA + gradient accumulation
     ["train.amp_dtype=bfloat16", "loss.mixup=0.8", "loss.cutmix=1.0", "loss.smoothing=0.1",
      "train.model_ema=true", "train.model_ema_decay=0.9", "train.grad_accum_steps=2"],
-    # fp16 autocast with a GradScaler, norm clipping, step schedule, test-time flip
+    # an fp16 recipe (a GradScaler on a GPU), norm clipping, step schedule, test-time flip
     ["train.amp_dtype=float16", "clip.clip_mode=norm", "clip.clip_grad=1.0", "sched.sched=step",
      "sched.decay_epochs=1", "train.tta_flip=true"],
 ])
 def test_engine_options_run_end_to_end(tmp_path, extra):
+    """On a CPU both run bf16 autocast (machine_fit turns fp16 into bf16 there, and says so),
+    so the GradScaler saved in last.pth is the disabled one: its state_dict is empty.
+    test_fp16_steps_go_through_the_grad_scaler_saved_in_the_checkpoint runs fp16 itself."""
     recipe = tiny_recipe(tmp_path, extra=extra)
     summary = engine.train(recipe)
-    scalars = read_scalars(summary["run_dir"])
+    run_dir = Path(summary["run_dir"])
+    scalars = read_scalars(run_dir)
     assert summary["updates"] == 2 * (8 // recipe.train.grad_accum_steps)
     assert math.isfinite(summary["final_train_loss"]) and summary["final_test_top1"] > 0
     assert ("eval_ema/top1" in scalars) == recipe.train.model_ema
     if recipe.clip.clip_mode == "norm":  # clipped to max norm 1 (plus float rounding)
         assert max(v for _, v in scalars["clip/grad_norm_after"]) <= 1.0 + 1e-4
+    ran_with = json.loads((run_dir / "final.json").read_text())["ran_with"]
+    assert ran_with["amp_dtype"] == "bfloat16"
+    assert any("float16 is for GPUs" in note for note in ran_with["notes"]) == (
+        recipe.train.amp_dtype == "float16")
+    assert ckpt.load(run_dir / "last.pth")["scaler"] == {}
+
+
+def test_fp16_steps_go_through_the_grad_scaler_saved_in_the_checkpoint(tmp_path, monkeypatch):
+    """train.amp_dtype=float16 as a GPU runs it: fit_to_machine is made to keep float16 (on a
+    CPU it picks bf16), so the autocast is fp16 and the GradScaler is enabled, on the CPU.
+    The scaler starts at 2**22 (torch's default is 2**16), too large for this net's float16
+    gradients: the first backward passes overflow, GradScaler skips those optimizer steps and
+    halves its scale each time, and every step it takes adds one to its growth tracker (no
+    growth before 2000 of them). The steps taken are counted by torch's optimizer-step hook,
+    outside the engine, so last.pth must hold scale 2**22 / 2**skipped and a tracker equal to
+    the taken steps since the last skip; at least one step is skipped (the loss really was
+    scaled before the fp16 backward) and at least one taken. A run stopped after its first
+    epoch and resumed ends with the same scaler state and weights: the scaler is saved and
+    restored (a fresh one would skip its first steps again)."""
+    import dataclasses
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from powergrad.training import setup
+
+    real_fit = setup.fit_to_machine
+
+    def as_on_a_gpu(recipe, device, images_per_step):
+        fit = real_fit(recipe, device, images_per_step)
+        return dataclasses.replace(fit, amp_dtype=recipe.train.amp_dtype,
+                                   notes=[n for n in fit.notes if "float16" not in n])
+
+    class ScalerFrom2To22(torch.amp.GradScaler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, init_scale=2.0 ** 22, **kwargs)
+
+    monkeypatch.setattr(setup, "fit_to_machine", as_on_a_gpu)
+    monkeypatch.setattr(torch.amp, "GradScaler", ScalerFrom2To22)
+    taken = []  # per optimizer step of the engine (its clipping): whether the optimizer ran
+    real_clip = step.clip_gradients
+
+    def clip(*args, **kwargs):
+        taken.append(False)
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(step, "clip_gradients", clip)
+    extra = ["train.amp_dtype=float16", "data.train_subset=256"]  # 4 steps an epoch
+    hook = register_optimizer_step_post_hook(lambda *args: taken.__setitem__(-1, True))
+    try:
+        straight = engine.train(tiny_recipe(tmp_path / "a", extra=extra))
+        straight_steps = list(taken)  # (the resumed runs' steps come after)
+        real_epoch = engine.train_one_epoch
+
+        def killed_in_second_epoch(training, epoch, state, run):
+            if epoch == 1:
+                raise KeyboardInterrupt  # a hard kill after the first epoch's checkpoint
+            return real_epoch(training, epoch, state, run)
+
+        monkeypatch.setattr(engine, "train_one_epoch", killed_in_second_epoch)
+        with pytest.raises(KeyboardInterrupt):
+            engine.train(tiny_recipe(tmp_path / "b", extra=extra))
+        monkeypatch.setattr(engine, "train_one_epoch", real_epoch)
+        resumed = engine.train(tiny_recipe(tmp_path / "b", extra=extra))
+    finally:
+        hook.remove()
+
+    state_a = ckpt.load(Path(straight["run_dir"]) / "last.pth")
+    assert json.loads((Path(straight["run_dir"]) / "final.json").read_text())[
+        "ran_with"]["amp_dtype"] == "float16"
+    assert len(straight_steps) == state_a["state"]["num_updates"] == 8
+    skipped = straight_steps.count(False)
+    since_last_skip = len(straight_steps) - 1 - max(
+        i for i, ran in enumerate(straight_steps) if not ran)
+    assert 1 <= skipped < len(straight_steps)
+    assert state_a["scaler"] == {"scale": 2.0 ** 22 / 2 ** skipped, "growth_factor": 2.0,
+                                 "backoff_factor": 0.5, "growth_interval": 2000,
+                                 "_growth_tracker": since_last_skip}
+    state_b = ckpt.load(Path(resumed["run_dir"]) / "last.pth")
+    assert state_b["scaler"] == state_a["scaler"]
+    for key, value in state_a["model"].items():
+        assert torch.equal(value, state_b["model"][key]), key
 
 
 def test_sigterm_preempts_cleanly_and_resumes_mid_epoch_exactly(tmp_path, monkeypatch):
