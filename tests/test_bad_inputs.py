@@ -75,7 +75,7 @@ def test_bad_images_skip_trains_past_it_and_counts_it(damaged_folder, tmp_path, 
     run = tmp_path / "runs" / RESNET18.stem
     final = json.loads((run / "final.json").read_text())
     assert final["bad_images_skipped"] == 1 and final["updates"] == 6
-    from powergrad.report.compare import read_scalars
+    from powergrad.report.events import read_scalars
     assert [v for _, v in read_scalars(run)["data/bad_images"]] == [1.0]
 
 

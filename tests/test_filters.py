@@ -7,7 +7,7 @@ import torch.nn as nn
 from test_engine import RECIPES
 
 from powergrad.config.loading import load_recipe
-from powergrad.report.compare import read_scalars
+from powergrad.report.events import read_scalars
 from powergrad.training import engine
 from powergrad.training.filters import FilterCollapse
 from powergrad.training.models import build_model

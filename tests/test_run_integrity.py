@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from powergrad.config.loading import load_recipe
-from powergrad.report.compare import read_scalars
+from powergrad.report.events import read_scalars
 from powergrad.training import checkpoint as ckpt
 from powergrad.training import engine, step
 from powergrad.training.rundir import LOCK_NAME, RunDirError, RunLock

@@ -13,14 +13,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from powergrad.report.compare import MISSING, pyplot, read_scalars
+from powergrad.report.compare import MISSING
+from powergrad.report.events import TAIL_POINTS, read_scalars, tail_mean
+from powergrad.report.plotting import pyplot
 
 
-def block_profile(series: dict, kind: str, last: int = 5) -> list[float]:
+def block_profile(series: dict, kind: str) -> list[float]:
     """Per-block values of a ViT run's probe (kind 'var' or 'grad_norm'), each the mean of the
-    last `last` logged points: index i holds block i."""
+    last logged points (report.events.tail_mean): index i holds block i."""
     tags = sorted(t for t in series if t.startswith(f"gpas/{kind}/block"))
-    return [sum(v for _, v in series[t][-last:]) / len(series[t][-last:]) for t in tags]
+    return [tail_mean(series[t]) for t in tags]
 
 
 def block_report(runs: list[str], out: str, command: str) -> int:
@@ -45,7 +47,7 @@ def block_report(runs: list[str], out: str, command: str) -> int:
     plt = pyplot()
     depth = max(len(p["var"]) for p in profiles.values())
     lines = [f"# {Path(out).name}", "", f"Command: `{command}`", "",
-             "Mean of the last 5 logged steps of each run.", ""]
+             f"Mean of the last {TAIL_POINTS} logged steps of each run.", ""]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, kind, label in zip(axes, ("var", "grad_norm"),
                                ("residual-stream variance", "gradient norm of the block")):

@@ -150,7 +150,7 @@ def describe(recipe: Recipe, png: Path | None = None) -> str:
 
 
 def _plot_schedule(positions, lrs, alpha, recipe: Recipe, png: Path) -> None:
-    from powergrad.report.compare import pyplot
+    from powergrad.report.plotting import pyplot
 
     plt = pyplot()
     fig, (ax_lr, ax_alpha) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)

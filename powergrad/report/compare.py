@@ -15,25 +15,11 @@ from pathlib import Path
 
 import yaml
 
+from powergrad.report.events import read_scalars
+from powergrad.report.plotting import pyplot
 from powergrad.training.runlog import RESULT_FIELDS, train_img_per_sec
 
 MISSING = "n/a"
-
-
-def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """All scalar series of a run: tag -> [(step, value), ...] sorted by step."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    run_dir = Path(run_dir)
-    if not any(run_dir.glob("events.out.tfevents.*")):
-        raise FileNotFoundError(f"{run_dir}: no TensorBoard event files (is it a run directory?)")
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    series = {}
-    for tag in acc.Tags()["scalars"]:
-        points = {e.step: e.value for e in acc.Scalars(tag)}  # a resumed run may repeat steps
-        series[tag] = sorted(points.items())
-    return series
 
 
 def _last(series, tag):
@@ -165,15 +151,6 @@ def markdown_table(rows: list[dict], target: float | None) -> str:
             cells.append(r.get("note") or "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (no display on servers and in CI)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def plot(rows: list[dict], path: Path) -> None:

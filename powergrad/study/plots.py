@@ -20,7 +20,7 @@ def claim_pngs(claim: Claim) -> list[str]:
 
 def plot_claim(plan: StudyPlan, claim: Claim, records: dict, png_dir: Path) -> list[Path]:
     """The claim's PNGs (claim_pngs), written into png_dir; their paths."""
-    from powergrad.report.compare import pyplot
+    from powergrad.report.plotting import pyplot
 
     plt = pyplot()
     seeds = plan.arms[claim.baseline].seeds

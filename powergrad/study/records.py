@@ -17,11 +17,11 @@ from pathlib import Path
 
 from powergrad.config.loading import load_recipe
 from powergrad.config.schema import Recipe
+from powergrad.report.events import TAIL_POINTS, read_scalars, tail_mean
 from powergrad.study.plan import Arm, Claim, StudyError, StudyPlan
 
 RECORD_FILES = ("final.json", "summary.csv", "recipe.yaml")
 DIAGNOSTIC_PREFIXES = ("pgt/", "gpas/", "clip/", "filters/")
-TAIL_POINTS = 5  # diagnostics: mean of the last logged points (one point is one batch)
 
 
 def run_name(arm: Arm, seed: int) -> str:
@@ -90,16 +90,8 @@ def check_record(arm: Arm, seed: int, runs_root: Path, records_root: Path) -> No
                          "with the new settings, or give the changed recipe a new arm name")
 
 
-def tail_mean(points: list[tuple[int, float]], k: int = TAIL_POINTS) -> float:
-    """The mean of the last k logged (step, value) points: what a record keeps of a scalar
-    and what the report calls "last logged batches"."""
-    tail = [value for _, value in points[-k:]]
-    return sum(tail) / len(tail)
-
-
 def diagnostics(folder: Path) -> dict:
     """tail_mean of each PGT, GPAS, clipping and filter scalar of a run folder's event files."""
-    from powergrad.report.compare import read_scalars
 
     try:
         series = read_scalars(folder)
