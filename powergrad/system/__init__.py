@@ -1,1 +1,2 @@
-"""The process and its machine: process groups, signals, progress bars."""
+"""The process and its machine: process groups, signals and exit codes, progress bars, and the
+benchmarks' shared timing."""

@@ -1,6 +1,6 @@
-"""Everything a run trains with, built once: `build_training(recipe)`. The engine, validate's
-neighbours, gpu-check, tools/gpu_saturation.py, tools/bench_engine.py and `describe` all build
-through it, so what they time or show is what the engine trains.
+"""Everything a run trains with, built once: `build_training(recipe)`. The engine, gpu-check,
+tools/gpu_saturation.py, tools/bench_engine.py and `describe` all build through it, so what
+they time or show is what the engine trains.
 
 Order matters for exact resumes and DDP: the seed, then the model (and its first weights),
 then the data, then the optimizer, schedule and loss; the model is wrapped (torch.compile,
