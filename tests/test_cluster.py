@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -315,7 +316,10 @@ def test_gpu_check_runs_from_a_plain_checkout_without_the_extras(tmp_path):
     assert "worst relative error" in rows["pgt fp16 + GradScaler"]["numbers"]
     assert "2 steps, train loss" in rows["engine resnet50"]["numbers"]
     assert "feed ratio" in rows["loader torchvision"]["numbers"]
-    assert "relative error 0.0e+00" in rows["ddp"]["numbers"]
+    # 2 gloo processes' averaged gradient against one process's whole batch: rounding only
+    assert rows["ddp"]["path"].startswith("gloo, 2 processes")
+    assert float(re.search(r"relative error (\S+) \(limit", rows["ddp"]["numbers"]).group(1)) \
+        < 1e-5
     # the step code of the GPU-hours row ran; only its extrapolation needs a GPU
     assert rows["gpu-hours"]["result"] == "skipped: no CUDA device"
     assert "s per step" in rows["gpu-hours"]["numbers"]

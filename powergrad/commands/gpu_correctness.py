@@ -132,7 +132,9 @@ def ddp_worker(rank: int, world: int, backend: str, port: int, steps: int, out: 
 def ddp_row(ctx: Context) -> Row:
     import torch.multiprocessing as mp
 
-    world = torch.cuda.device_count() if ctx.cuda else 1
+    # On the CPU two gloo processes: the average of two shards' gradients against the whole
+    # batch's (one process would compare its gradient with itself).
+    world = torch.cuda.device_count() if ctx.cuda else 2
     backend = "nccl" if ctx.cuda else "gloo"
     out = ctx.workdir / "ddp.json"
     out.unlink(missing_ok=True)
@@ -141,7 +143,7 @@ def ddp_row(ctx: Context) -> Row:
     result = json.loads(out.read_text())
     limit = 1e-5
     path = (f"nccl, {world} process(es)" if ctx.cuda
-            else f"gloo, 1 process (nccl: {NO_CUDA})")
+            else f"gloo, {world} processes (nccl: {NO_CUDA})")
     return Row("ddp", path, "pass" if result["max_error"] < limit else "FAIL",
                f"averaged gradient vs one process's full batch: relative error "
                f"{result['max_error']:.1e} (limit {limit:.0e}); "
