@@ -178,9 +178,23 @@ def test_vit_recipes_smoke(tmp_path, name):
     assert {"gpas/var/block00", "gpas/var/block01", "gpas/grad_norm/block01"} <= set(scalars)
     assert ("gpas/gate/block01" in scalars) == recipe.model.gpas.enabled
     variance = PLOT_BLOCKS["block_profile"](scalars, "var")
-    assert len(variance) == 2
-    assert variance[1] == pytest.approx(sum(v for _, v in scalars["gpas/var/block01"][-5:])
-                                        / len(scalars["gpas/var/block01"][-5:]))
+    assert len(variance) == 2 and all(v > 0 and math.isfinite(v) for v in variance)
+
+
+def test_a_block_profile_is_each_blocks_mean_of_its_last_five_points():
+    """tools/plot_blocks.py's profile on a made-up record, against means worked out by hand:
+    blocks in depth order (block02 before block10), only the asked kind, fewer points than
+    five averaged over what there is."""
+    series = {
+        "gpas/var/block10": [(2, 100.0), (4, 300.0)],  # two points: (100 + 300) / 2 = 200
+        "gpas/var/block02": [(s, float(s)) for s in range(1, 8)],  # last five 3..7: mean 5
+        "gpas/grad_norm/block02": [(1, 8.0), (2, 4.0), (3, 2.0), (4, 1.0), (5, 0.5), (6, 0.5)],
+        "gpas/gate/block02": [(1, -1.0)], "train/loss": [(1, 9.0)],
+    }
+    profile = PLOT_BLOCKS["block_profile"]
+    assert profile(series, "var") == [5.0, 200.0]
+    assert profile(series, "grad_norm") == [1.6]  # (4 + 2 + 1 + 0.5 + 0.5) / 5, not the 8
+    assert profile(series, "scale") == []
 
 
 @pytest.mark.parametrize("extra", [
