@@ -24,7 +24,7 @@ from powergrad.commands.cli import main as cli_main
 from powergrad.commands.study import report_command
 from powergrad.config.loading import load_recipe
 from powergrad.study import report as report_module
-from powergrad.study.metrics import first_epoch_reaching
+from powergrad.study.metrics import first_epoch_reaching, metric_values
 from powergrad.study.plan import StudyError, load_plan
 from powergrad.study.plots import claim_pngs
 from powergrad.study.records import read_records, run_recipe, run_state
@@ -112,6 +112,50 @@ def write_record(records: Path, arm: str, seed: int, test_top1: list[float],
         {"scalars": {tag: {"mean": value} for tag, value in diag.items()}}))
 
 
+def md_table(text: str, first: str) -> list[dict[str, str]]:
+    """The rows of the markdown table in `text` whose header starts with the cell `first`, each
+    as {header cell: cell}."""
+    def cells(line):
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
+    lines = text.splitlines()
+    for i, line in enumerate(lines[:-1]):
+        if line.startswith("| ") and cells(line)[0] == first and lines[i + 1].startswith("|---"):
+            head, rows = cells(line), []
+            for row in lines[i + 2:]:
+                if not row.startswith("|"):
+                    break
+                assert len(cells(row)) == len(head), row
+                rows.append(dict(zip(head, cells(row))))
+            return rows
+    raise AssertionError(f"no table headed {first!r} in:\n{text}")
+
+
+def verdict_rows(text: str) -> dict[tuple[str, str], dict[str, str]]:
+    """study.md's verdict table by (claim, metric (expected))."""
+    return {(r["claim"], r["metric (expected)"]): r for r in md_table(text, "claim")}
+
+
+CI = "ours: paired difference [95 % CI]"
+
+
+def interval_cell(cell: str) -> tuple[float, float, float, int]:
+    """(mean, low, high, n) from a cell like '+0.40 [-0.25, +1.05], n = 3'."""
+    found = re.fullmatch(r"([+-]\d+\.\d+) \[([+-]\d+\.\d+), ([+-]\d+\.\d+)\], n = (\d+)", cell)
+    assert found, cell
+    return (*map(float, found.groups()[:3]), int(found.group(4)))
+
+
+def mean_sd_cell(cell: str) -> tuple[float, float]:
+    """(mean, sd) from a cell like '91.47 ± 0.11'."""
+    found = re.fullmatch(r"(-?\d+\.\d+) ± (\d+\.\d+)", cell)
+    assert found, cell
+    return float(found.group(1)), float(found.group(2))
+
+
+ROUNDED = 0.005 + 1e-9  # the report's cells have 2 decimals
+
+
 # --- arithmetic against hand computations ---------------------------------------------------------
 
 
@@ -160,16 +204,32 @@ def test_paired_differences_and_the_report_from_records(tmp_path):
     md = write_report(plan, list(plan.claims.values()), records, tmp_path / "out" / "study",
                       "powergrad study plan.yaml --report-only")
     text = md.read_text()
+    arms = {r["arm"]: r for r in md_table(text, "arm")}
+    assert arms["base"]["recipe"] == f"`{plan.arms['base'].recipe}`"
     # baseline mean 91.47, sd sqrt((0.13^2 + 0.07^2 + 0.06^2) / 2) = 0.1127
-    assert "| base | `" in text and "| 91.47 ± 0.11 |" in text
-    assert (f"| pgt_tiny | under-fits (baseline train top-1 90.00 %) | pgt vs base | "
-            f"final_test_top1 (higher) | +0.09 | +0.40 [{0.4 - half:+.2f}, {0.4 + half:+.2f}], "
-            "n = 3 | inconclusive at this scale |") in text
-    assert "| logit_norm (higher) | - | +38.00 [" in text  # 50, 51, 52 against 13: sd 1
-    assert "| reproduces |" in text  # logit norm: +38 +- 4.30 * 1 / sqrt(3) lies above 0
-    assert "| unbuilt | - | - | - | - | not measured: needs a feature the suite lacks |" in text
+    assert mean_sd_cell(arms["base"]["final test top-1 (%)"]) == pytest.approx(
+        (91.47, 0.1127), abs=ROUNDED)
+    rows = verdict_rows(text)
+    top1 = rows[("pgt_tiny", "final_test_top1 (higher)")]
+    assert (top1["comparison"], top1["paper"]) == ("pgt vs base", "+0.09")
+    # the baseline's train top-1 is 90 % in every record: under the plan's fits_at (99 %)
+    assert re.fullmatch(r"under-fits \(baseline train top-1 (\S+) %\)", top1["regime"])[1] == \
+        "90.00"
+    assert interval_cell(top1[CI]) == pytest.approx((0.4, 0.4 - half, 0.4 + half, 3),
+                                                    abs=ROUNDED)
+    assert top1["verdict"] == "inconclusive at this scale"  # the interval spans 0 and 0.1
+    # logit norms 50, 51, 52 against 13: differences 37, 38, 39, sd 1; +38 +- 4.30 / sqrt(3)
+    logit = rows[("pgt_tiny", "logit_norm (higher)")]
+    assert interval_cell(logit[CI]) == pytest.approx(
+        (38.0, 38.0 - T975[2] / 3 ** 0.5, 38.0 + T975[2] / 3 ** 0.5, 3), abs=ROUNDED)
+    assert logit["verdict"] == "reproduces"  # above 0
+    unbuilt = rows[("unbuilt", "-")]
+    assert unbuilt["verdict"] == "not measured"
+    assert unbuilt[CI].endswith(plan.claims["unbuilt"].requires)
     # PGT reaches the baseline's final accuracy in epoch 2 of 2, like the baseline itself
-    assert "seed 0: 2 / 2; seed 1: 2 / 2; seed 2: 2 / 2" in text
+    (epochs,) = [line for line in text.splitlines() if line.startswith("- pgt: ")]
+    assert re.findall(r"seed (\d+): (\w+) / (\w+)", epochs) == [
+        ("0", "2", "2"), ("1", "2", "2"), ("2", "2", "2")]
     assert "Student's t distribution" in text
     assert (tmp_path / "out" / "study" / "pgt_tiny.png").stat().st_size > 1000
     assert (tmp_path / "out" / "study" / "pgt_tiny_sweep.png").stat().st_size > 1000
@@ -189,13 +249,21 @@ def test_the_verdict_table_lands_in_the_readme_between_its_markers(tmp_path):
     assert text.startswith("# Results\n\nkept above\n") and text.count("| claim |") == 1
     assert "From `out/study.md`" in text and "`powergrad study plan.yaml --report-only`" in text
     half = T975[2] * 0.15
-    assert (f"| pgt_tiny | pgt vs base: final_test_top1 (higher) | +0.09 | +0.40 "
-            f"[{0.4 - half:+.2f}, {0.4 + half:+.2f}], n = 3 | inconclusive at this scale | "
-            "the interval spans 0 and the margin: more seeds or a longer schedule needed |"
-            ) in text
-    assert "pgt vs base: logit_norm (higher) | - | +38.00 [" in text
-    assert "| reproduces | the interval lies above 0 |" in text
-    assert "| unbuilt | - | - | - | not measured | needs a feature the suite lacks |" in text
+    rows = {(r["claim"], r["comparison: metric (expected)"]): r for r in md_table(text, "claim")}
+    top1 = rows[("pgt_tiny", "pgt vs base: final_test_top1 (higher)")]
+    assert interval_cell(top1[CI]) == pytest.approx((0.4, 0.4 - half, 0.4 + half, 3),
+                                                    abs=ROUNDED)
+    assert (top1["paper"], top1["verdict"]) == ("+0.09", "inconclusive at this scale")
+    # the reason is the one the rule gives for this interval and margin
+    assert top1["why"] == why(t_interval([0.55, 0.10, 0.55]), "higher", 0.1)
+    logit = rows[("pgt_tiny", "pgt vs base: logit_norm (higher)")]
+    assert interval_cell(logit[CI])[:2] == pytest.approx((38.0, 38.0 - T975[2] / 3 ** 0.5),
+                                                         abs=ROUNDED)
+    assert logit["verdict"] == "reproduces"
+    assert logit["why"] == why(t_interval([37.0, 38.0, 39.0]), "higher", 0.0)
+    unbuilt = rows[("unbuilt", "-")]
+    assert (unbuilt[CI], unbuilt["verdict"]) == ("-", "not measured")
+    assert unbuilt["why"].endswith(plan.claims["unbuilt"].requires)
 
 
 def test_a_block_under_the_former_marker_is_replaced_not_doubled(tmp_path):
@@ -231,13 +299,30 @@ def test_block_profiles_give_the_peak_variance_and_mean_gradient_norm(tmp_path):
                      diag=blocks([0.1, peak, 0.2], [2, 2, 2 + seed], gate=[-0.1, 0.0, 0.1]))
     text = write_report(plan, list(plan.claims.values()), records, tmp_path / "study",
                         "cmd").read_text()
+    loaded = read_records(plan, list(plan.claims.values()), records)
+    # each record's metric, by hand: the largest block variance, the mean block gradient norm
+    assert metric_values("peak_block_var", loaded, "pgt", "base", (0, 1, 2)) == {
+        0: 0.3, 1: 0.25, 2: 0.35}
+    assert metric_values("peak_block_var", loaded, "base", "base", (0, 1, 2)) == {
+        0: 0.5, 1: 0.5, 2: 0.5}
+    assert metric_values("mean_block_grad_norm", loaded, "pgt", "base", (0, 1, 2)) == \
+        pytest.approx({0: 2.0, 1: 7 / 3, 2: 8 / 3})
+    assert metric_values("mean_block_grad_norm", loaded, "base", "base", (0,)) == {0: 2.0}
+    rows = verdict_rows(text)
     # peaks 0.3, 0.25, 0.35 against 0.5: differences -0.2, -0.25, -0.15, sd 0.05;
     # half width 4.302653 * 0.05 / sqrt(3) = 0.1242
-    assert "| peak_block_var (lower) | - | -0.20 [-0.32, -0.08], n = 3 | reproduces |" in text
+    peak = rows[("pgt_tiny", "peak_block_var (lower)")]
+    assert interval_cell(peak[CI]) == pytest.approx((-0.2, -0.3242, -0.0758, 3), abs=ROUNDED)
+    assert peak["verdict"] == "reproduces"  # below 0
     # mean gradient norms 2, 2.333, 2.667 against 2: differences 0, 0.333, 0.667, sd 0.333;
     # half width 4.302653 * 0.3333 / sqrt(3) = 0.8280
-    assert ("| mean_block_grad_norm (higher) | - | +0.33 [-0.49, +1.16], n = 3 | "
-            "inconclusive at this scale |") in text
+    grad = rows[("pgt_tiny", "mean_block_grad_norm (higher)")]
+    assert interval_cell(grad[CI]) == pytest.approx((0.3333, -0.4947, 1.1614, 3), abs=ROUNDED)
+    assert grad["verdict"] == "inconclusive at this scale"
+    # and the arms' table: mean ± sd of each arm's per-record values
+    arms = {r["arm"]: r for r in md_table(text, "arm")}
+    assert mean_sd_cell(arms["pgt"]["peak residual-stream variance over blocks"]) == \
+        pytest.approx((0.3, 0.05), abs=ROUNDED)
     assert (tmp_path / "study" / "pgt_tiny_blocks.png").stat().st_size > 1000
 
 
@@ -259,7 +344,10 @@ def test_collapsed_filters_are_compared_and_plotted_per_layer(tmp_path):
                         "cmd").read_text()
     # totals 3 against 8, 10, 12: differences -5, -7, -9, sd 2; half width
     # 4.302653 * 2 / sqrt(3) = 4.968
-    assert "| collapsed_filters (lower) | - | -7.00 [-11.97, -2.03], n = 3 | reproduces |" in text
+    collapsed = verdict_rows(text)[("pgt_tiny", "collapsed_filters (lower)")]
+    assert interval_cell(collapsed[CI]) == pytest.approx((-7.0, -11.968, -2.032, 3),
+                                                         abs=ROUNDED)
+    assert collapsed["verdict"] == "reproduces"
     assert why(t_interval([0.0, 0.0, 0.0]), "lower", 0.0).startswith("every seed pair gave")
     assert (tmp_path / "study" / "pgt_tiny_layers.png").stat().st_size > 1000
 
@@ -577,11 +665,13 @@ def test_a_tiny_grid_trains_then_reports_from_its_records(tmp_path, capsys):
     text = Path(f"{out}.md").read_text()
     assert (f"Command: `powergrad study {plan_file} --report-only --records {records} --out "
             f"{out}`") in text
+    arms = {r["arm"]: r for r in md_table(text, "arm")}
     for arm in ("base", "pgt"):  # the report's means are the records' means
         values = [json.loads((records / arm / f"s{s}" / "final.json").read_text())
                   ["final_test_top1"] for s in (0, 1)]
-        mean, sd = statistics.mean(values), statistics.stdev(values)
-        assert f"| 2 of 2 | {mean:.2f} ± {sd:.2f} |" in text
+        assert arms[arm]["seeds with a record"] == "2 of 2"
+        assert mean_sd_cell(arms[arm]["final test top-1 (%)"]) == pytest.approx(
+            (statistics.mean(values), statistics.stdev(values)), abs=ROUNDED)
     assert (out / "pgt_tiny.png").stat().st_size > 1000
 
     capsys.readouterr()
@@ -637,7 +727,9 @@ def test_a_diverged_run_exits_3_and_is_recorded_as_a_result(tmp_path, monkeypatc
     assert any("base/s0: diverged (exit 3" in line for line in said)
     text = write_report(plan, list(plan.claims.values()), records, tmp_path / "study",
                         "cmd").read_text()
-    assert "| 1 of 1 | n/a | n/a | n/a | n/a | diverged: seed(s) 0 |" in text
+    base = {r["arm"]: r for r in md_table(text, "arm")}["base"]
+    assert base["seeds with a record"] == "1 of 1" and base["note"] == "diverged: seed(s) 0"
+    assert [base[k] for k in list(base)[3:-1]] == ["n/a"] * 4  # no metric of a diverged run
     # the second call skips both diverged runs
     assert run_study(plan, list(plan.claims.values()), runs, records,
                      train=lambda *a: pytest.fail("trained a diverged run"),
@@ -658,8 +750,15 @@ def test_seeds_without_a_record_are_left_out_of_means_and_pairs(tmp_path):
     assert got.high - got.mean == pytest.approx(T975[1] * 0.2, abs=1e-5)
     text = write_report(plan, list(plan.claims.values()), records, tmp_path / "study",
                         "cmd").read_text()
-    assert "| 3 of 4 | 91.00 ± 0.50 |" in text and "| 2 of 4 | 91.35 ± 0.07 |" in text
-    assert "5 of the 8 planned runs" in text and "3 planned runs have no record yet" in text
+    arms = {r["arm"]: r for r in md_table(text, "arm")}
+    # base 91, 91.5, 90.5: mean 91, sd 0.5; pgt 91.4, 91.3: mean 91.35, sd 0.0707
+    assert arms["base"]["seeds with a record"] == "3 of 4"
+    assert mean_sd_cell(arms["base"]["final test top-1 (%)"]) == pytest.approx((91.0, 0.5))
+    assert arms["pgt"]["seeds with a record"] == "2 of 4"
+    assert mean_sd_cell(arms["pgt"]["final test top-1 (%)"]) == pytest.approx(
+        (91.35, 0.0707), abs=ROUNDED)
+    assert re.search(r"(\d+) of the (\d+) planned runs", text).groups() == ("5", "8")
+    assert re.search(r"(\d+) planned runs have no record yet", text)[1] == "3"
 
 
 def test_the_command_refuses_an_unknown_claim(capsys, monkeypatch):
