@@ -12,6 +12,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -230,13 +231,44 @@ def test_a_run_killed_on_one_host_is_resumed_from_another_once_its_heartbeat_is_
 
 
 def test_a_heartbeat_keeps_a_lock_live_past_its_stale_time(tmp_path, monkeypatch):
+    """The holder's thread rewrites the heartbeat (every stale_after / 4 s). Another host's
+    process then checks the lock with a clock of the test's, the holder's thread keeping the
+    real one: at a time past the stale time of the lock's first heartbeat but within that of
+    the newest it is refused; past the newest's it is taken over (so the check does read
+    that clock). No real interval has to win a race: the only wait is for the rewritten
+    heartbeat, with a guard against a hang."""
+    from types import SimpleNamespace
+
+    from powergrad.training import rundir
+
+    lock_file = tmp_path / LOCK_NAME
+
+    def heartbeat() -> float:
+        return json.loads(lock_file.read_text())["heartbeat"]
+
+    clock = {}
+
+    def checkers_time() -> float:  # the holder's heartbeat thread writes real times
+        beating = threading.current_thread().name == "run.lock heartbeat"
+        return time.time() if beating else clock["now"]
+
     with RunLock(tmp_path, stale_after=2.0):
-        time.sleep(3.0)  # older than stale_after, but beaten every 0.5 s
+        first, deadline = heartbeat(), time.monotonic() + 60
+        while (newest := heartbeat()) == first:
+            assert time.monotonic() < deadline, "the heartbeat was never rewritten"
+            time.sleep(0.05)
+        monkeypatch.setattr(rundir, "time", SimpleNamespace(time=checkers_time,
+                                                            strftime=time.strftime))
         monkeypatch.setattr(socket, "gethostname", lambda: "another-node")
+        clock["now"] = newest + 2.0 - (newest - first) / 2  # > first + 2, < newest + 2
         with pytest.raises(RunDirError, match="in use by process"):
             RunLock(tmp_path, stale_after=2.0).__enter__()
+        clock["now"] = time.time() + 3.0  # later than any heartbeat can be, plus 3 s
+        taker = RunLock(tmp_path, stale_after=2.0).__enter__()
+        assert json.loads(lock_file.read_text())["token"] == taker.token
+        taker.__exit__(None, None, None)
         monkeypatch.undo()
-    assert not (tmp_path / LOCK_NAME).exists()
+    assert not lock_file.exists()
 
 
 def test_a_lock_that_is_not_a_whole_lock_is_stale(tmp_path, capsys):

@@ -485,10 +485,31 @@ def test_sigterm_to_the_study_reaches_the_run(tmp_path, child, saved):
     assert ("saved" in log.read_text().splitlines()) == saved
 
 
-def test_the_timeout_stops_a_run_with_sigterm(tmp_path):
-    log = tmp_path / "run.log"  # stopped while starting or while sleeping: 75 either way
+def test_the_timeout_stops_a_run_with_sigterm(tmp_path, monkeypatch):
+    """At the timeout the run is sent SIGTERM: it saves and exits 75. The clock is the
+    test's: the runner's wait for the child "times out" once the child has printed that its
+    handler is in place, so no short real timeout races Python's start-up."""
+    import subprocess
+    import time
+
+    log, asked = tmp_path / "run.log", []
+
+    class TimesOutOnceStarted(subprocess.Popen):
+        def wait(self, timeout=None):
+            if timeout is None:
+                return super().wait()
+            asked.append(timeout)
+            deadline = time.monotonic() + 60  # guards a hang only
+            while "started" not in log.read_text().splitlines():
+                assert time.monotonic() < deadline and self.poll() is None, log.read_text()
+                time.sleep(0.01)
+            raise subprocess.TimeoutExpired(self.args, timeout)
+
+    monkeypatch.setattr(subprocess, "Popen", TimesOutOnceStarted)
     assert subprocess_train([sys.executable, "-c", SAVES_ON_SIGTERM], log,
-                            timeout=0.5) == EXIT_PREEMPTED
+                            timeout=3600) == EXIT_PREEMPTED
+    assert asked == [3600]
+    assert log.read_text().splitlines()[-2:] == ["started", "saved"]
 
 
 def test_plan_mistakes_name_the_file_and_key(tmp_path):
