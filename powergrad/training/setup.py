@@ -70,6 +70,10 @@ class Training:
         self.train_model = model
         return model
 
+    def model_to_train(self) -> nn.Module:
+        """The wrapped model once wrap() ran, else the bare one (timing without DDP)."""
+        return self.train_model if self.train_model is not None else self.model
+
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()

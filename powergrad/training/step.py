@@ -111,7 +111,7 @@ def train_step(t: Training, micro_batches: Iterator, sums: RunningSums | None, s
     one forward at a time): augment, mix, forward and backward each (DDP syncs on the last),
     then unscale, clip, step, EMA and schedule. Returns the step's diagnostics (when
     `measure`) and its last logits."""
-    model, accum = t.train_model or t.model, t.plan.accum_steps
+    model, accum = t.model_to_train(), t.plan.accum_steps
     if t.probe is not None:
         t.probe.enabled = measure  # record the residual stream of this step's forwards only
     for index, (images, labels, wait) in enumerate(micro_batches):
@@ -157,7 +157,7 @@ class EpochRun:
 
 def train_one_epoch(t: Training, epoch: int, state: TrainState, run: EpochRun) -> dict:
     loader, accum, log_every = t.train_loader, t.plan.accum_steps, t.recipe.log.log_interval
-    (t.train_model or t.model).train()
+    t.model_to_train().train()
     groups = len(loader) // accum  # a partial accumulation group at the end is dropped
     if run.max_updates is not None:
         groups = min(groups, run.max_updates)
