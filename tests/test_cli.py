@@ -24,6 +24,7 @@ def run(*args):
                           text=True, timeout=120)
 
 
+@pytest.mark.subprocess
 def test_train_rejects_a_bad_recipe_before_training(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text("train: {epochs: 1}\n")
@@ -35,11 +36,13 @@ def test_train_rejects_a_bad_recipe_before_training(tmp_path):
     assert not (tmp_path / "runs").exists()  # the good recipe did not start either
 
 
+@pytest.mark.subprocess
 def test_compare_on_a_folder_without_events(tmp_path):
     done = run("compare", str(tmp_path))
     assert done.returncode == 2 and "no TensorBoard event files" in done.stderr
 
 
+@pytest.mark.subprocess
 def test_check_passes():
     done = run("check")
     assert done.returncode == 0 and "OK" in done.stdout
@@ -230,6 +233,7 @@ def test_write_ffcv_makes_missing_folders_and_reads_the_fashion_mnist_root(tmp_p
     assert "--split train picks the split" in capsys.readouterr().err
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("argv", [["--version"], ["--help"], ["train", "--help"],
                                   ["validate", "--help"]])
 def test_version_and_help_start_without_torch(argv):

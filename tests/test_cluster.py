@@ -70,6 +70,8 @@ def imagenet_folder(tmp_path_factory):
     return imagenet_format(tmp_path_factory.mktemp("imagenet_format"), 24, 4)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sigterm_twice_to_the_process_group_with_loader_workers_exits_75_and_resumes(
         imagenet_folder, tmp_path):
     """SLURM and `kill -- -PGID` signal the DataLoader workers too, and may signal twice: the
@@ -150,6 +152,7 @@ def test_without_checkpoints_a_preemption_says_nothing_was_saved_and_is_not_75(
     assert not list(tmp_path.rglob("*.pth"))
 
 
+@pytest.mark.subprocess
 def test_a_recipe_error_under_torchrun_is_one_line_and_its_exit_code(tmp_path):
     """Under plain torchrun rank 0 alone prints it (train.main); a worker's later failure is
     named by `powergrad torchrun` in one line (test_the_launchers_exit_code_reads_...)."""
@@ -209,6 +212,8 @@ def on_host(host: str, args: list[str]) -> list[str]:
     return ["unshare", "-u", "sh", "-c", f'hostname {host} && exec "$@"', "sh", *args]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_run_killed_on_one_host_is_resumed_from_another_once_its_heartbeat_is_stale(tmp_path):
     args = powergrad("train", str(FASHION), *SMALL, "data.train_subset=8192",
                      "log.checkpoint_every=20", "log.lock_stale_after=2",
@@ -318,6 +323,8 @@ def test_checkpoints_and_exports_follow_the_umask(tmp_path):
 
 # --- gpu-check from a plain checkout, without the extras ----------------------------------------
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_gpu_check_runs_from_a_plain_checkout_without_the_extras(tmp_path):
     """What a GPU machine runs first: PYTHONPATH=. on a Python that lacks ffcv, DALI, scipy and
     torchcodec. The extras are hidden from this venv's Python by a meta-path finder (a real
@@ -394,6 +401,8 @@ def sync_bn_rank(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sync_bn_over_two_processes_equals_one_process_with_the_whole_batch(tmp_path):
     """2 gloo processes with half the batch each, against plain BatchNorm on the whole batch
     in one process, in float64: running mean and variance, and the averaged gradients."""

@@ -217,6 +217,7 @@ def write_fashion_mnist_jpegs(root: Path, split: str, per_class: int) -> None:
             counts[label] += 1
 
 
+@pytest.mark.slow
 def test_fashion_mnist_jpegs_train_as_with_torchvision(tmp_path):
     # 2,000 training and 1,000 test images, 3 epochs of the demo's small ResNet, seed 0.
     # Measured over seeds 0-4 with these settings, test top-1: torchvision 70.9 +- 1.2 %

@@ -22,6 +22,9 @@ from powergrad.training import checkpoint as ckpt
 from powergrad.training.evaluate import evaluate
 from powergrad.training.models import build_model
 
+# every test here trains through torchrun or srun-style processes (minutes in all)
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
+
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "fashion_mnist" / "resnet_pgt.yaml"
 OVERRIDES = ["model.kwargs.channels=[8, 16, 32, 64]", "data.train_subset=512",
              "data.eval_subset=301", "train.batch_size=32", "train.eval_batch_size=100",

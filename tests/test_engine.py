@@ -139,6 +139,7 @@ def get_json(url, timeout=60.0):
             time.sleep(0.5)
 
 
+@pytest.mark.subprocess
 def test_tensorboard_server_serves_the_scalars(pgt_run):
     run_dir, _ = pgt_run
     port = free_port()
@@ -225,6 +226,7 @@ def test_engine_options_run_end_to_end(tmp_path, extra):
     assert ckpt.load(run_dir / "last.pth")["scaler"] == {}
 
 
+@pytest.mark.slow
 def test_fp16_steps_go_through_the_grad_scaler_saved_in_the_checkpoint(tmp_path, monkeypatch):
     """train.amp_dtype=float16 as a GPU runs it: fit_to_machine is made to keep float16 (on a
     CPU it picks bf16), so the autocast is fp16 and the GradScaler is enabled, on the CPU.

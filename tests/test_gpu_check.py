@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 
 from powergrad.commands import gpu_check, gpu_context
@@ -41,6 +42,8 @@ def relative_error(numbers: str) -> float:
     return float(re.search(r"relative error (\S+) \(limit 1e-05\)", numbers).group(1))
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_the_ddp_row_compares_two_processes_with_one_processs_whole_batch(tmp_path):
     """The CPU form spawns 2 gloo processes, each with half of a 16-image batch: DDP's
     averaged gradient against the whole batch's gradient in one process (float32, so

@@ -180,6 +180,7 @@ def run_cli(*args, env=None):
                           text=True, timeout=300, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.subprocess
 def test_a_launch_at_the_wrong_total_batch_is_refused_before_any_work(tmp_path):
     done = run_cli("train", str(IMAGENET / "resnet50_cosine_pgt.yaml"), f"log.output={tmp_path}",
                    env={"WORLD_SIZE": "3"})
@@ -188,6 +189,7 @@ def test_a_launch_at_the_wrong_total_batch_is_refused_before_any_work(tmp_path):
     assert "base.yaml" in done.stderr and not any(tmp_path.iterdir())
 
 
+@pytest.mark.subprocess
 def test_describe_prints_the_plan_and_writes_the_schedule_plot(tmp_path):
     png = tmp_path / "lr.png"
     done = run_cli("describe", str(IMAGENET / "seresnet50_cosine_pgt.yaml"), "--png", str(png))
@@ -212,6 +214,7 @@ def test_describe_prints_the_plan_and_writes_the_schedule_plot(tmp_path):
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.subprocess
 def test_recipes_readme_is_generated_from_the_current_recipes():
     tool = Path(__file__).resolve().parent.parent / "tools" / "recipes_table.py"
     done = subprocess.run([sys.executable, str(tool), "--check"], capture_output=True, text=True,

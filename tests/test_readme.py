@@ -119,6 +119,8 @@ def run_python(block: dict, cwd: Path) -> None:
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.readme
 def test_following_the_readme_runs_every_snippet_and_leaves_git_clean(tmp_path):
     copy = fresh_copy(tmp_path / "powergrad")
@@ -157,6 +159,8 @@ def imagenet_commands(code: str) -> list[str]:
             if line.strip() and not line.strip().startswith("#")]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_the_readme_imagenet_steps_run_on_tiny_fake_archives(tmp_path):
     from test_imagenet_archives import TINY as TINY_COUNTS
     from test_imagenet_archives import build, real_meta_mat

@@ -460,6 +460,7 @@ SAVES_ON_SIGTERM = ("import signal, sys, time\n"
                     "time.sleep(60)")
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("child, saved", [
     (SAVES_ON_SIGTERM, True),  # a run that saves its place and exits 75, as `powergrad train`
     ("import time\nprint('started', flush=True)\ntime.sleep(60)", False),  # no handler
@@ -485,6 +486,7 @@ def test_sigterm_to_the_study_reaches_the_run(tmp_path, child, saved):
     assert ("saved" in log.read_text().splitlines()) == saved
 
 
+@pytest.mark.subprocess
 def test_the_timeout_stops_a_run_with_sigterm(tmp_path, monkeypatch):
     """At the timeout the run is sent SIGTERM: it saves and exits 75. The clock is the
     test's: the runner's wait for the child "times out" once the child has printed that its

@@ -66,6 +66,8 @@ def test_an_export_and_a_weights_file_score_the_same_with_their_recipe(finished,
     assert "not a run folder, so name the recipe" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_under_torchrun_every_image_is_counted_once(finished, tmp_path):
     run, final = finished
     with socket.socket() as s:
