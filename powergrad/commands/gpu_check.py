@@ -12,9 +12,9 @@ Rows (README, "On a GPU machine", says what to do when one fails):
                         torchvision's pinned memory): images/s alone, images/s of ResNet-50
                         training from it, and the feed ratio = that rate over training from one
                         batch kept on the device (1.0: the GPU never waits for data).
-  ddp                   DistributedDataParallel over every visible GPU (NCCL; 1 GPU: a
-                        1-process group): the averaged gradient against one process's
-                        full-batch gradient, and the time per step.
+  ddp                   DistributedDataParallel over every visible GPU (NCCL), and with fewer
+                        than 2 GPUs also 2 gloo processes on the CPU: the averaged gradient
+                        against one process's full-batch gradient, and the time per step.
   gpu-hours             time per optimizer step of the ResNet-50 paper recipe at its own batch
                         (one GPU: micro-batches with accumulation), times its steps per epoch and
                         epochs on ImageNet-1k, as GPU-hours (training only, loader assumed fast
