@@ -266,7 +266,8 @@ def test_fp16_steps_go_through_the_grad_scaler_saved_in_the_checkpoint(tmp_path,
         return real_clip(*args, **kwargs)
 
     monkeypatch.setattr(step, "clip_gradients", clip)
-    extra = ["train.amp_dtype=float16", "data.train_subset=256"]  # 4 steps an epoch
+    extra = ["train.amp_dtype=float16", "data.train_subset=256",  # 4 steps an epoch
+             "data.eval_subset=150"]
     hook = register_optimizer_step_post_hook(lambda *args: taken.__setitem__(-1, True))
     try:
         straight = engine.train(tiny_recipe(tmp_path / "a", extra=extra))

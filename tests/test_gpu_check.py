@@ -2,9 +2,6 @@
 CPU as the device (the reduced sizes), and the parts only CUDA has say so in the table."""
 from __future__ import annotations
 
-import re
-
-import pytest
 import torch
 
 from powergrad.commands import gpu_check, gpu_context
@@ -35,24 +32,6 @@ def test_the_ffcv_and_dali_rows_run_their_cpu_form(tmp_path):
     for row in rows:
         assert row.status == "pass", row
         assert gpu_context.NO_CUDA in row.path and "feed ratio" in row.numbers
-
-
-def relative_error(numbers: str) -> float:
-    """The DDP row's relative error, from its numbers cell."""
-    return float(re.search(r"relative error (\S+) \(limit 1e-05\)", numbers).group(1))
-
-
-@pytest.mark.slow
-@pytest.mark.subprocess
-def test_the_ddp_row_compares_two_processes_with_one_processs_whole_batch(tmp_path):
-    """The CPU form spawns 2 gloo processes, each with half of a 16-image batch: DDP's
-    averaged gradient against the whole batch's gradient in one process (float32, so
-    rounding only; one process would compare a gradient with itself)."""
-    ctx = gpu_check.Context(torch.device("cpu"), gpu_check.REDUCED, tmp_path)
-    row = gpu_check.ddp_row(ctx)
-    assert row.path == f"gloo, 2 processes (nccl: {gpu_context.NO_CUDA})"
-    assert row.status == "pass", row
-    assert relative_error(row.numbers) < 1e-5
 
 
 def test_a_failing_row_fails_the_command_and_the_others_still_run(tmp_path, monkeypatch,
