@@ -30,7 +30,6 @@ class RecipeSteps:
         self.training.model.to(memory_format=torch.channels_last)
         self.training.amp_dtype = amp_dtype  # the check is about AMP, whatever the recipe says
         self.training.plan = plan_batch(None, recipe.train.batch_size, accum, 1)
-        self.optimizer = self.training.optimizer
         self.sync, self.accum, self.state = sync, accum, TrainState()
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> int:

@@ -12,6 +12,13 @@ from powergrad.system.distributed import all_reduce_sum
 EVAL_TAGS = ("loss", "top1", "top5")  # logged as eval/<tag> (and eval_ema/<tag>)
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast on the device in `dtype`; no autocast for None (float32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device, amp_dtype, tta_flip: bool = False,
              max_batches: int | None = None) -> dict:
@@ -24,8 +31,7 @@ def evaluate(model: nn.Module, loader, device, amp_dtype, tta_flip: bool = False
     for batch_index, (images, labels) in enumerate(loader):
         if max_batches is not None and batch_index >= max_batches:
             break
-        with (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-              else contextlib.nullcontext()):
+        with autocast(device, amp_dtype):
             logits = model(images)
             if tta_flip:
                 logits = (logits + model(images.flip(-1))) / 2

@@ -8,7 +8,6 @@ DDP) only after a checkpoint has been loaded into the bare model (`Training.wrap
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import dataclass, field
 
@@ -24,6 +23,7 @@ from powergrad.system.distributed import DistInfo, cuda_index, init_distributed
 from powergrad.training.builders import (AMP_DTYPES, build_optimizer, build_scheduler,
                                          build_train_loss, pick_device)
 from powergrad.training.clipping import clip_parameters
+from powergrad.training.evaluate import autocast
 from powergrad.training.filters import FilterCollapse
 from powergrad.training.finetune import load_initial_checkpoint
 from powergrad.training.machine_fit import MachineFit, fit_to_machine
@@ -75,9 +75,7 @@ class Training:
         return self.train_model if self.train_model is not None else self.model
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.amp_dtype)
 
 
 def build_training(recipe: Recipe, *, with_data: bool = True, with_weights: bool = True,
