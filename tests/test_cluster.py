@@ -192,7 +192,8 @@ def test_slurm_node_lists_give_their_first_host():
 
 def test_torchrun_variables_win_over_slurms_and_srun_alone_is_read():
     slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
-             "SLURM_NNODES": "2", "SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[09-10]"}
+             "SLURM_STEP_ID": "0", "SLURM_NNODES": "2", "SLURM_JOB_ID": "123456",
+             "SLURM_JOB_NODELIST": "gpu[09-10]"}
     info = world_from_env(slurm)
     assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (5, 8, 1, 4)
     assert rendezvous_address(slurm) == ("gpu09",

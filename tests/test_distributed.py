@@ -181,7 +181,8 @@ def test_two_tasks_with_only_slurms_variables_train_the_same_run(tmp_path, unint
     tasks = [subprocess.Popen(
         [sys.executable, "-m", "powergrad", "train", *RUN, f"log.output={tmp_path}"],
         env=dict(plain, SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
-                 SLURM_NNODES="1", SLURM_JOB_ID=str(job), SLURM_JOB_NODELIST="localhost"),
+                 SLURM_STEP_ID="0", SLURM_NNODES="1", SLURM_JOB_ID=str(job),
+                 SLURM_JOB_NODELIST="localhost"),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     logs = [task.communicate(timeout=300)[0] for task in tasks]
     assert [task.returncode for task in tasks] == [0, 0], logs[0][-2000:] + logs[1][-2000:]

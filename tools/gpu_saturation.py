@@ -50,9 +50,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     device = pick_device(args.device or recipe.train.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    # the engine's own set-up: the loader, model, optimizer and loss the run will have
+    # the engine's own set-up (cudnn.benchmark on a GPU included): the loader, model,
+    # optimizer and loss the run will have
     training = build_training(recipe, device=device)
     fit, train_loader = training.fit, training.train_loader
     amp_dtype = amp_dtype_for(fit.amp_dtype)

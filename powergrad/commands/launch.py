@@ -5,7 +5,7 @@ Plain torchrun exits 1 with some 40 lines of ChildFailedError traceback whatever
 said, so a requeue line cannot tell a preemption (workers saved and exited 75) from a failure,
 and it dies on SIGUSR1 (SLURM's usual warning signal) without telling its workers. Here:
 
-- SIGTERM, SIGUSR1 (and torchrun's own SIGINT, SIGHUP, SIGQUIT) to the launcher are forwarded
+- SIGTERM, SIGUSR1, SIGUSR2 (and torchrun's own SIGINT, SIGHUP, SIGQUIT) to the launcher are forwarded
   to the workers, which save and exit 75; the launcher then exits 75;
 - workers that all exit 75 (they were signalled directly, as SLURM does) give 75;
 - the recipes are checked here before any worker starts: a recipe error is one line, exit 2;
@@ -23,7 +23,7 @@ from powergrad.system.preemption import exit_code_unsaved
 # Seconds torchrun waits for signalled workers before SIGKILL (its default is 30): a ResNet-50
 # checkpoint on a busy shared file system can take longer to write. --shutdown-timeout wins.
 SHUTDOWN_TIMEOUT = 300
-SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
 
 
 def split_command(argv: list[str]) -> tuple[list[str], list[str]]:

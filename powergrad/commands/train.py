@@ -7,7 +7,7 @@ from pathlib import Path
 
 from powergrad.config.loading import RUN_RECIPE, RecipeError, load_recipe
 from powergrad.config.schema import Recipe
-from powergrad.system.distributed import world_from_env
+from powergrad.system.distributed import LaunchError, batch_step_note, world_from_env
 from powergrad.system.exit_codes import EXIT_DIVERGED
 from powergrad.system.preemption import StopRequest
 from powergrad.training.preflight import check_run_dirs, preflight
@@ -52,6 +52,9 @@ def _train_or_exit_code(train, recipe: Recipe, stop):
         if world_from_env().is_main:
             print(stop, flush=True)
         code = stop.exit_code
+    except LaunchError as err:  # every rank that sees it says so: rank 0 may be the one missing
+        print(f"launch error: {err}", file=sys.stderr, flush=True)
+        code = 2
     except (RunDirError, CheckpointError, WeightsError) as err:  # a lock, or a file
         if world_from_env().is_main:
             print(f"run error: {err}", file=sys.stderr, flush=True)
@@ -83,7 +86,13 @@ def _main(items: list[str], compare_name: str | None, fast_dev_run: int,
     if not paths:
         print("powergrad train: name at least one recipe file", file=sys.stderr)
         return 2
-    world = world_from_env()  # torchrun's or srun's
+    try:
+        world = world_from_env()  # torchrun's or srun's
+    except LaunchError as err:
+        print(f"launch error: {err}", file=sys.stderr)
+        return 2
+    if (note := batch_step_note()) is not None:
+        print(f"note: {note}", flush=True)
     try:
         recipes = checked_recipes(paths, overrides, world.world_size, fast_dev_run)
     except RecipeError as err:  # every rank finds it; one line says it

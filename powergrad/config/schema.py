@@ -207,6 +207,11 @@ class TrainConfig:
     tta_flip: bool = setting(False, "evaluate on the mean of the image's and its mirror's logits")
     threads: int | None = setting(None, "torch CPU threads (null: torch's default)", "[1, inf)")
     sync_bn: bool = setting(False, "BatchNorm over all processes' micro-batches (timm --sync-bn)")
+    # Ten minutes: a job step's tasks usually start within seconds, but container pulls and
+    # first imports from a busy shared file system can take minutes (torch's store gives 300 s).
+    rendezvous_timeout: float = setting(
+        600.0, "seconds every process waits for the others to start before naming the missing "
+               "ranks (a busy cluster's tasks can take minutes to start)", "(0, inf)")
 
 
 @dataclass
@@ -262,10 +267,11 @@ class Recipe:
     @staticmethod
     def decides_training(key: str) -> bool:
         """Whether a dotted key changes what trains. Logging, checkpointing, the run's name
-        and folder, CPU threads and the paper's numbers do not: a run may resume with other
-        values of those."""
+        and folder, CPU threads, the rendezvous timeout and the paper's numbers do not: a run
+        may resume with other values of those."""
         section = key.split(".")[0]
-        return section not in ("description", "paper", "source", "log") and key != "train.threads"
+        return (section not in ("description", "paper", "source", "log")
+                and key not in ("train.threads", "train.rendezvous_timeout"))
 
     def digest(self) -> str:
         """A short hash of the settings that decide what trains (Recipe.decides_training).

@@ -1,7 +1,9 @@
 """Clean preemption. SIGTERM (what SLURM, torchrun, systemd and cloud schedulers send before a
-kill) or SIGUSR1 (SLURM's usual early warning, `--signal=USR1@120`) asks the run to stop after
+kill), SIGUSR1 (SLURM's usual early warning, `--signal=USR1@120`) or SIGUSR2 (submitit's, which
+moved off SIGUSR1 when NCCL 2.12 took that one for its own debugging) asks the run to stop after
 an optimizer step that every rank agrees on, save `last.pth` with its place inside the epoch,
-and exit 75; running the same command again resumes exactly there.
+and exit 75; running the same command again resumes exactly there. Before the first step (the
+processes still gathering, the data still loading) the run ends at once instead.
 
 Schedulers signal every process of the job, data-loader workers included: workers ignore both
 signals (`ignore_in_worker`), the main process saves and then shuts them down. A second signal
@@ -14,7 +16,7 @@ import threading
 
 from powergrad.system.exit_codes import EXIT_PREEMPTED
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 # Under DDP the ranks agree on a stop every this many optimizer steps (one all-reduce of one
 # number, a host sync): a run trains at most this many steps past the signal. One process
 # reads its own flag at every step, which costs nothing.
@@ -23,7 +25,7 @@ AGREE_EVERY = 10
 
 def exit_code_unsaved(signum: int) -> int:
     """Stopped by a signal with nothing saved (log.checkpoint: false): the shell's code for
-    "killed by signal N" (143 for SIGTERM, 138 for SIGUSR1), never 75, so a requeue loop that
+    "killed by signal N" (143 for SIGTERM, 138 for SIGUSR1, 140 for SIGUSR2), never 75, so a requeue loop that
     resumes on 75 does not restart this run from scratch forever."""
     return 128 + signum
 
@@ -44,7 +46,7 @@ def ignore_in_worker(_worker_id: int | None = None) -> None:
 
 
 class StopRequest:
-    """Set by SIGTERM or SIGUSR1 in the main thread. `should_stop(num_updates, device)` is true
+    """Set by SIGTERM, SIGUSR1 or SIGUSR2 in the main thread. `should_stop(num_updates, device)` is true
     on every rank at the same optimizer step once any rank received a signal."""
 
     def __init__(self, world_size: int | None = None):

@@ -34,15 +34,16 @@ def train(recipe: Recipe, run_dir: Path | None = None, fast_dev_run: int = 0,
     stop: a StopRequest the caller entered before its own set-up (the CLI's, so a signal
     during preflight is not lost); by default one covering this call.
 
-    Raises Preempted after saving on SIGTERM or SIGUSR1 (the CLI exits 75), RunDirError when
+    Raises Preempted after saving on SIGTERM, SIGUSR1 or SIGUSR2 (the CLI exits 75; before
+    the first step it ends at once, see _stopped_in_setup), RunDirError when
     the run directory is in use or holds another recipe's run, CheckpointError for a
     checkpoint that cannot be resumed, NonFiniteError when training diverges (nothing
     non-finite is saved)."""
     run_dir = Path(run_dir) if run_dir else run_dir_for(recipe)
     own_stop = stop is None
     stop = StopRequest() if own_stop else stop
-    # The handlers go in first: a signal during set-up stops the run after its first
-    # agreement step, with a checkpoint, instead of killing it unsaved.
+    # The handlers go in first: a signal during set-up ends the run cleanly (releasing the
+    # lock, saying what was saved) instead of killing it.
     with stop if own_stop else contextlib.nullcontext():
         if fast_dev_run:
             return _train(recipe, run_dir, fast_dev_run, stop)
@@ -53,7 +54,11 @@ def train(recipe: Recipe, run_dir: Path | None = None, fast_dev_run: int = 0,
 
 
 def _train(recipe: Recipe, run_dir: Path, fast_dev_run: int, stop: StopRequest) -> dict:
-    t = build_training(recipe)
+    saving = recipe.log.checkpoint and not fast_dev_run
+    try:
+        t = build_training(recipe, stop=stop)
+    except Preempted:  # signalled while the processes gathered
+        raise _stopped_in_setup(run_dir if saving else None, stop) from None
     say = print if t.dist_info.is_main else (lambda *args, **kwargs: None)
     for note in t.notes:
         say(f"note: {note}", flush=True)
@@ -64,8 +69,9 @@ def _train(recipe: Recipe, run_dir: Path, fast_dev_run: int, stop: StopRequest) 
             say(f"{run_dir}: already trained for {total_epochs} epochs; nothing written",
                 flush=True)
             return _final_summary(recipe, state, run_dir, t.fit)
+    if stop.agreed(t.device):  # signalled while loading: nothing of this attempt to save
+        raise _stopped_in_setup(run_dir if saving else None, stop)
     t.wrap()
-    saving = recipe.log.checkpoint and not fast_dev_run
     log = RunLog(run_dir, recipe, enabled=t.dist_info.is_main and not fast_dev_run,
                  ran_with=t.fit.record())
     run = EpochRun(log=log, stop=stop, max_updates=fast_dev_run or None,
@@ -188,6 +194,20 @@ def _preempted(t: Training, run: EpochRun, state: TrainState, run_dir: Path | No
     code = exit_code_unsaved(stop.signum or signal.SIGTERM)
     return Preempted(f"preempted at {where}: nothing saved ({why}), so this run cannot "
                      f"resume; exit code {code}", code)
+
+
+def _stopped_in_setup(run_dir: Path | None, stop: StopRequest) -> Preempted:
+    """A stop signal before the first step ends the run at once: 75 when the run folder holds a
+    checkpoint (it already has the place, and the same command resumes from it), else
+    "nothing saved" and 128 + the signal's number, so a requeue line does not loop."""
+    signum = stop.signum or signal.SIGTERM
+    saved = ckpt.training_checkpoints(run_dir) if run_dir is not None else []
+    if saved:
+        return Preempted(f"preempted by signal {signum} during set-up: {saved[0]} holds the "
+                         "place; run the same command to resume")
+    code = exit_code_unsaved(signum)
+    return Preempted(f"stopped by signal {signum} during set-up: nothing trained, nothing "
+                     f"saved; exit code {code}", code)
 
 
 def _bad_images_seen(*loaders) -> int:

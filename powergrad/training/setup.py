@@ -19,7 +19,8 @@ from timm.utils import ModelEmaV3, random_seed
 from powergrad.config.batching import BatchPlan, plan_batch
 from powergrad.config.schema import Recipe
 from powergrad.data import build_loaders
-from powergrad.system.distributed import DistInfo, cuda_index, init_distributed
+from powergrad.system.distributed import (DistInfo, broadcast_from_main, init_distributed,
+                                          process_device, world_from_env)
 from powergrad.training.builders import (AMP_DTYPES, build_optimizer, build_scheduler,
                                          build_train_loss, pick_device)
 from powergrad.training.clipping import clip_parameters
@@ -65,8 +66,14 @@ class Training:
         if self.recipe.train.torchcompile:
             model = torch.compile(model)
         if self.dist_info.enabled:
-            ids = [self.dist_info.local_rank] if self.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            # device_ids is the model's own device: under srun --gpus-per-task=1 every task's
+            # GPU is cuda:0, whatever its local rank (distributed.process_device).
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # gradient_as_bucket_view: gradients live in DDP's buckets, no second copy
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                        gradient_as_bucket_view=True)
+            if self.ema is not None:  # DDP just gave every rank rank 0's weights; so the EMA
+                broadcast_from_main(self.ema.module.state_dict().values())
         self.train_model = model
         return model
 
@@ -80,19 +87,23 @@ class Training:
 
 def build_training(recipe: Recipe, *, with_data: bool = True, with_weights: bool = True,
                    updates_per_epoch: int | None = None,
-                   device: torch.device | str | None = None) -> Training:
+                   device: torch.device | str | None = None, stop=None) -> Training:
     """Build a run's parts from the recipe with timm's factories. with_data=False builds no
     loader (describe, timing on synthetic batches); updates_per_epoch then sets the schedule's
     length (default 1). with_weights=False leaves the seed's initial weights (no pretrained
     or initial checkpoint: describe). device overrides train.device (tools that time on a
-    chosen device)."""
+    chosen device). stop: the run's StopRequest, so a signal while the processes gather
+    ends this one at once."""
     cfg = recipe.train
     device = pick_device(str(device) if device is not None else cfg.device)
-    dist_info = init_distributed(device.type)
+    if device.type == "cuda" and device.index is None:
+        device = process_device("cuda", world_from_env(), torch.cuda.device_count())
+    dist_info = init_distributed(device, cfg.rendezvous_timeout, stop)
     plan = plan_batch(cfg.global_batch, cfg.batch_size, cfg.grad_accum_steps,
                       dist_info.world_size)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", cuda_index(dist_info.local_rank, torch.cuda.device_count()))
+    # cuDNN picks its fastest kernels per input shape once; the shapes repeat every step (a
+    # resolution schedule adds a few), and tools/gpu_saturation.py times with the same choice.
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     fit = fit_to_machine(recipe, device, plan.global_batch)  # what this machine changes
     notes = list(fit.notes)
     if cfg.threads:
