@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 TEMP_SUFFIX = ".tmp"
+CPU = torch.device("cpu")
 
 
 def umask_mode(mode: int = 0o666) -> int:
@@ -52,25 +53,59 @@ def load(path: Path, map_location="cpu", mmap: bool = False) -> dict:
     return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device = CPU) -> dict:
+    """This process's random streams: Python, NumPy, torch's CPU one and, for a process that
+    trains on a GPU, its own device's CUDA one only (every visible device's would not restore
+    where fewer are seen)."""
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(_cuda_index(device))
     return state
 
 
-def restore_rng_state(state: dict) -> None:
+def restore_rng_state(state: dict, device: torch.device = CPU) -> list[str]:
+    """Put back what rng_state saved, the CUDA stream to this process's device; notes for a
+    CUDA state that cannot be used here."""
     random.setstate(_as_tuples(state["python"]))
     np_state = state["numpy"]
     np.random.set_state((np_state[0], np_state[1].numpy(), *np_state[2:]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type != "cuda":
+        if "cuda" in state:
+            return ["the checkpoint's CUDA random state is not used on the CPU"]
+        return []
+    index = _cuda_index(device)
+    saved, note = own_cuda_state(state.get("cuda"), index)
+    if saved is not None:
+        torch.cuda.set_rng_state(saved, index)
+    return [note] if note else []
+
+
+def own_cuda_state(saved, index: int) -> tuple[torch.Tensor | None, str | None]:
+    """The saved CUDA random state for this process's device cuda:<index>, and a note when
+    there is none. A tensor is the saving process's own device's state. A list is the older
+    format (one state per device the saving process could see): its entry <index> is the one
+    the same launch form restores, so a resume on the same machines stays exact; a device
+    past its end starts from the seed."""
+    if saved is None:
+        return None, (f"the checkpoint holds no CUDA random state (saved on the CPU): cuda:"
+                      f"{index}'s random stream starts from the seed")
+    if isinstance(saved, torch.Tensor):
+        return saved, None
+    if index < len(saved):
+        return saved[index], None
+    return None, (f"the checkpoint holds CUDA random states of {len(saved)} device(s) (the "
+                  f"older per-machine format) and none for cuda:{index}: its random stream "
+                  "starts from the seed")
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _as_tuples(value):

@@ -120,7 +120,9 @@ def _resume(t: Training, run_dir: Path, say) -> TrainState:
     if payload is None:
         return TrainState()
     check_checkpoint_recipe(resume_from, payload, t.recipe)
-    state = restore(payload, t)
+    state, restore_notes = restore(payload, t)
+    for note in restore_notes:  # what this machine could not take over
+        say(f"note: {note}", flush=True)
     if state.epoch < t.total_epochs:
         say(f"resumed from {resume_from} at epoch {state.epoch + 1}, batch "
             f"{state.batch_in_epoch}", flush=True)

@@ -23,7 +23,8 @@ def save(t: Training, state: TrainState, run_dir: Path, *, is_best: bool = False
     takes part: each contributes its own RNG state and running sums."""
     if not all(torch.isfinite(p).all() for p in t.model.parameters()):
         raise NonFiniteError(f"non-finite weights at optimizer step {state.num_updates}")
-    rank_states = gather_objects({"rng": ckpt.rng_state(), "epoch_totals": dict(state.epoch_totals)})
+    rank_states = gather_objects({"rng": ckpt.rng_state(t.device),
+                                   "epoch_totals": dict(state.epoch_totals)})
     if not t.dist_info.is_main:
         return
     payload = ckpt.training_payload(
@@ -50,9 +51,10 @@ def check_checkpoint_recipe(path: Path, payload: dict, recipe: Recipe) -> None:
                       "the change to continue it, or start a new run (log.experiment=NAME).")
 
 
-def restore(payload: dict, t: Training) -> TrainState:
+def restore(payload: dict, t: Training) -> tuple[TrainState, list[str]]:
     """The checkpoint's weights, optimizer, schedule, scaler, EMA and this rank's RNG state and
-    running sums into the bare model and the run's parts; the TrainState to continue from."""
+    running sums into the bare model and the run's parts; the TrainState to continue from, and
+    notes on what this machine could not take over (a scaler, a CUDA random state)."""
     model, optimizer, scheduler, scaler, ema, dist_info = (
         t.model, t.optimizer, t.scheduler, t.scaler, t.ema, t.dist_info)
     known = TrainState.__dataclass_fields__
@@ -66,11 +68,28 @@ def restore(payload: dict, t: Training) -> TrainState:
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
-    scaler.load_state_dict(payload["scaler"])
+    notes = restore_scaler(scaler, payload["scaler"])
     if ema is not None and payload["ema"] is not None:
         ema.module.load_state_dict(payload["ema"])
     mine = rank_states[dist_info.rank % len(rank_states)]
-    ckpt.restore_rng_state(mine["rng"])
+    notes += ckpt.restore_rng_state(mine["rng"], t.device)
     state.epoch_totals = dict(mine["epoch_totals"])
     scheduler.step_update(num_updates=state.num_updates)
-    return state
+    return state, notes
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, saved: dict) -> list[str]:
+    """The saved GradScaler state when the checkpoint and this run both use one; otherwise
+    this run's own (fresh or off) scaler, with a note. The recipe's digest is the same either
+    way: float16 on a CPU trains in bfloat16 without a scaler."""
+    if scaler.is_enabled() and saved:
+        scaler.load_state_dict(saved)
+        return []
+    if scaler.is_enabled():
+        return [f"the checkpoint was saved without a GradScaler (float16 runs as bfloat16 on "
+                f"the CPU); this float16 run starts a fresh one at scale "
+                f"{scaler.get_scale():g} (its first steps may be skipped while the scale settles)"]
+    if saved:
+        return [f"the checkpoint's GradScaler (scale {saved.get('scale', 0):g}) is not used: "
+                "this run trains without one (float16 runs as bfloat16 on the CPU)"]
+    return []

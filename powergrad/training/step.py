@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from timm.utils import unwrap_model
 
 from powergrad.system.distributed import all_reduce_sum
@@ -67,13 +68,22 @@ class RunningSums:
 
     def fold(self, where: str) -> None:
         """Move the device-side sums to the host (one sync); a non-finite loss since the last
-        fold stops the run here, before anything is saved."""
+        fold stops the run here, before anything is saved. Every rank folds at the same steps,
+        and under DDP they agree first (one all-reduce of a flag): with a GradScaler an inf
+        loss on one rank only skips the step everywhere, so the others would go on alone."""
         if self.pending["seen"] == 0:
             return
-        loss_sum, correct = torch.stack([self.pending["loss"],
-                                         self.pending["correct"].double()]).tolist()
-        if not math.isfinite(loss_sum):
-            raise NonFiniteError(f"training loss {loss_sum} by {where}")
+        bad = (~torch.isfinite(self.pending["loss"])).double()
+        ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if ranks > 1:
+            dist.all_reduce(bad)  # queued on the device: the tolist below stays the one sync
+        loss_sum, correct, bad_ranks = torch.stack([self.pending["loss"],
+                                                    self.pending["correct"].double(),
+                                                    bad]).tolist()
+        if bad_ranks:
+            which = f" ({int(bad_ranks)} of {ranks} processes)" if ranks > 1 else ""
+            value = loss_sum if not math.isfinite(loss_sum) else "non-finite on another process"
+            raise NonFiniteError(f"training loss {value} by {where}{which}")
         for acc in (self.epoch, self.window):
             acc["loss"] += loss_sum
             acc["correct"] += correct
