@@ -225,7 +225,7 @@ def image_recipe(recipe_file, tmp_path, **data):
                        data={"dataset": "imagefolder", "loader": "torchvision",
                              "train_dir": str(tmp_path / "train"),
                              "val_dir": str(tmp_path / "val"), **data},
-                       train={"batch_size": 4})
+                       train={"batch_size": 4, "eval_batch_size": 10})
 
 
 def test_image_folders_count_classes_and_images(recipe_file, tmp_path):
@@ -307,3 +307,29 @@ def test_a_run_directory_of_other_settings_is_found_before_any_training(recipe_f
                           f"is used: {earlier} holds a run of other settings")
     assert "optim.lr: 0.3 -> 0.1" in err
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["second"]  # first: not run
+
+
+def test_the_memory_check_counts_the_ema_and_the_evaluation_batch(monkeypatch):
+    """Activation sizes made up by hand (1 MB kept per training image, a widest layer
+    output of 100 bytes per image), so the need is known: 16 bytes per parameter (weights,
+    gradients, two optimizer states), 4 more with an EMA, then the larger of one micro-batch's
+    training activations and one evaluation batch's two widest outputs."""
+    from powergrad.training import preflight as checks
+
+    monkeypatch.setattr(checks, "_activation_bytes", lambda model, images: (2 * 10**6, 200))
+    base = ["model.kwargs.channels=[8, 8, 16, 16]", "train.batch_size=16",
+            "train.eval_batch_size=50", "data.train_subset=64", "data.eval_subset=64"]
+    recipe = load_recipe("recipes/fashion_mnist/resnet_pgt.yaml", base)
+    params = sum(p.numel() for p in checks.check_model_builds(recipe).parameters())
+    train_need = 10**6 * 16  # > 2 * 100 * 50 for evaluation
+    have = 16 * params + train_need + 2 * params  # room for half an EMA
+    monkeypatch.setattr(checks, "_device_memory", lambda recipe: (have, "the test's GPU"))
+    preflight(recipe, 1)  # fits without an EMA
+    with pytest.raises(RecipeError, match="train.batch_size: got 16 .* weights, EMA, optimizer"):
+        preflight(load_recipe("recipes/fashion_mnist/resnet_pgt.yaml",
+                              [*base, "train.model_ema=true"]), 1)
+    too_many = have // (2 * 100) + 1  # their widest outputs alone pass the memory
+    with pytest.raises(RecipeError, match=f"train.eval_batch_size: got {too_many}: .* "
+                                          f"evaluation of {too_many} images"):
+        preflight(load_recipe("recipes/fashion_mnist/resnet_pgt.yaml",
+                              [*base, f"train.eval_batch_size={too_many}"]), 1)

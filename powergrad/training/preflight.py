@@ -182,11 +182,11 @@ def check_model_takes_images(recipe: Recipe, plan: BatchPlan, model) -> None:
     import torch
 
     model.train()  # the meta model of check_model_builds
-    largest, largest_key = 0, "data.img_size"
+    largest, largest_key, eval_peak = 0, "data.img_size", 0
     for key, size in sorted(image_sizes(recipe).items(), key=lambda item: item[1]):
         try:  # two images: BatchNorm refuses one value per channel in training mode
             images = torch.empty(2, recipe.model.in_chans, size, size, device="meta")
-            per_image = _activation_bytes(model, images) // 2
+            kept, widest = (n // 2 for n in _activation_bytes(model, images))
         except NotImplementedError:  # an op without a meta kernel: nothing to learn here
             return
         except (AssertionError, RuntimeError, ValueError) as err:
@@ -195,19 +195,31 @@ def check_model_takes_images(recipe: Recipe, plan: BatchPlan, model) -> None:
                    "take)" if expected else "expected a size this model takes")
             fail_on(recipe, key, f"got {size}: {recipe.model.model} cannot take {size} x {size} "
                                f"images ({type(err).__name__}: {one_line(err)}); {fix}")
-        training = key != "data.val_img_size"  # evaluation keeps no activations
-        if training and per_image >= largest:
-            largest, largest_key = per_image, key
+        if key != "data.val_img_size" and kept >= largest:  # training keeps every output
+            largest, largest_key = kept, key
+        if key == "data.val_img_size" or "data.val_img_size" not in image_sizes(recipe):
+            eval_peak = max(eval_peak, 2 * widest)  # evaluation: a layer's input and output
     if recipe.train.amp_dtype != "float32":
-        largest //= 2  # autocast keeps most activations in 16 bits
-    # fp32 weights, gradients and up to two optimizer states; activations kept for backward
-    fixed = 16 * sum(p.numel() for p in model.parameters())
-    need = fixed + largest * plan.micro_batch
+        largest, eval_peak = largest // 2, eval_peak // 2  # autocast: mostly 16-bit
+    # fp32 weights, gradients and up to two optimizer states, and the EMA's copy. Under DDP
+    # the gradients are views into its buckets (gradient_as_bucket_view): nothing more.
+    params = sum(p.numel() for p in model.parameters())
+    fixed = (16 + 4 * recipe.train.model_ema) * params
+    train_need = largest * plan.micro_batch
+    eval_need = eval_peak * recipe.train.eval_batch_size
+    need = fixed + max(train_need, eval_need)  # evaluation runs after the step's memory is free
     have, where = _device_memory(recipe)
     if have is None or need <= have:
         return
+    if eval_need > train_need:
+        fail_on(recipe, "train.eval_batch_size",
+                f"got {recipe.train.eval_batch_size}: about {need / 2**30:.1f} GiB for "
+                f"weights{', EMA' if recipe.train.model_ema else ''}, optimizer and the "
+                f"evaluation of {recipe.train.eval_batch_size} images, but {where} has "
+                f"{have / 2**30:.1f} GiB; expected a smaller evaluation batch")
     size = image_sizes(recipe)[largest_key]
-    what = (f"about {need / 2**30:.1f} GiB for weights, optimizer and the activations of "
+    what = (f"about {need / 2**30:.1f} GiB for weights"
+            f"{', EMA' if recipe.train.model_ema else ''}, optimizer and the activations of "
             f"{plan.micro_batch} images of {size} x {size} px, but {where} has "
             f"{have / 2**30:.1f} GiB")
     if fixed + largest > have:  # not even one image fits
@@ -218,20 +230,22 @@ def check_model_takes_images(recipe: Recipe, plan: BatchPlan, model) -> None:
                                       "by accumulation)")
 
 
-def _activation_bytes(model, images) -> int:
-    """Bytes of every module's output for `images` (what backward keeps, roughly; in-place
-    modules share their input's memory and are not counted)."""
+def _activation_bytes(model, images) -> tuple[int, int]:
+    """(bytes of every module's output for `images`: what backward keeps, roughly; the
+    largest single output). In-place modules share their input's memory and are not
+    counted."""
     import torch
 
-    total = 0
+    total = widest = 0
 
     def count(module, inputs, output):
-        nonlocal total
+        nonlocal total, widest
         if getattr(module, "inplace", False):
             return
         for out in output if isinstance(output, (tuple, list)) else (output,):
             if isinstance(out, torch.Tensor):
                 total += out.numel() * out.element_size()
+                widest = max(widest, out.numel() * out.element_size())
 
     handles = [m.register_forward_hook(count) for m in model.modules()
                if not list(m.children())]
@@ -240,7 +254,7 @@ def _activation_bytes(model, images) -> int:
     finally:
         for handle in handles:
             handle.remove()
-    return total
+    return total, widest
 
 
 def _fixed_input_size(model) -> int | None:
@@ -255,7 +269,8 @@ def _device_memory(recipe: Recipe) -> tuple[int | None, str]:
 
     if recipe.train.device != "cpu" and torch.cuda.is_available():
         index = cuda_index(world_from_env().local_rank, torch.cuda.device_count()) or 0
-        return torch.cuda.get_device_properties(index).total_memory, f"cuda:{index}"
+        free, _ = torch.cuda.mem_get_info(index)  # what other processes left of it
+        return free, f"cuda:{index}'s free memory"
     try:
         with open("/proc/meminfo") as f:
             fields = dict(line.split(":", 1) for line in f)
