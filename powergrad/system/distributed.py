@@ -161,7 +161,7 @@ def init_distributed(device: torch.device | str, timeout: float | None = None,
     device without an index gets this process's, by process_device). Waits at most `timeout`
     seconds for every rank (None: train.rendezvous_timeout's default; LaunchError naming the
     missing ones); a stop signal (`stop`, a preemption.StopRequest) while waiting raises
-    Preempted at once, nothing saved."""
+    StoppedWhileGathering at once."""
     from powergrad.config.schema import TrainConfig
 
     timeout = TrainConfig.rendezvous_timeout if timeout is None else timeout
@@ -189,13 +189,14 @@ def init_distributed(device: torch.device | str, timeout: float | None = None,
     return info
 
 
+class StoppedWhileGathering(Exception):
+    """A stop signal came while this process waited for the others: it ends at once (the
+    engine decides the exit code from what the run folder holds)."""
+
+
 def _stopped_while_waiting(stop) -> None:
     if stop is not None and stop.requested:
-        from powergrad.system.preemption import Preempted, exit_code_unsaved
-
-        code = exit_code_unsaved(stop.signum)
-        raise Preempted(f"stopped by signal {stop.signum} while waiting for the other "
-                        f"processes: nothing trained, nothing saved; exit code {code}", code)
+        raise StoppedWhileGathering(f"signal {stop.signum} while waiting for the other processes")
 
 
 def _srun_store(host: str, port: int, info: DistInfo, deadline: float, stop):

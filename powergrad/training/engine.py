@@ -15,7 +15,8 @@ from pathlib import Path
 from timm.utils import distribute_bn
 
 from powergrad.config.schema import Recipe
-from powergrad.system.distributed import all_reduce_sum, barrier, world_from_env
+from powergrad.system.distributed import (StoppedWhileGathering, all_reduce_sum, barrier,
+                                          world_from_env)
 from powergrad.system.preemption import Preempted, StopRequest, exit_code_unsaved
 from powergrad.training import checkpoint as ckpt
 from powergrad.training.evaluate import EVAL_TAGS, evaluate
@@ -57,7 +58,7 @@ def _train(recipe: Recipe, run_dir: Path, fast_dev_run: int, stop: StopRequest) 
     saving = recipe.log.checkpoint and not fast_dev_run
     try:
         t = build_training(recipe, stop=stop)
-    except Preempted:  # signalled while the processes gathered
+    except StoppedWhileGathering:
         raise _stopped_in_setup(run_dir if saving else None, stop) from None
     say = print if t.dist_info.is_main else (lambda *args, **kwargs: None)
     for note in t.notes:
