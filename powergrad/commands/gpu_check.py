@@ -41,11 +41,13 @@ from powergrad.commands.gpu_context import (FULL, LOADERS, PAPER_RECIPE, REDUCED
                                             paper_recipe, synthetic_data)
 from powergrad.commands.gpu_correctness import ddp_row, engine_row, pgt_row
 from powergrad.commands.gpu_throughput import RecipeSteps, gpu_hours_row, loader_row
+from powergrad.system.gpus import refuse_unusable_gpu
 
 
 def run(workdir: Path, device: torch.device | None = None,
         recipe: Path = PAPER_RECIPE) -> list[Row]:
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = refuse_unusable_gpu(device or torch.device("cuda" if torch.cuda.is_available()
+                                                        else "cpu"))
     ctx = Context(device, FULL if device.type == "cuda" else REDUCED, workdir, recipe)
     rows: list[Row] = []
 

@@ -11,16 +11,27 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
 from powergrad.config.schema import Recipe
+from powergrad.system.gpus import GpuUnusable, refuse_unusable_gpu
 from powergrad.transform import wrap_loss
 
 AMP_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def pick_device(name: str) -> torch.device:
+    """auto: CUDA where torch can use this machine's GPU, the CPU where it has none. A GPU that
+    torch cannot use (a driver older than its CUDA, no kernels for the GPU) is refused with one
+    line (GpuUnusable) for auto and cuda alike, never trained on the CPU unasked; cpu is the
+    way to do that on purpose, and probes nothing."""
+    if name == "cpu":
+        return torch.device("cpu")
+    refuse_unusable_gpu()
+    cuda = torch.cuda.is_available()
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is cuda but no CUDA device is visible")
+        return torch.device("cuda" if cuda else "cpu")
+    if not cuda:
+        raise GpuUnusable(f"train.device is {name}, but torch sees no CUDA device (no NVIDIA "
+                          "GPU here, or CUDA_VISIBLE_DEVICES hides them); use train.device=auto "
+                          "or cpu")
     return torch.device(name)
 
 
