@@ -353,3 +353,21 @@ def test_iterating_leaves_torch_threads_as_the_caller_set_them(loaders):
         torch.set_num_threads(before)
         if name == "ffcv":
             train.torch_threads = val.torch_threads = before
+
+
+@pytest.mark.parametrize("damage", [lambda meta: meta.pop("beton_bytes"),
+                                    lambda meta: meta.update(num_samples="16"),
+                                    lambda meta: meta.update(class_names=None)])
+def test_a_sidecar_without_a_field_is_one_line_not_a_key_error(data, tmp_path, damage):
+    import shutil
+
+    from powergrad.data.beton_meta import read_beton_info
+    from powergrad.data.imagefolder_checks import ImageDataError
+
+    beton = tmp_path / "train.beton"
+    shutil.copy(data[0] / "train.beton", beton)
+    meta = json.loads(sidecar_path(data[0] / "train.beton").read_text())
+    damage(meta)
+    sidecar_path(beton).write_text(json.dumps(meta))
+    with pytest.raises(ImageDataError, match=r"sidecar lacks or garbles .*rewrite the .beton"):
+        read_beton_info(beton)

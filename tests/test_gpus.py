@@ -218,5 +218,7 @@ def test_train_refuses_with_one_line(old_driver_machine, tmp_path, capsys):
                      f"log.output={tmp_path / 'runs'}"])
     err = capsys.readouterr().err.strip()
     assert code == 2, err
-    assert err.startswith("powergrad train: torch cannot use") and "\n" not in err
+    # refused by the recipe checks, before the run folder is locked
+    assert err.startswith("recipe error: ") and "\n" not in err
+    assert "train.device: got 'auto': torch cannot use" in err
     assert "535.129.03" in err and "CUDA 13.0" in err

@@ -99,8 +99,15 @@ def read_beton_info(beton: str | os.PathLike, num_classes: int | None = None) ->
             meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as e:
             raise ImageDataError(f"{meta_path}: sidecar is not valid JSON ({e})") from e
-        if meta.get("format") != SIDECAR_FORMAT:
-            raise ImageDataError(f"{meta_path}: unknown sidecar format {meta.get('format')!r}")
+        if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise ImageDataError(f"{meta_path}: unknown sidecar format {found!r}")
+        wanted = {"beton_bytes": int, "num_samples": int, "class_names": list}
+        wrong = [f"{key} ({kind.__name__})" for key, kind in wanted.items()
+                 if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool)]
+        if wrong:
+            raise ImageDataError(f"{meta_path}: sidecar lacks or garbles {', '.join(wrong)}; "
+                                 "rewrite the .beton and its sidecar with tools/write_ffcv.py")
         if meta["beton_bytes"] != path.stat().st_size or meta["num_samples"] != num_samples:
             raise ImageDataError(
                 f"{path}: file does not match its sidecar {meta_path} ({path.stat().st_size} "

@@ -136,7 +136,14 @@ def check_initial_weights(recipe: Recipe, model) -> None:
 def check_device(recipe: Recipe) -> None:
     import torch
 
+    from powergrad.system.gpus import GpuUnusable, refuse_unusable_gpu
+
     name = recipe.train.device
+    if name != "cpu":  # NVIDIA GPUs torch cannot use: refused before the run folder is locked
+        try:
+            refuse_unusable_gpu()
+        except GpuUnusable as err:
+            fail_on(recipe, "train.device", f"got {name!r}: {err}")
     if name == "cuda" and not torch.cuda.is_available():
         fail_on(recipe, "train.device", "got 'cuda', but torch sees no CUDA device; expected "
                                       "cpu or auto on this machine")
