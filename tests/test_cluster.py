@@ -421,3 +421,33 @@ def test_sync_bn_over_two_processes_equals_one_process_with_the_whole_batch(tmp_
     for got, want in zip(synced["grads"], [p.grad for p in whole.parameters()]):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert not torch.equal(whole[1].running_var, small_bn_net()[1].running_var)  # it moved
+
+
+def test_an_epoch_finished_after_a_requeue_reports_its_own_rate_and_the_whole_time(
+        tmp_path, monkeypatch, handler_before, capsys):
+    """Preempted at the last step of epoch 1 (8 steps an epoch): the requeued run trains no
+    image of that epoch, so its line shows '-' for the rate, not 0 img/s; the epoch's seconds
+    and images are the first allocation's, carried in the checkpoint, and the run's time is
+    the sum over its allocations."""
+    import csv
+
+    signalled_at_step(monkeypatch, signal.SIGUSR1, 8)
+    recipe = load_recipe(FASHION, TINY + [f"log.output={tmp_path}"])
+    with pytest.raises(Preempted):
+        engine.train(recipe)
+    saved = ckpt.read_training(tmp_path / "resnet_pgt" / "last.pth")
+    assert saved["state"]["batch_in_epoch"] == 8
+    first_allocation = saved["rank_states"][0]["epoch_totals"]["seconds"]
+    assert first_allocation > 0
+    capsys.readouterr()
+    summary = engine.train(recipe)
+    out = capsys.readouterr().out
+    assert "epoch 1/2:" in out and "| - img/s (trained before the requeue)" in out
+    assert " 0 img/s" not in out
+    with open(tmp_path / "resnet_pgt" / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[0]["epoch_seconds"]) >= first_allocation
+    assert int(rows[0]["train_images"]) == 256 and int(rows[1]["train_images"]) == 256
+    assert summary["train_seconds"] == pytest.approx(
+        float(rows[0]["epoch_seconds"]) + float(rows[1]["epoch_seconds"]), rel=1e-6)
+    assert summary["img_per_sec"] == pytest.approx(512 / summary["train_seconds"], rel=1e-6)

@@ -136,7 +136,7 @@ def _main(items: list[str], compare_name: str | None, fast_dev_run: int,
         run_dirs.append(summary["run_dir"])
         say(f"== {recipe.source}: final test top-1 {summary['final_test_top1']:.2f} %, "
               f"best {summary['best_test_top1']:.2f} % (epoch {summary['best_epoch']}), "
-              f"{summary['train_seconds']:.0f} s", flush=True)
+              f"{summary['train_seconds']:.0f} s of training in all", flush=True)
     from powergrad.system.distributed import shutdown
     shutdown()
     if compare_name and run_dirs and world.is_main:

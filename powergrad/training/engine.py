@@ -173,7 +173,8 @@ def run_epoch(t: Training, run: EpochRun, epoch: int, state: TrainState,
         print(f"epoch {epoch + 1}/{t.total_epochs}: train loss {row['train_loss']:.4f} "
               f"top1 {row['train_top1']:.2f} | test loss {row['eval_loss']:.4f} "
               f"top1 {row['eval_top1']:.2f} top5 {row['eval_top5']:.2f} | "
-              f"{row['img_per_sec']:.0f} img/s"
+              + (f"{row['img_per_sec']:.0f} img/s" if math.isfinite(row['img_per_sec'])
+                 else "- img/s (trained before the requeue)")
               + (f" | {bad_images} unreadable image(s) skipped" if bad_images else ""),
               flush=True)
     state.epoch = epoch + 1

@@ -49,8 +49,20 @@ class RunningSums:
         self.epoch = dict(epoch_totals) if epoch_totals else dict(loss=0.0, correct=0.0, seen=0,
                                                                   wait=0.0)
         self.seen_before = self.epoch["seen"]  # samples trained before a preemption
+        # seconds this epoch trained in earlier allocations (checkpoints before this count: 0)
+        self.seconds_before = self.epoch.pop("seconds", 0.0)
+        self.start = time.perf_counter()
         self.reset_window()
         self._clear_pending()
+
+    def seconds_now(self) -> float:
+        """Seconds this epoch has trained in this allocation so far."""
+        return time.perf_counter() - self.start
+
+    def to_save(self) -> dict:
+        """The epoch's sums as a checkpoint holds them: with its training seconds so far, so
+        an epoch finished after a requeue reports its whole time."""
+        return {**self.epoch, "seconds": self.seconds_before + self.seconds_now()}
 
     def _clear_pending(self) -> None:
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -176,7 +188,6 @@ def train_one_epoch(t: Training, epoch: int, state: TrainState, run: EpochRun) -
     progress = Progress(len(loader) - state.batch_in_epoch,
                         f"epoch {epoch + 1}/{t.total_epochs}", enabled=t.dist_info.is_main,
                         every=log_every)
-    start = time.perf_counter()
     batches = timed(iter(loader))
     for _ in itertools.islice(batches, state.batch_in_epoch):
         pass  # replayed, not trained: the loader's order and augmentation stay in step
@@ -192,7 +203,8 @@ def train_one_epoch(t: Training, epoch: int, state: TrainState, run: EpochRun) -
     state.batch_in_epoch, state.epoch_totals = 0, {}
     if t.probe is not None:
         t.probe.enabled = False  # keep evaluation forwards out of the record
-    seconds = time.perf_counter() - start
+    seconds_now = sums.seconds_now()
+    seconds = sums.seconds_before + seconds_now  # over every allocation that trained it
     totals = sums.epoch
     loss_sum, correct, seen, seen_now = all_reduce_sum(
         [totals["loss"], totals["correct"], float(totals["seen"]),
@@ -200,8 +212,10 @@ def train_one_epoch(t: Training, epoch: int, state: TrainState, run: EpochRun) -
     means = {"loss": loss_sum / max(seen, 1), "top1": 100 * correct / max(seen, 1)}
     # the bar's last line shows every process's images, as the epoch line does
     progress.close({"loss": f"{means['loss']:.4f}", "top1": f"{means['top1']:.2f}"})
-    return {**means, "img_per_sec": seen_now / seconds, "data_wait_frac": totals["wait"] / seconds,
-            "seconds": seconds, "images": int(seen_now)}
+    # img_per_sec: the rate of this allocation's images (none: NaN, shown as '-'); images and
+    # seconds: the whole epoch's, so the run's rate (runlog.train_img_per_sec) counts each once
+    return {**means, "img_per_sec": seen_now / seconds_now if seen_now else float("nan"),
+            "data_wait_frac": totals["wait"] / seconds, "seconds": seconds, "images": int(seen)}
 
 
 def after_step(t: Training, run: EpochRun, state: TrainState, sums: RunningSums,
@@ -221,13 +235,13 @@ def after_step(t: Training, run: EpochRun, state: TrainState, sums: RunningSums,
         sums.reset_window()
     if run.stop is not None and run.stop.should_stop(state.num_updates, t.device):
         sums.fold(where)
-        state.batch_in_epoch, state.epoch_totals = batches_done, dict(sums.epoch)
+        state.batch_in_epoch, state.epoch_totals = batches_done, sums.to_save()
         progress.close()
         raise Preempted
     if (run.save_step is not None and not last
             and state.num_updates % recipe.log.checkpoint_every == 0):
         sums.fold(where)  # a kill loses at most checkpoint_every steps
-        state.batch_in_epoch, state.epoch_totals = batches_done, dict(sums.epoch)
+        state.batch_in_epoch, state.epoch_totals = batches_done, sums.to_save()
         run.save_step(state)
         state.batch_in_epoch, state.epoch_totals = 0, {}
     if last:  # the epoch's last progress line shows all of it
