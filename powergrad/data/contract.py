@@ -1,6 +1,7 @@
 """The contract every loader keeps: `EvalLoader` and, for training, `TrainLoader`. No base
 class to inherit: a new backend (DALI, say) satisfies the contract by having the attributes
-and methods; `tests/test_data_images.py` checks every loader against both protocols."""
+and methods; `tests/test_data_images.py` checks every loader against both protocols.
+`eval_shard` is the one split of an evaluation set between ranks that they all use."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -12,7 +13,8 @@ import torch
 @runtime_checkable
 class EvalLoader(Protocol):
     """Yields (float32 images [B, C, H, W], normalised, int64 labels [B]), both already on the
-    training device; evaluation loaders yield every sample once, in a fixed order."""
+    training device; evaluation loaders yield every sample once, in a fixed order (under DDP
+    each rank yields its `eval_shard`, so every sample once over all ranks)."""
 
     class_names: list[str]
 
@@ -33,3 +35,12 @@ class TrainLoader(EvalLoader, Protocol):
     resolution: int  # of the current epoch's images, px
 
     def set_epoch(self, epoch: int) -> None: ...
+
+
+def eval_shard(count: int, rank: int, world_size: int) -> range:
+    """Rank `rank`'s share of `count` evaluation samples: the contiguous block
+    [floor(rank N / n), floor((rank + 1) N / n)), DALI's reader's own shard rule. Shards may
+    differ by one sample and are not padded to equal length (torch's DistributedSampler and
+    ffcv's distributed order repeat samples to do that, and the repeats would be scored
+    twice); evaluation sums its counts over ranks, so uneven shards need nothing more."""
+    return range(count * rank // world_size, count * (rank + 1) // world_size)

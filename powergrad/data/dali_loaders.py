@@ -29,6 +29,7 @@ import math
 import numpy as np
 import torch
 
+from powergrad.data.contract import eval_shard
 from powergrad.data.device_batches import ImageBatches, TrainImageBatches
 
 DALI_PACKAGE = "nvidia-dali-cuda130"  # the CUDA 13 build; its CPU pipelines need no GPU
@@ -50,11 +51,6 @@ def _shard() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _shard_size(count: int, shard_id: int, num_shards: int) -> int:
-    # DALI's reader gives shard i the files [floor(i N / n), floor((i + 1) N / n)).
-    return count * (shard_id + 1) // num_shards - count * shard_id // num_shards
 
 
 class _DaliPass:
@@ -84,8 +80,12 @@ class _DaliPass:
                     continue
                 images = batch["images"].permute(0, 3, 1, 2)  # NHWC memory: channels_last
                 images = images.contiguous(memory_format=self.memory_format)
-                labels = batch["labels"].to(self.device, non_blocking=True)
-                yield images, labels.reshape(-1).to(torch.int64)
+                # A synchronous copy into a tensor of our own: the labels are a CPU output in
+                # memory DALI owns (its dynamic executor hands it over through DLPack) and
+                # reuses once this batch's tensor is dropped, which an asynchronous copy that
+                # nothing waits on could still be reading.
+                labels = batch["labels"].to(self.device, torch.int64, copy=True)
+                yield images, labels.reshape(-1)
         finally:
             del batches, pipeline  # free the pipeline's threads and buffers now
 
@@ -154,13 +154,14 @@ class DaliEvalLoader(_DaliPass, ImageBatches):
         self.samples = samples[:cfg.eval_subset] if cfg.eval_subset else samples
         self.resolution = cfg.val_img_size or cfg.img_size
         self.resize_to = math.floor(self.resolution / cfg.crop_pct)
-        # Every file once over all ranks: shards may differ by one image, and evaluation
-        # sums its counts over ranks.
+        # Every file once over all ranks: DALI's reader shards as eval_shard does (uneven
+        # shards, no padding), and the iterator's PARTIAL policy ends each rank's last batch
+        # at its shard's end, dropping what the reader read past it to fill the batch.
         self.rank, self.world_size = _shard() if distributed else (0, 1)
 
     def __len__(self) -> int:
-        return math.ceil(_shard_size(len(self.samples), self.rank, self.world_size)
-                         / self.batch_size)
+        shard = eval_shard(len(self.samples), self.rank, self.world_size)
+        return math.ceil(len(shard) / self.batch_size)
 
     def __iter__(self):
         yield from self._run(self._pipeline(), drop_last=False)
@@ -176,7 +177,7 @@ class DaliEvalLoader(_DaliPass, ImageBatches):
         def eval_pipeline():
             jpegs, label = fn.readers.file(files=files, labels=labels, shard_id=self.rank,
                                            num_shards=self.world_size, random_shuffle=False,
-                                           name="reader")
+                                           pad_last_batch=False, name="reader")
             images = fn.decoders.image(jpegs, device=self.decode_device, output_type=types.RGB)
             images = fn.resize(images, resize_shorter=self.resize_to,
                                interp_type=types.INTERP_LINEAR, antialias=True)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from powergrad.data.beton_meta import BetonInfo
+from powergrad.data.contract import eval_shard
 from powergrad.data.device_batches import ImageBatches, TrainImageBatches
 from powergrad.system.distributed import world_from_env
 
@@ -122,11 +123,18 @@ class FfcvEvalLoader(ImageBatches):
         res = cfg.val_img_size or cfg.img_size
         decoder = CenterCropRGBImageDecoder((res, res), ratio=cfg.crop_pct)
         self.torch_threads = torch.get_num_threads()
+        indices = _indices(info, cfg.eval_subset)
+        if indices is None:
+            indices = np.arange(info.num_samples)
+        if distributed:
+            # Each rank reads its own shard as a one-process Loader: ffcv's distributed
+            # order pads ranks to equal length with repeated samples (DistributedSampler).
+            indices = indices[eval_shard(len(indices), torch.distributed.get_rank(),
+                                         torch.distributed.get_world_size())]
         loader = Loader(
             str(info.path), batch_size=batch_size, num_workers=cfg.workers,
-            order=OrderOption.SEQUENTIAL, drop_last=False, distributed=distributed,
-            os_cache=cfg.os_cache, indices=_indices(info, cfg.eval_subset),
-            pipelines=_pipelines(decoder, [], device))
+            order=OrderOption.SEQUENTIAL, drop_last=False, distributed=False,
+            os_cache=cfg.os_cache, indices=indices, pipelines=_pipelines(decoder, [], device))
         torch.set_num_threads(self.torch_threads)
         super().__init__(loader, device=device, mean=cfg.mean, std=cfg.std,
                          channels_last=channels_last, class_names=info.class_names)

@@ -24,6 +24,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2 as T
 
 from powergrad.data.augment import INTERPOLATIONS, colour_transforms, repeated_sampler
+from powergrad.data.contract import eval_shard
 from powergrad.data.device_batches import ImageBatches, TrainImageBatches
 from powergrad.data.imagefolder_checks import ImageDataError
 from powergrad.system.preemption import ignore_in_worker
@@ -152,8 +153,11 @@ class TorchvisionEvalLoader(ImageBatches):
         self.bad_images = BadImageTally(cfg.bad_images, root)
         class_names = dataset.classes
         dataset = _subset(dataset, cfg.eval_subset)
-        sampler = DistributedSampler(dataset, shuffle=False) if distributed else None
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
+        if distributed:  # not DistributedSampler: it pads ranks with repeated images
+            shard = eval_shard(len(dataset), torch.distributed.get_rank(),
+                               torch.distributed.get_world_size())
+            dataset = Subset(dataset, shard)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
                             num_workers=cfg.workers, pin_memory=device.type == "cuda",
                             worker_init_fn=ignore_in_worker)
         super().__init__(loader, device=device, mean=cfg.mean, std=cfg.std,
