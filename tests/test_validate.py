@@ -86,3 +86,23 @@ def test_under_torchrun_every_image_is_counted_once(finished, tmp_path):
     assert (got["test_top1"], got["test_top5"]) == (final["test_top1"], final["test_top5"])
     # float32 logits summed in other batches (16 per process): equal to rounding
     assert got["test_loss"] == pytest.approx(final["test_loss"], rel=1e-6)
+
+
+def test_a_missing_source_or_data_is_named_and_a_missing_out_folder_is_made(finished, tmp_path,
+                                                                            capsys):
+    """Checked before any scoring: a source or --data that does not exist says so (not 'not a
+    run folder'); --out into folders that do not exist yet makes them, as log.output does."""
+    run, final = finished
+    assert cli_main(["validate", str(tmp_path / "no_such_run")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"validate: {tmp_path / 'no_such_run'}: no such file or folder")
+    assert cli_main(["validate", str(run), "--data", str(tmp_path / "no_such_data")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"validate: --data {tmp_path / 'no_such_data'}: no such file or folder")
+    out = tmp_path / "not" / "yet" / "there" / "v.json"
+    assert cli_main(["validate", str(run), "--out", str(out)]) == 0
+    assert scores(out) == final
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    assert cli_main(["validate", str(run), "--out", str(blocked / "v.json")]) == 2
+    assert "is a file" in capsys.readouterr().err

@@ -19,22 +19,31 @@ def main(argv: list[str] | None = None) -> int:
     return one_error_path(f"powergrad {args.command}", lambda: _run(args))
 
 
-# Where each command writes, given by an option: (option, the folder it writes into).
-_OUTPUTS = {"compare": ("out", lambda p: Path(p).parent), "export": ("out", Path),
-            "validate": ("out", lambda p: Path(p).parent),
-            "describe": ("png", lambda p: Path(p).parent), "gpu-check": ("out", Path)}
+# Where each command writes, given by options: (option, the folder it writes into). One rule
+# for all (README, "Where commands write"): each folder is checked and, when missing, made
+# before any work, as log.output is, so an hour of scoring never ends in "no such folder".
+_OUTPUTS = {"compare": [("out", lambda p: Path(p).parent)], "export": [("out", Path)],
+            "validate": [("out", lambda p: Path(p).parent)],
+            "describe": [("png", lambda p: Path(p).parent)],
+            "gpu-check": [("out", Path), ("workdir", Path)],
+            "study": [("out", Path), ("records", Path)]}
 
 
 def _unwritable_output(args: argparse.Namespace) -> str | None:
-    """A message when the place an option names cannot be written: found before any work."""
-    option, folder_of = _OUTPUTS.get(args.command, (None, None))
-    value = getattr(args, option, None) if option else None
-    if not value:
-        return None
+    """A message when a place an option names cannot be written, else None, its folders
+    made: found before any work."""
     from powergrad.training.preflight import why_not_writable
 
-    why = why_not_writable(folder_of(value))
-    return f"powergrad {args.command}: --{option} {value}: {why}" if why else None
+    for option, folder_of in _OUTPUTS.get(args.command, []):
+        value = getattr(args, option, None)
+        if not value:
+            continue
+        folder = folder_of(value).expanduser()
+        why = why_not_writable(folder)
+        if why:
+            return f"powergrad {args.command}: --{option} {value}: {why}"
+        folder.mkdir(parents=True, exist_ok=True)
+    return None
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -39,6 +39,8 @@ def with_data(recipe: Recipe, data: str | None) -> Recipe:
     import dataclasses
 
     path = Path(data).expanduser()
+    if not path.exists():
+        raise ValidateError(f"--data {data}: no such file or folder")
     if path.is_dir():
         changes = dict(dataset="imagefolder", loader="torchvision", train_dir=str(path),
                        val_dir=str(path), train_beton=None, val_beton=None)
@@ -65,9 +67,9 @@ def validate(source: str, overrides: list[str], *, checkpoint: str = "last", ema
     from powergrad.training.weights import load_weights, read_state_dict, weights_file
 
     source_path = Path(source).expanduser()
-    recipe = with_data(source_recipe(source_path, recipe_path, overrides), data)
-    if not source_path.exists():
+    if not source_path.exists():  # before asking for a recipe it might not need
         raise ValidateError(f"{source}: no such file or folder")
+    recipe = with_data(source_recipe(source_path, recipe_path, overrides), data)
     path = weights_file(source_path, (f"{checkpoint}.pth", "model.safetensors"))
     model = build_model(recipe.model)
     load_weights(model, read_state_dict(path, ema=ema), path,
