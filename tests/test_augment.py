@@ -1,9 +1,12 @@
-"""timm's augmentation keys on the torchvision loader: RandAugment configured as timm's own
-factory configures it, random erasing's rectangles, repeated augmentation's copies across
-ranks, and the loaders that cannot do them refusing in one line."""
+"""timm's augmentation keys on the torchvision loader: the policy strings checked part by part
+(and optim.opt, sched.decay_fn, the other strings timm parses), RandAugment and AugMix
+configured as timm's own factory configures them, random erasing's rectangles, repeated
+augmentation's copies across ranks, and the loaders that cannot do them refusing in one
+line."""
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +17,7 @@ from helpers_images import textured_folder
 from PIL import Image
 
 from powergrad.commands.cli import main as cli_main
+from powergrad.config.loading import RecipeError, load_recipe
 from powergrad.config.schema import DataConfig
 from powergrad.data.augment import batch_erasing, colour_transforms, repeated_sampler
 
@@ -113,7 +117,104 @@ def test_a_loader_without_timms_augmentations_refuses_them(loader, key, tmp_path
 def test_an_unparsable_policy_is_refused(tmp_path, capsys):
     root = tiny_tree(tmp_path)
     assert cli_main(["train", *deit_args(root, tmp_path / "runs", "data.aa=rand-x9-q")]) == 2
-    assert "data.aa: got 'rand-x9-q': timm cannot parse it" in capsys.readouterr().err
+    assert "data.aa: got 'rand-x9-q': part 'x9' is not one of RandAugment's settings" in \
+        capsys.readouterr().err
+
+
+DEIT = REPO / "recipes/imagenet/deit_small_base.yaml"
+
+
+@pytest.mark.parametrize("aa,kind", [
+    ("rand-m9-mstd0.5-inc1", "RandAugment"), ("rand-m9-n3-mstd0.5", "RandAugment"),
+    ("rand-mstd1-tweights", "RandAugment"), ("rand-m15-mmax20", "RandAugment"),
+    ("augmix-m5-w4-d2", "AugMixAugment"), ("augmix-m3-w3-d0-a1-b1", "AugMixAugment"),
+    ("original", "AutoAugment"), ("original-mstd0.5", "AutoAugment"), ("v0", "AutoAugment"),
+    ("v0r", "AutoAugment"), ("3a", "AutoAugment")])
+def test_timms_policy_strings_load_and_build_timms_transform(aa, kind):
+    recipe = load_recipe(DEIT, [f"data.aa={aa}"])
+    built = colour_transforms(recipe.data, 32)[1]
+    assert type(built).__name__ == kind
+
+
+@pytest.mark.parametrize("aa,part", [
+    ("rand-m99-zz", "part 'zz' holds no number, so timm would skip it"),  # the issue's case
+    ("rand-m99", "part 'm99' (magnitude) is outside timm's range [0, 10]"),
+    ("rand-m15-mmax12", "part 'm15' (magnitude) is outside timm's range [0, 12]"),
+    ("rand-mstdinf", "part 'mstdinf' holds no number"),
+    ("rand-m9-tfoo", "part 'tfoo' names no transform set timm knows"),
+    ("rand-m9-m5", "part 'm5' sets m a second time"),
+    ("rand-m9-p1.5", "part 'p1.5' (probability of each op) is outside timm's range [0, 1]"),
+    ("rand-m9-mmax0", "part 'mmax0' (magnitude upper bound) is outside timm's range"),
+    ("rand-m9-inc2", "part 'inc2' (increasing-severity switch) is outside"),
+    ("rand-m9x", "part 'm9x' (magnitude) is not a whole number"),
+    ("augmix-m11", "part 'm11' (severity) is outside timm's range [0, 10]"),
+    ("augmix-m3-zz", "part 'zz' holds no number"),
+    ("augmix-m3-a0", "part 'a0' (mixing alpha) is outside timm's range (0, inf)"),
+    ("original-m9", "part 'm9' is not one of AutoAugment original's settings"),
+    ("Rand-m9", "'Rand' is not a policy timm knows"),
+    ("rand--m9", "part '' holds no number")])
+def test_a_policy_part_timm_would_skip_or_clamp_is_refused_naming_it(aa, part):
+    """timm passes over a part without a digit and clamps the magnitude at every call: each
+    is refused when the recipe loads, naming data.aa and the part."""
+    with pytest.raises(RecipeError) as refused:
+        load_recipe(DEIT, [f"data.aa={aa}"])
+    assert refused.value.key == "data.aa"
+    assert f"data.aa: got {aa!r}: {part}" in str(refused.value)
+
+
+def test_every_accepted_part_is_one_timm_reads_into_its_transform():
+    """The part tables against timm's own parser: each part's number lands in the built
+    transform (so a part the tables accept is never one timm skips)."""
+    from timm.data import auto_augment as timm_aa
+
+    from powergrad.config.timm_strings import AUGMIX_PARTS, AUTO_PARTS, RAND_PARTS
+
+    rand = timm_aa.rand_augment_transform("rand-m7-n3-p0.4-mstd0.5-mmax12-inc1", None)
+    op = rand.ops[0]
+    assert (op.magnitude, rand.num_layers, op.prob, op.magnitude_std, op.magnitude_max) == \
+        (7, 3, 0.4, 0.5, 12)
+    assert any(o.name.endswith("Increasing") for o in rand.ops)
+    assert timm_aa.rand_augment_transform("rand-tweights", None).choice_weights is not None
+    mix = timm_aa.augment_and_mix_transform("augmix-m4-w5-d2-a0.5-b1-mstd0.3", None)
+    assert (mix.ops[0].magnitude, mix.width, mix.depth, mix.alpha, mix.blended,
+            mix.ops[0].magnitude_std) == (4, 5, 2, 0.5, True, 0.3)
+    auto = timm_aa.auto_augment_transform("original-mstd0.7", None)
+    assert auto.policy[0][0].magnitude_std == 0.7
+    assert set(RAND_PARTS) == {"m", "n", "p", "mstd", "mmax", "inc"}
+    assert set(AUGMIX_PARTS) == {"m", "w", "d", "a", "b", "mstd"} and set(AUTO_PARTS) == {"mstd"}
+
+
+def test_augmix_is_configured_as_timms_create_transform_configures_it():
+    """AugMix (built by auto_augment_transform before, which refused it) with timm's own
+    AugMix settings: the same pixels as the one inside timm's create_transform."""
+    import timm.data
+    from timm.data.auto_augment import AugMixAugment
+
+    aa = "augmix-m5-w4-d2"
+    cfg = DataConfig(aa=aa, train_interpolation="bicubic")
+    timms = next(t for t in timm.data.create_transform(
+        64, is_training=True, auto_augment=aa, interpolation="bicubic",
+        mean=cfg.mean, std=cfg.std).transforms if isinstance(t, AugMixAugment))
+    ours = colour_transforms(cfg, 64)[1]
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8))
+    for seed in range(5):
+        random.seed(seed)
+        np.random.seed(seed)
+        want = np.asarray(timms(image))
+        random.seed(seed)
+        np.random.seed(seed)
+        assert np.array_equal(np.asarray(ours(image)), want), seed
+
+
+@pytest.mark.parametrize("item,words", [
+    ("optim.opt=foo_adamw", "optim.opt: got 'foo_adamw': timm reads only the prefix "
+                            "lookahead_ and would pass over 'foo'"),
+    ("optim.opt=adamx", "optim.opt: got 'adamx': 'adamx' is not a timm optimizer"),
+    ("sched.decay_fn=foo", "sched.decay_fn: got 'foo', expected one of linear, 1-sqrt")])
+def test_the_other_strings_timm_parses_are_refused_when_it_would_misread_them(item, words):
+    with pytest.raises(RecipeError, match=re.escape(words)):
+        load_recipe(DEIT, [item])
+    load_recipe(DEIT, ["optim.opt=lookahead_adamw", "sched.decay_fn=1-sqrt"])  # timm's own
 
 
 def test_describe_shows_the_deit_pipeline(capsys):

@@ -281,6 +281,11 @@ def _check_semantics(recipe: Recipe, origins: dict, default_file: str) -> None:
         close = difflib.get_close_matches(recipe.model.model, timm.list_models(), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         fail("model.model", f"{recipe.model.model!r} is not a timm model{hint}")
+    from powergrad.config.timm_strings import TimmStringError, check_timm_strings
+    try:  # data.aa, optim.opt, sched.decay_fn: every part one timm reads, in its range
+        check_timm_strings(recipe)
+    except TimmStringError as err:
+        fail(err.key, str(err))
     if recipe.model.gpas.enabled and recipe.model.norm == "none":
         fail("model.norm", "norm: none is for ResNets; GPAS models keep their LayerNorms")
     data = recipe.data

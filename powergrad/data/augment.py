@@ -1,7 +1,8 @@
 """timm's training augmentations under timm's train.py names (data.aa, data.reprob, data.remode,
 data.recount, data.aug_repeats, data.train_interpolation, data.color_jitter), built from timm's
 own pieces for the torchvision loader, in timm's order: RandomResizedCrop -> flip ->
-RandAugment/AutoAugment (or colour jitter when there is none) -> normalise -> RandomErasing.
+RandAugment/AugMix/AutoAugment (or colour jitter when there is none) -> normalise ->
+RandomErasing. data.aa is checked part by part when the recipe loads (config/timm_strings.py).
 
 RandAugment works on PIL images, so a sample goes tensor -> PIL -> tensor around it (only when
 data.aa is set). Random erasing fills in normalised space ('pixel': N(0, 1) per value), so it
@@ -32,19 +33,22 @@ def settings_in_use(cfg, loader: str) -> list[str]:
 
 
 def colour_transforms(cfg, res: int) -> list:
-    """RandAugment/AutoAugment (data.aa, on a PIL image and back), or colour jitter when no aa
-    is set (timm's create_transform drops jitter under aa); [] when neither is set."""
+    """RandAugment/AugMix/AutoAugment (data.aa, on a PIL image and back), configured as timm's
+    create_transform configures them, or colour jitter; [] when neither is set. timm drops
+    the jitter under an aa policy unless the policy is one of its '3a' ones."""
+    steps = []
     if cfg.aa:
-        from timm.data.auto_augment import auto_augment_transform, rand_augment_transform
+        from powergrad.config.timm_strings import policy_builder, policy_kind
 
         params = dict(translate_const=int(res * 0.45),
                       img_mean=tuple(min(255, round(255 * m)) for m in cfg.mean),
                       interpolation=_pil_interpolation(cfg.train_interpolation))
-        build = rand_augment_transform if cfg.aa.startswith("rand") else auto_augment_transform
-        return [T.ToPILImage(), build(cfg.aa, params), T.PILToTensor()]
-    if cfg.color_jitter:
-        return [T.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter)]
-    return []
+        if policy_kind(cfg.aa) == "augmix":
+            params["translate_pct"] = 0.3  # timm's create_transform sets it for AugMix only
+        steps = [T.ToPILImage(), policy_builder(cfg.aa)(cfg.aa, params), T.PILToTensor()]
+    if cfg.color_jitter and (not cfg.aa or "3a" in cfg.aa):
+        steps.append(T.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter))
+    return steps
 
 
 def _pil_interpolation(name: str):
@@ -81,9 +85,11 @@ def describe_pipeline(cfg, loader: str) -> str:
              f"{tuple(round(r, 4) for r in cfg.ratio)}, {cfg.train_interpolation})",
              f"horizontal flip {cfg.hflip:g}"]
     if cfg.aa:
-        steps.append(f"{'RandAugment' if cfg.aa.startswith('rand') else 'AutoAugment'} "
-                     f"{cfg.aa}")
-    elif cfg.color_jitter:
+        from powergrad.config.timm_strings import policy_kind
+
+        kind = {"rand": "RandAugment", "augmix": "AugMix"}.get(policy_kind(cfg.aa), "AutoAugment")
+        steps.append(f"{kind} {cfg.aa}")
+    if cfg.color_jitter and (not cfg.aa or "3a" in cfg.aa):
         steps.append(f"colour jitter {cfg.color_jitter:g}")
     steps.append("normalise")
     if cfg.reprob:
