@@ -244,3 +244,85 @@ def test_version_and_help_start_without_torch(argv):
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+# torch's log format (glog's): a level letter, the date, the time, then the message
+TORCH_LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d", re.M)
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_powergrad_torchrun_prints_what_powergrad_train_prints_even_when_stopped(tmp_path):
+    """Two gloo workers, SIGTERM to the launcher mid-epoch: torchrun's OMP_NUM_THREADS banner
+    (avoided: the launcher sets the recipe's train.threads first) and its "Received 15 death
+    signal" and "Sending process ... closing signal" lines (filtered: our line says it) are
+    gone; the workers' lines and the launcher's one line remain."""
+    import os
+    import signal
+    import time
+
+    from helpers_net import free_port
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env.update(PYTHONUNBUFFERED="1", GLOO_SOCKET_IFNAME="lo")
+    job = subprocess.Popen(
+        [sys.executable, "-m", "powergrad", "torchrun", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "train",
+         str(REPO / "recipes/fashion_mnist/resnet_pgt.yaml"),
+         "model.kwargs.channels=[8, 16, 32, 64]", "data.train_subset=1024", "data.eval_subset=100", "train.batch_size=16",
+         "train.epochs=1", "train.threads=1", "log.log_interval=4", f"log.output={tmp_path}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, deadline = [], time.time() + 240
+    while "epoch 1/1 4/32" not in (lines or [""])[-1]:  # training: past the set-up
+        assert time.time() < deadline and job.poll() is None, "".join(lines)
+        lines.append(job.stdout.readline())
+    job.send_signal(signal.SIGTERM)
+    out = "".join(lines) + job.communicate(timeout=300)[0]
+    assert job.returncode == 75, out
+    assert "powergrad torchrun: SIGTERM: forwarded to the workers, which saved; exit 75" in out
+    assert not TORCH_LOG_LINE.search(out) and "OMP_NUM_THREADS" not in out, out
+
+
+def test_the_workers_threads_come_from_the_recipes_or_torchruns_own_rule():
+    from types import SimpleNamespace
+
+    from powergrad.commands.launch import worker_threads
+
+    def recipes(*threads):
+        return [SimpleNamespace(train=SimpleNamespace(threads=t)) for t in threads]
+    assert worker_threads(recipes(4, 4), 2, {}) == "4"  # the recipes' own value
+    assert worker_threads(recipes(4, None), 2, {}) == "1"  # they differ: torchrun's 1
+    assert worker_threads(recipes(None), 2, {}) == "1"
+    assert worker_threads(recipes(None), 1, {}) is None  # one process: torch's default
+    assert worker_threads(recipes(4), 2, {"OMP_NUM_THREADS": "3"}) is None  # the user's
+
+
+def test_torchruns_own_warnings_and_failures_still_show_after_the_filter():
+    """Only the lines our own line repeats are dropped: a worker that would not stop, and a
+    failure torchrun restarts the workers after, stay."""
+    import logging
+
+    from powergrad.commands.launch import TORCHRUN_LOGGERS, quiet_torchrun_logs
+
+    seen = []
+    keep = logging.Handler()
+    keep.emit = lambda record: seen.append(record.getMessage())
+    agent, processes = (logging.getLogger(name) for name in TORCHRUN_LOGGERS)
+    for logger in (agent, processes):
+        logger.addHandler(keep)
+    try:
+        quiet_torchrun_logs(restarts=1)
+        agent.warning("Received %s death signal, shutting down workers", 15)
+        processes.warning("Sending process %s closing signal %s", 7, "SIGTERM")
+        processes.warning("Unable to shutdown process %s via %s, forcefully exiting via %s",
+                          7, "SIGTERM", "SIGKILL")
+        processes.error("failed (exitcode: %s) local_rank: %s (pid: %s) of binary: %s", 1, 0,
+                        7, "python")
+        quiet_torchrun_logs(restarts=0)  # no restart: our "rank 0 exited 1" says it
+        processes.error("failed (exitcode: %s) local_rank: %s (pid: %s) of binary: %s", 1, 0,
+                        7, "python")
+    finally:
+        for logger in (agent, processes):
+            logger.removeHandler(keep)
+    assert seen == ["Unable to shutdown process 7 via SIGTERM, forcefully exiting via SIGKILL",
+                    "failed (exitcode: 1) local_rank: 0 (pid: 7) of binary: python"]

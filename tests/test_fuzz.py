@@ -1,5 +1,6 @@
-"""Random damage to the real recipes, study plans and every command's options: the answer is
-always a result or one error naming what is wrong, never a traceback.
+"""Random damage to the real recipes, study plans and every command's options (`powergrad
+torchrun`'s own torchrun options included): the answer is always a result or one error naming
+what is wrong, never a traceback.
 
 Each case is drawn from a seeded generator (the case number is its seed), so a failure names a
 case that replays. Recipes go through what `powergrad train --fast-dev-run` does before its
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import random
 import runpy
 from pathlib import Path
@@ -217,6 +219,31 @@ COMMANDS = {  # every command's options, and the positional arguments they are t
     "check-data": (["--workers"], ["DIR"]),
     "study": (["--max-minutes", "--claims", "--runs", "--records"], ["PLAN", "--status"]),
 }
+# `powergrad torchrun`'s own options (torchrun's, before the subcommand)
+TORCHRUN_OPTIONS = ["--nproc_per_node", "--nnodes", "--max_restarts", "--monitor_interval",
+                    "--node_rank", "--master_port", "--rdzv_backend", "--rdzv_endpoint",
+                    "--rdzv_conf", "--log_dir", "--shutdown-timeout", "--signals-to-handle",
+                    "--local_ranks_filter", "--redirects", "--nproc-per-node", "--tee"]
+
+
+class Launched(BaseException):
+    """NoWorkers.run was reached: torchrun took the options as far as starting workers. A
+    BaseException, so neither torchrun nor the one error path takes it for a failure."""
+
+
+class NoWorkers:
+    """torchrun's agent (LocalElasticAgent) without its workers: everything the launcher and
+    torch do with the options up to the workers' start runs for real (the parse, the checks,
+    the launch config, the worker spec, the rendezvous handler), then this stops; a legal
+    value would otherwise start two trainings per case."""
+
+    def __init__(self, spec, **kwargs):
+        assert spec.local_world_size >= 1 and spec.max_restarts >= 0
+
+    def run(self):
+        raise Launched
+
+
 TOOLS = {
     "write_ffcv": ["--max-resolution", "--compress-probability", "--jpeg-quality", "--workers",
                    "--limit", "--split"],
@@ -233,6 +260,8 @@ def outcome(call) -> tuple[int, str]:
             code = call()
         except SystemExit as stop:
             code = stop.code if isinstance(stop.code, int) else 2
+        except Launched:  # torchrun would start its workers now: the options were legal
+            code = 0
     return code, err.getvalue()
 
 
@@ -277,6 +306,34 @@ def test_hostile_options_get_one_error_naming_the_option(chunk, tmp_path, tiny_i
             failures.append(f"{where}: the message names neither the option nor the value: "
                             f"{err.strip()!r}")
     assert not failures, "\n\n".join(failures)
+
+
+@pytest.mark.parametrize("chunk", range(2))
+def test_hostile_torchrun_options_get_one_line_naming_the_option(chunk, tmp_path, monkeypatch):
+    """`powergrad torchrun`'s own options (each in turn, a hostile value each time): one line
+    naming the option or its value, exit 2, before anything starts; or, legal, as far as
+    torchrun starting its workers (NoWorkers stands in for them: no training per case).
+    torch asserted on some (--nproc_per_node 0: AssertionError from its WorkerSpec)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("torch.distributed.launcher.api.LocalElasticAgent", NoWorkers)
+    for name in ("OMP_NUM_THREADS", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"):  # the launcher
+        monkeypatch.setenv(name, os.environ.get(name, "1"))  # sets them: put back after
+    failures, refused = [], 0
+    for case in range(chunk * CASES_PER_TEST, (chunk + 1) * CASES_PER_TEST):
+        option = TORCHRUN_OPTIONS[case % len(TORCHRUN_OPTIONS)]
+        value = option_values(random.Random(3000 + case), tmp_path)
+        argv = ["torchrun", option, value, "train", DEMO, "--fast-dev-run", "1",
+                "data.train_subset=40", "train.batch_size=20", "data.eval_subset=20"]
+        code, err = outcome(lambda: cli_main(argv))
+        where = f"case {case}: powergrad {' '.join(argv)}"
+        refused += code == 2
+        if "Traceback" in err or "this is a bug" in err or code not in (0, 2):
+            failures.append(f"{where}: exit {code}\n{err[-1500:]}")
+        elif code == 2 and (len(err.strip().splitlines()) != 1 or not (
+                option.strip("-").replace("-", "_") in err.replace("-", "_") or value in err)):
+            failures.append(f"{where}: not one line naming the option: {err.strip()!r}")
+    assert not failures, "\n\n".join(failures)
+    assert refused >= CASES_PER_TEST // 2, f"only {refused} of {CASES_PER_TEST} cases refused"
 
 
 def test_the_fuzz_mutations_do_damage():

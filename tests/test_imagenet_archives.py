@@ -230,3 +230,19 @@ def test_failure_mid_extraction_leaves_nothing(tmp_path):
     out = tmp_path / "data" / "imagenet"
     run_failing(tmp_path / "archives", out, *TINY)
     assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("content,words", [
+    (b"ImageId,PredictionString\nILSVRC2012_val_00000001,n01440764 caf\xe9\n",  # Latin-1
+     "not UTF-8 text (byte 0xe9 at offset 62, line 2); expected Kaggle's LOC_val_solution.csv "
+     "as downloaded (ImageId,PredictionString rows)"),
+    (b"PK\x03\x04 zipped", "a compressed archive, not the CSV itself; unpack it and name the "
+                          ".csv inside")])
+def test_a_val_solution_that_is_not_utf8_text_is_one_line_before_the_md5s(tmp_path, content,
+                                                                          words):
+    """Was a UnicodeDecodeError traceback naming no file, after minutes of md5 checks."""
+    build(tmp_path / "archives")
+    csv_file = tmp_path / "archives" / "LOC_val_solution.csv"
+    csv_file.write_bytes(content)
+    message = run_failing(tmp_path / "archives", tmp_path / "out", *TINY[1:])  # md5s checked
+    assert message == f"prepare_imagenet: --val-solution {csv_file}: {words}"

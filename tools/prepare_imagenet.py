@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import sys
 import tarfile
 from pathlib import Path
@@ -46,12 +47,44 @@ def _main(argv=None) -> int:
         path = getattr(args, name)
         if path is not None and not path.is_file():
             p.error(f"argument --{name.replace('_', '-')}: {path} is not a file")
+    if args.val_solution is not None:
+        check_utf8_text(args.val_solution, "--val-solution")  # before minutes of md5 checks
     found = prepare_imagenet(args.train, args.val, args.out, devkit=args.devkit,
                              val_solution=args.val_solution, expected=expected,
                              overwrite=args.overwrite, check_md5=args.check_md5)
     print(f"wrote {args.out}: {len(found.train)} classes, {sum(found.train.values())} train "
           f"and {sum(found.val.values())} val images")
     return 0
+
+
+def check_utf8_text(path: Path, option: str) -> None:
+    """ArchiveError naming the option, the file and where, unless `path` is UTF-8 text: the
+    labels are read as text, and a zipped or re-encoded CSV would stop the reading with a
+    UnicodeDecodeError that names neither."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines = 0, 1  # of the bytes before the current chunk (read in chunks: a wrong
+    with open(path, "rb") as f:  # file given here may be an archive of many GB)
+        if f.read(4).startswith((b"PK\x03\x04", b"\x1f\x8b")):  # zip, gzip: as downloaded
+            raise ArchiveError(f"{option} {path}: a compressed archive, not the CSV itself; "
+                               "unpack it and name the .csv inside")
+        f.seek(0)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:  # err.object: the chunk after up to 3 held bytes
+                line = lines + err.object[:err.start].count(b"\n")
+                where = (f"byte 0x{err.object[err.start]:02x} at offset "
+                         f"{offset - len(err.object) + len(chunk) + err.start}, line {line}")
+                raise ArchiveError(f"{option} {path}: not UTF-8 text ({where}); expected "
+                                   "Kaggle's LOC_val_solution.csv as downloaded (ImageId,"
+                                   "PredictionString rows)") from None
+            offset, lines = offset + len(chunk), lines + chunk.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise ArchiveError(f"{option} {path}: not UTF-8 text (its last bytes are a cut "
+                               "character); expected Kaggle's LOC_val_solution.csv as "
+                               "downloaded") from None
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

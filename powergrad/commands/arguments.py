@@ -113,10 +113,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         description="powergrad torchrun [TORCHRUN OPTIONS] train RECIPE.yaml [key=value ...]: "
                     "torchrun's own launcher and options, starting `powergrad train` on every "
                     "process. SIGTERM and SIGUSR1 reach the workers, which save; the launcher "
-                    "then exits 75 (plain torchrun exits 1, and dies on SIGUSR1). The recipes "
-                    "are checked once before any worker starts (an error: one line, exit 2); a "
-                    "worker's failure prints one line naming the rank and exits with its code "
-                    "instead of torchrun's traceback.")
+                    "then exits 75 (plain torchrun exits 1, and dies on SIGUSR1). torchrun's "
+                    "options and the recipes are checked once before any worker starts (an "
+                    "error: one line naming the option or key, exit 2); a worker's failure "
+                    "prints one line naming the rank and exits with its code instead of "
+                    "torchrun's traceback. OMP_NUM_THREADS is set from train.threads (else 1 "
+                    "per process, as torchrun does, when a node runs several) unless already "
+                    "set; torchrun's lines that repeat ours are left out.")
 
     describe = subs["describe"] = sub.add_parser(
         "describe", help="what a recipe will train, without loading data",
