@@ -180,3 +180,69 @@ def test_under_ddp_the_ema_equals_the_broadcast_weights_on_every_rank(tmp_path):
         assert torch.equal(weight, ranks[1]["model"][name]), name  # DDP's broadcast
         assert torch.equal(ranks[0]["ema"][name], weight), name
         assert torch.equal(ranks[1]["ema"][name], weight), name
+
+
+class Stopped:
+    """A StopRequest as the signal handler leaves it."""
+    requested, signum = True, signal.SIGTERM
+
+
+def test_a_stop_never_leaves_a_group_the_others_saw_complete():
+    """The group's fate is decided once, in the store: a rank stopped before everyone arrived
+    abandons it and a later arrival follows (it does not go on to wait in
+    init_process_group for a rank that left); a rank stopped after everyone arrived goes on
+    with the others (the engine's first agreement acts on the stop)."""
+    import threading
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from powergrad.system.distributed import StoppedWhileGathering, _wait_for_every_rank
+
+    def store():
+        return dist.TCPStore("127.0.0.1", free_port(), 1, True, timeout=timedelta(seconds=10),
+                             wait_for_workers=False)
+
+    def rank(r):
+        return DistInfo(rank=r, local_rank=r, world_size=2, local_world_size=2)
+
+    deadline = time.monotonic() + 30
+    first = store()  # rank 1 stopped while alone: abandons; rank 0 arrives later and follows
+    with pytest.raises(StoppedWhileGathering, match="signal"):
+        _wait_for_every_rank(first, rank(1), deadline, 30, "here", Stopped())
+    with pytest.raises(StoppedWhileGathering, match="another process was stopped"):
+        _wait_for_every_rank(first, rank(0), deadline, 30, "here", None)
+
+    second = store()  # rank 0 waits; rank 1 arrives with a stop pending: the group holds
+    outcome = []
+    waiter = threading.Thread(target=lambda: outcome.append(
+        _wait_for_every_rank(second, rank(0), deadline, 30, "here", None) or "went on"))
+    waiter.start()
+    time.sleep(0.5)
+    _wait_for_every_rank(second, rank(1), deadline, 30, "here", Stopped())  # returns
+    waiter.join(10)
+    assert outcome == ["went on"]
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_sigterm_to_the_launcher_during_set_up_ends_every_worker_with_nothing_saved(tmp_path):
+    """`powergrad torchrun` with 2 workers, SIGTERM as soon as rank 0 begins its set-up: no
+    worker may be left waiting for one that left (it hung in init_process_group), and with no
+    checkpoint yet the launcher says nothing was saved and exits 143, not 75."""
+    job = subprocess.Popen(
+        [sys.executable, "-m", "powergrad", "torchrun", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "train",
+         str(FASHION), *TINY, f"log.output={tmp_path}"],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = [job.stdout.readline()]
+    while not lines[-1].startswith("=="):
+        assert lines[-1] or job.poll() is None, "".join(lines)
+        lines.append(job.stdout.readline())
+    start = time.monotonic()
+    job.send_signal(signal.SIGTERM)
+    out = "".join(lines) + job.communicate(timeout=120)[0]
+    assert job.returncode == 143, out
+    assert "SIGTERM: nothing saved (stopped before its first save)" in out
+    assert time.monotonic() - start < 60, out
+    assert not list(tmp_path.rglob("*.pth"))

@@ -100,9 +100,10 @@ def main(argv: list[str]) -> int:
         return code
     except SignalException as err:
         # torchrun has passed the signal on and waited for its workers to save
-        if not saves:
-            print(f"powergrad torchrun: {err.sigval.name}: nothing saved (log.checkpoint is "
-                  "false)", file=sys.stderr, flush=True)
+        if not saves or not _place_saved(recipes):
+            why = "log.checkpoint is false" if not saves else "stopped before its first save"
+            print(f"powergrad torchrun: {err.sigval.name}: nothing saved ({why})",
+                  file=sys.stderr, flush=True)
             return exit_code_unsaved(err.sigval)
         print(f"powergrad torchrun: {err.sigval.name}: forwarded to the workers, which saved; "
               "exit 75", file=sys.stderr, flush=True)
@@ -152,6 +153,20 @@ def _local_world_size(args) -> int:
     from torch.distributed.run import determine_local_world_size
 
     return determine_local_world_size(args.nproc_per_node)
+
+
+def _place_saved(recipes) -> bool:
+    """Whether the run a signal stopped has a checkpoint to resume from. The command's first
+    recipe without a final.json is the one that was training or setting up; a signal during
+    its set-up leaves nothing when it had not saved before (its workers exit 128 + N)."""
+    from powergrad.training.checkpoint import training_checkpoints
+    from powergrad.training.rundir import run_dir_for
+
+    for recipe in recipes:
+        run_dir = run_dir_for(recipe)
+        if not (run_dir / "final.json").is_file():
+            return bool(training_checkpoints(run_dir))
+    return True
 
 
 def _world_size(args) -> int | None:

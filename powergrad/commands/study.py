@@ -9,7 +9,9 @@ A finished run (final.json) is skipped, an interrupted one resumes from its chec
 recipe changed after its run is refused (its old record would be reported under the new
 settings). --max-minutes stops the current run with a checkpoint when the time is up (exit 75:
 run the same command again). Runs train under --runs (checkpoints, event files, a log per
-run); their small records go to --records, and the report to OUT.md and OUT/*.png.
+run); their small records go to --records, and the report to OUT.md and OUT/*.png. A plan
+that names its own `runs`, `records` or `out` (recipes/study/imagenet_plan.yml) uses them where
+the option is left at its default.
 """
 from __future__ import annotations
 
@@ -28,13 +30,27 @@ def _default(option: str):
     return build_parser()[1]["study"].get_default(option)
 
 
-def report_command(args: argparse.Namespace) -> str:
+def report_command(args: argparse.Namespace, folders: dict[str, str] | None = None) -> str:
     """The command that rewrites this report from the records alone: the plan, --report-only
-    and the report's options that differ from their defaults."""
+    and the report's options that differ from their defaults (the plan's `folders` first)."""
+    folders = folders or {}
     options = [(f"--{key}", getattr(args, key)) for key in REPORT_OPTIONS
-               if getattr(args, key) != _default(key)]
+               if getattr(args, key) != folders.get(key, _default(key))]
     return shlex.join(["powergrad", "study", args.plan, "--report-only",
                        *[part for option in options for part in option]])
+
+
+def _check_folder(plan, key: str, folder: str) -> None:
+    """The plan's --out and --records folders are checked and made before any work, as the
+    command line's are (cli.py); its runs folder is made by the runs."""
+    from powergrad.study.plan import StudyError
+    from powergrad.training.preflight import why_not_writable
+
+    if key in ("out", "records"):
+        why = why_not_writable(folder)
+        if why:
+            raise StudyError(plan.file, key, f"{folder}: {why}")
+        Path(folder).expanduser().mkdir(parents=True, exist_ok=True)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -52,6 +68,10 @@ def _main(args: argparse.Namespace) -> int:
 
     plan = load_plan(args.plan)
     claims = plan.select(args.claims.split(",") if args.claims else None)
+    for key, folder in plan.folders.items():  # the plan's own, where the option is left out
+        if getattr(args, key) == _default(key):
+            setattr(args, key, folder)
+            _check_folder(plan, key, folder)
     runs, records = Path(args.runs), Path(args.records)
     if args.status:
         print("\n".join(status_lines(plan, claims, runs, records)))
@@ -70,7 +90,7 @@ def _main(args: argparse.Namespace) -> int:
         readme = Path(readme) if readme else None
         # The whole plan, whatever --claims trained.
         md = write_report(plan, list(plan.claims.values()), records, Path(args.out),
-                          report_command(args), readme=readme)
+                          report_command(args, plan.folders), readme=readme)
         print(f"wrote {md} and its plots in {args.out}/"
               + (f", and the verdict table in {readme}" if readme else ""), flush=True)
     return code

@@ -30,18 +30,42 @@ def layer_counts(rec) -> dict[str, float]:
     return {t[len(prefix):]: v for t, v in rec.diag.items() if t.startswith(prefix)}
 
 
-def first_epoch_reaching(history: list[dict], target: float) -> float:
-    """The first epoch (counted from 1) whose test top-1 is at least `target`."""
-    for row in history:
-        if row.get("eval_top1", -math.inf) >= target:
-            return row["epoch"] + 1
+def _evaluations(history: list[dict]) -> list[tuple[float, float]]:
+    """(epochs trained, test top-1) of each evaluation: epoch e's evaluation comes after e + 1
+    epochs of training."""
+    return [(row["epoch"] + 1, row["eval_top1"]) for row in history
+            if math.isfinite(row.get("eval_top1", math.nan)) and "epoch" in row]
+
+
+def epochs_reaching(history: list[dict], target: float) -> float:
+    """Epochs of training until test top-1 first reaches `target`, read on the straight line
+    between the last evaluation below it and the first at or above it. Reached at the first
+    evaluation: that evaluation's epoch (nothing before it is measured)."""
+    below = None
+    for epochs, top1 in _evaluations(history):
+        if top1 >= target:
+            if below is None:
+                return epochs
+            x0, y0 = below
+            return x0 + (target - y0) / (top1 - y0) * (epochs - x0)
+        below = (epochs, top1)
     return NOT_REACHED
+
+
+def evaluation_spacing(histories: list[list[dict]]) -> float | None:
+    """The widest gap, in epochs, between consecutive evaluations of these runs: the
+    resolution of epochs_reaching (None without two evaluations)."""
+    gaps = []
+    for history in histories:
+        epochs = [e for e, _ in _evaluations(history)]
+        gaps += [b - a for a, b in zip(epochs, epochs[1:])]
+    return max(gaps, default=None)
 
 
 def _epochs_to_baseline(rec, base) -> float | None:
     if rec.final is None or base.final is None:
         return None
-    return first_epoch_reaching(rec.history, base.final["final_test_top1"])
+    return epochs_reaching(rec.history, base.final["final_test_top1"])
 
 
 @dataclass(frozen=True)
@@ -64,19 +88,22 @@ METRICS = {
     "collapsed_filters": Metric("conv filters below 1 % of their initial norm (last logged "
                                 "batches, powergrad/training/filters.py)",
                                 _diag("filters/collapsed_total")),
-    "epochs_to_baseline": Metric("epochs to the baseline's final test top-1",
-                                 _epochs_to_baseline),
+    "epochs_to_baseline": Metric("epochs to the baseline's final test top-1 (interpolated "
+                                 "between evaluations)", _epochs_to_baseline),
 }
 
 
 def metric_values(metric: str, records: dict, arm: str, baseline: str,
                   seeds: tuple[int, ...]) -> dict[int, float]:
-    """seed -> value for the runs that have one (diverged and missing runs left out);
-    records maps (arm, seed) to a record."""
+    """seed -> value for the finished runs that have one (diverged and missing runs left out:
+    a diverged run's last logged values describe its failure, not its result); records maps
+    (arm, seed) to a record."""
     out = {}
     for seed in seeds:
         rec, base = records.get((arm, seed)), records.get((baseline, seed))
-        if rec is None or (metric == "epochs_to_baseline" and base is None):
+        if rec is None or rec.final is None:
+            continue
+        if metric == "epochs_to_baseline" and (base is None or base.final is None):
             continue
         value = METRICS[metric].value(rec, base)
         if value is not None and not math.isnan(value):

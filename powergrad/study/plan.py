@@ -10,7 +10,14 @@ every arm's recipe loads, every claim names known arms and metrics.
       pgt: {statement: ..., source: ..., baseline: base, arms: [...], expect: {METRIC: higher}}
 
 An arm's optional `cost` groups arms whose runs take the same time per training image (the
-same model and machine): an arm not yet run is estimated from the measured runs of its group.
+same model and machine): an arm not yet run is estimated from the measured runs of its group,
+and with none yet from the cost's stated time per optimizer step, if `costs` gives one:
+
+    costs:
+      rn18: {step_seconds: 0.105, gpus: 1, source: "where the figure comes from"}
+
+`runs`, `records` and `out` name the plan's own folders (relative to the working directory, as
+the command's options that override them), so two plans never share a report.
 """
 from __future__ import annotations
 
@@ -31,6 +38,15 @@ class StudyError(ValueError):
 
     def __init__(self, file: str | Path, key: str, message: str):
         super().__init__(f"{file}: {key}: {message}" if key else f"{file}: {message}")
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """A cost's time per optimizer step (evaluation included) on `gpus` GPUs, and its source:
+    gpu-check's measurement, or a published figure until one is measured."""
+    seconds: float
+    gpus: int
+    source: str
 
 
 @dataclass(frozen=True)
@@ -72,6 +88,8 @@ class StudyPlan:
     margin_points: float  # top-1 differences smaller than this count as no gain
     fits_at: float  # a baseline whose final train top-1 reaches this fits its training set
     description: str = ""  # the report's title
+    costs: dict[str, StepTime] = field(default_factory=dict)  # cost -> stated step time
+    folders: dict[str, str] = field(default_factory=dict)  # runs / records / out, if given
 
     def select(self, names: list[str] | None) -> list[Claim]:
         if not names:
@@ -111,6 +129,16 @@ class ClaimFile:
 
 
 @dataclass
+class CostFile:
+    step_seconds: float = setting(0.0, "seconds per optimizer step, evaluation included, "
+                                       "averaged over a run", "(0, inf)")
+    gpus: int = setting(1, "the GPUs a run of this cost takes (GPU-hours = hours x gpus)",
+                        "[1, inf)")
+    source: str = setting("", "where the step time comes from: gpu-check, or a published "
+                              "figure with its reference")
+
+
+@dataclass
 class PlanFile:
     description: str = setting("", "the report's title")
     margin_points: float = setting(0.1, "top-1 differences smaller than this count as no gain",
@@ -119,6 +147,11 @@ class PlanFile:
                                    "training set", "(0, 100]")
     arms: dict[str, ArmFile] = setting({}, "name: an arm (a recipe over seeds)")
     claims: dict[str, ClaimFile] = setting({}, "name: a claim (a baseline, arms, expectations)")
+    costs: dict[str, CostFile] = setting({}, "cost name: its time per optimizer step, stated "
+                                             "with its source (for arms not run yet)")
+    runs: str | None = setting(None, "where runs train (the default of --runs)")
+    records: str | None = setting(None, "where records are copied (the default of --records)")
+    out: str | None = setting(None, "the report, OUT.md and OUT/ (the default of --out)")
 
 
 # Keys of plans written before run times were measured from the records.
@@ -150,8 +183,20 @@ def load_plan(path: str | Path) -> StudyPlan:
             raise StudyError(path, key, f"got {tree.get(key)!r}; expected a non-empty mapping")
     arms = {name: _arm(name, arm, path) for name, arm in plan.arms.items()}
     claims = {name: _claim(name, claim, path, arms) for name, claim in plan.claims.items()}
+    costs = {}
+    for name, cost in plan.costs.items():
+        if name not in {arm.cost for arm in arms.values()}:
+            raise StudyError(path, f"costs.{name}", "no arm has this cost; expected one of: "
+                             f"{', '.join(sorted({arm.cost for arm in arms.values()}))}")
+        if not cost.source.strip():
+            raise StudyError(path, f"costs.{name}.source", "empty; expected where the step "
+                             "time comes from (gpu-check, or a published figure)")
+        costs[name] = StepTime(cost.step_seconds, cost.gpus, cost.source)
+    folders = {key: getattr(plan, key) for key in ("runs", "records", "out")
+               if getattr(plan, key) is not None}
     return StudyPlan(file=path, arms=arms, claims=claims, margin_points=plan.margin_points,
-                     fits_at=plan.fits_at, description=plan.description)
+                     fits_at=plan.fits_at, description=plan.description, costs=costs,
+                     folders=folders)
 
 
 def _arm(name: str, spec: ArmFile, path: Path) -> Arm:

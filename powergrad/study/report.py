@@ -1,6 +1,7 @@
 """The study's report, from the plan and the run records alone (RECORDS/ARM/sS): OUT.md with
 per arm the mean and standard deviation over seeds, per compared arm the paired difference to
-the baseline with its 95 % t interval and the verdict (powergrad/study/stats.py), the plots
+the baseline with its 95 % t interval and the verdict (powergrad/study/stats.py), where a run
+diverged the stability verdict (Fisher's exact test on the divergence counts), the plots
 (powergrad/study/plots.py) in OUT/, and optionally the verdict table between its markers in a
 README. Nothing else goes in: the same records give the same bytes. A planned seed without a
 record is counted as missing and left out of every mean and pair.
@@ -11,11 +12,12 @@ import math
 import os
 from pathlib import Path
 
-from powergrad.study.metrics import METRICS, metric_values
+from powergrad.study.metrics import METRICS, evaluation_spacing, metric_values
 from powergrad.study.plan import Claim, StudyPlan
 from powergrad.study.plots import plot_claim
 from powergrad.study.records import read_records
-from powergrad.study.stats import Interval, mean_sd, paired, verdict, why
+from powergrad.study.stats import (LEVEL, Divergence, Interval, divergence, mean_sd, paired,
+                                   stability_verdict, verdict, why)
 
 README_BEGIN = "<!-- study verdicts: written by powergrad study, do not edit by hand -->"
 README_END = "<!-- end of study verdicts -->"
@@ -41,24 +43,39 @@ def _mean_sd_text(values: list[float], digits: int) -> str:
 
 
 def _interval_text(interval: Interval, digits: int) -> str:
+    left = (f"; {interval.left_out} pair(s) left out (diverged)" if interval.left_out else "")
     if interval.not_reached:
         return (f"not reached in {interval.not_reached} of {interval.n} seeds, "
-                f"n = {interval.n}")
+                f"n = {interval.n}{left}")
     if interval.mean is None:
-        return "not measured"
+        return "no pair where both finished" + left if left else "not measured"
     if interval.low is None:
-        return f"{interval.mean:+.{digits}f} (n = 1, no interval)"
+        return f"{interval.mean:+.{digits}f} (n = 1, no interval){left}"
     return (f"{interval.mean:+.{digits}f} [{interval.low:+.{digits}f}, "
-            f"{interval.high:+.{digits}f}], n = {interval.n}")
+            f"{interval.high:+.{digits}f}], n = {interval.n}{left}")
+
+
+def _divergence_text(d: Divergence) -> str:
+    return (f"diverged in {d.arm} of {d.arm_n} vs {d.base} of {d.base_n} seeds "
+            f"({d.difference:+.1f} points)")
+
+
+def _stability_why(d: Divergence) -> str:
+    below = "below" if d.p < 1 - LEVEL else "not below"
+    return f"Fisher's exact test, two-sided p = {d.p:.2g} ({below} {1 - LEVEL:.2g})"
 
 
 def _digits(metric: str) -> int:
     return 3 if metric in ("final_train_loss",) else 2
 
 
+STABILITY_METRIC = "diverged runs (stability)"
+
+
 def comparisons(plan: StudyPlan, claims: list[Claim], records: dict):
-    """(claim, arm, metric, direction, interval, margin) for every expected effect of every
-    measured claim: what both verdict tables are made of."""
+    """(claim, arm, metric (expected), paper, ours, verdict, why) for every expected effect of
+    every measured claim, and after an arm's effects its stability when a run of the arm or of
+    its baseline diverged: what both verdict tables are made of."""
     for claim in claims:
         if claim.requires:
             continue
@@ -67,21 +84,28 @@ def comparisons(plan: StudyPlan, claims: list[Claim], records: dict):
             for metric, direction in claim.expect.items():
                 interval = paired(metric, records, arm, claim.baseline, seeds)
                 margin = plan.margin_points if METRICS[metric].points else 0.0
-                yield claim, arm, metric, direction, interval, margin
+                yield (claim, arm, f"{metric} ({direction})", claim.paper_for(arm, metric),
+                       _interval_text(interval, _digits(metric)),
+                       _verdict_text(interval, direction, margin),
+                       why(interval, direction, margin))
+            diverged = divergence(records, arm, claim.baseline, seeds)
+            if diverged is not None:
+                yield (claim, arm, STABILITY_METRIC, claim.paper_for(arm, "diverged"),
+                       _divergence_text(diverged), stability_verdict(diverged),
+                       _stability_why(diverged))
 
 
 def _verdict_text(interval: Interval, direction: str, margin: float) -> str:
-    return verdict(interval, direction, margin) if interval.n else "not measured yet"
+    measured = interval.n or interval.left_out
+    return verdict(interval, direction, margin) if measured else "not measured yet"
 
 
 def verdict_rows(plan: StudyPlan, claims: list[Claim], records: dict) -> list[list[str]]:
     rows = [[claim.name, "-", "-", "-", "-", f"not measured: needs {claim.requires}",
              "not measured"] for claim in claims if claim.requires]
-    for claim, arm, metric, direction, interval, margin in comparisons(plan, claims, records):
+    for claim, arm, metric, paper, ours, said, _ in comparisons(plan, claims, records):
         rows.append([claim.name, regime(plan, claim, records), f"{arm} vs {claim.baseline}",
-                     f"{metric} ({direction})", claim.paper_for(arm, metric),
-                     _interval_text(interval, _digits(metric)),
-                     _verdict_text(interval, direction, margin)])
+                     metric, paper, ours, said])
     return _in_claim_order(rows, claims)
 
 
@@ -90,23 +114,27 @@ def _in_claim_order(rows: list[list[str]], claims: list[Claim]) -> list[list[str
     return sorted(rows, key=lambda row: order[row[0]])  # stable: arms and metrics keep theirs
 
 
+def _no_runs_yet(plan: StudyPlan, records_root: Path) -> str:
+    return (f"No run of this plan has a record in `{records_root}` yet: the verdict table is "
+            f"empty until runs exist (`powergrad study {plan.file} --status` lists the runs, "
+            "what is left and its time).")
+
+
 def readme_verdicts(plan: StudyPlan, claims: list[Claim], records: dict, report: str,
-                    command: str) -> list[str]:
+                    command: str, records_root: Path | None = None) -> list[str]:
     """The verdict table for a README: each claim, the paper's number, ours with its
     interval, the verdict and the rule's reason."""
     rows = [[claim.name, "-", "-", "-", "not measured", f"needs {claim.requires}"]
             for claim in claims if claim.requires]
-    for claim, arm, metric, direction, interval, margin in comparisons(plan, claims, records):
-        rows.append([claim.name, f"{arm} vs {claim.baseline}: {metric} ({direction})",
-                     claim.paper_for(arm, metric), _interval_text(interval, _digits(metric)),
-                     _verdict_text(interval, direction, margin),
-                     why(interval, direction, margin)])
+    for claim, arm, metric, paper, ours, said, reason in comparisons(plan, claims, records):
+        rows.append([claim.name, f"{arm} vs {claim.baseline}: {metric}", paper, ours, said,
+                     reason])
     rows = _in_claim_order(rows, claims)
+    table = (_table(["claim", "comparison: metric (expected)", "paper",
+                     "ours: paired difference [95 % CI]", "verdict", "why"], rows)
+             if records else [_no_runs_yet(plan, records_root or Path("RECORDS"))])
     return [README_BEGIN, "", f"From `{report}` (regime, runs and plots there), written by "
-            f"`{command}`:", "",
-            *_table(["claim", "comparison: metric (expected)", "paper",
-                     "ours: paired difference [95 % CI]", "verdict", "why"], rows),
-            "", README_END]
+            f"`{command}`:", "", *table, "", README_END]
 
 
 def update_readme(readme: Path, block: list[str]) -> None:
@@ -144,11 +172,13 @@ def claim_section(plan: StudyPlan, claim: Claim, records: dict, png_dir: Path,
         diverged = [s for s in have if records[(name, s)].diverged]
         cells = [_mean_sd_text(list(metric_values(m, records, name, name, arm.seeds).values()),
                                _digits(m)) for m in shown]
-        note = f"diverged: seed(s) {', '.join(map(str, diverged))}" if diverged else ""
+        note = (f"diverged: seed(s) {', '.join(map(str, diverged))} (left out of the means)"
+                if diverged else "")
         rows.append([name, f"`{arm.recipe}`", f"{len(have)} of {len(arm.seeds)}", *cells, note])
     lines += ["Mean ± sample standard deviation over seeds:", "", *_table(head, rows), ""]
     if "epochs_to_baseline" in claim.expect:
-        lines += ["Epochs to the baseline's final test top-1, per seed (arm / baseline):", ""]
+        lines += [*_epochs_resolution(plan, claim, records), "",
+                  "Epochs to the baseline's final test top-1, per seed (arm / baseline):", ""]
         for arm in claim.arms:
             per_seed = []
             for seed in plan.arms[claim.baseline].seeds:
@@ -156,14 +186,29 @@ def claim_section(plan: StudyPlan, claim: Claim, records: dict, png_dir: Path,
                 ref = metric_values("epochs_to_baseline", records, claim.baseline,
                                     claim.baseline, (seed,))
                 if seed in own and seed in ref:
-                    text = "never" if own[seed] == math.inf else f"{own[seed]:.0f}"
-                    per_seed.append(f"seed {seed}: {text} / {ref[seed]:.0f}")
+                    text = "never" if own[seed] == math.inf else f"{own[seed]:.2f}"
+                    per_seed.append(f"seed {seed}: {text} / {ref[seed]:.2f}")
             lines.append(f"- {arm}: " + ("; ".join(per_seed) or "not measured yet"))
         lines.append("")
     if any(key[0] in claim.arm_names() for key in records):  # no empty plots
         for png in plot_claim(plan, claim, records, png_dir):
             lines += [f"![{claim.name}]({png.relative_to(md_dir)})", ""]
     return lines
+
+
+def _epochs_resolution(plan: StudyPlan, claim: Claim, records: dict) -> list[str]:
+    """The resolution of epochs_to_baseline, from the records' own evaluation epochs."""
+    histories = [records[(name, s)].history for name in claim.arm_names()
+                 for s in plan.arms[name].seeds if (name, s) in records]
+    spacing = evaluation_spacing(histories)
+    engine = "`powergrad train` evaluates once per epoch and has no setting for more often"
+    where = (f"no record to read it from yet ({engine})" if spacing is None else
+             f"the records evaluate test top-1 every {spacing:g} "
+             f"epoch{'' if spacing == 1 else 's'} ({engine})")
+    return [f"**Resolution:** {where}. The epoch at which a run reaches the baseline's final "
+            "test top-1 is read on the straight line between the evaluation below it and the "
+            "first at or above it, so its fraction of an epoch is interpolated, not measured; a "
+            "run already there at its first evaluation shows that evaluation's epoch."]
 
 
 def _header(plan: StudyPlan, claims: list[Claim], records: dict, records_root: Path,
@@ -180,19 +225,29 @@ def _header(plan: StudyPlan, claims: list[Claim], records: dict, records_root: P
         "a record is left out of every mean and pair.", "",
         f"Time: the {len(walls)} runs recorded with their wall time took "
         f"{sum(walls) / 3600:.2f} h; {len(planned) - have} planned runs have no record yet "
-        "(`powergrad study PLAN --status` estimates them from the recorded times).", "",
-        "Statistics: for each arm, the mean and sample standard deviation over its seeds; for "
-        "each compared arm, the paired difference to the baseline (arm - baseline, same seed: "
-        "same initial weights, data order and augmentation), its mean, and a two-sided 95 % "
-        "confidence interval from Student's t distribution with n - 1 degrees of freedom, "
-        "mean ± t(0.975, n - 1) · sd / √n, over the n seeds both have.", "",
+        "(`powergrad study PLAN --status` estimates them from the recorded times"
+        + (", or from the plan's stated step times, with GPU-hours" if plan.costs else "")
+        + ").", "",
+        "Statistics: for each arm, the mean and sample standard deviation over its finished "
+        "seeds; for each compared arm, the paired difference to the baseline (arm - baseline, "
+        "same seed: same initial weights, data order and augmentation), its mean, and a "
+        "two-sided 95 % confidence interval from Student's t distribution with n - 1 degrees "
+        "of freedom, mean ± t(0.975, n - 1) · sd / √n, over the n seeds where both finished; a "
+        "pair with a diverged run is left out of the interval and counted beside it. Where a "
+        "run of an arm or of its baseline diverged, a stability row gives how many of each "
+        "one's recorded seeds diverged and Fisher's exact test of the two proportions "
+        "(two-sided: the hypergeometric probability of every table with the same margins no "
+        "more likely than the observed one, computed in exact integers): the arm diverges "
+        "more (or less) often than the baseline when p < 0.05, otherwise no difference is "
+        "shown at this scale.", "",
         f"Verdict rule (margin {plan.margin_points:g} top-1 points, 0 for other metrics): "
         "*higher* expected: reproduces if the interval lies above 0; does not reproduce if "
         "its upper end is at most the margin; otherwise inconclusive at this scale. *lower*: "
         "the mirror image. *no_gain* (the paper expects no effect): reproduces if the upper "
         "end is at most the margin, does not reproduce if the interval lies above 0. One pair "
-        "gives no interval: inconclusive. Epochs to the baseline's accuracy with seeds that "
-        "never got there: does not reproduce if at most half of the seeds got there, else "
+        "gives no interval: inconclusive. Epochs to the baseline's accuracy (interpolated "
+        "between evaluations; each such claim states its resolution) with seeds that never got "
+        "there: does not reproduce if at most half of the seeds got there, else "
         "inconclusive.", "",
         f"Regime rule: a claim's baseline fits its training set when its mean final train "
         f"top-1 (the running accuracy over its last epoch, under the recipe's augmentation) is "
@@ -206,14 +261,17 @@ def write_report(plan: StudyPlan, claims: list[Claim], records_root: Path, out: 
     records = read_records(plan, claims, records_root)
     md, png_dir = Path(f"{out}.md"), Path(out)
     png_dir.mkdir(parents=True, exist_ok=True)
-    lines = [*_header(plan, claims, records, records_root, command), "## Verdicts", "",
-             *_table(["claim", "regime", "comparison", "metric (expected)", "paper",
-                      "ours: paired difference [95 % CI]", "verdict"],
-                     verdict_rows(plan, claims, records)), ""]
+    table = (_table(["claim", "regime", "comparison", "metric (expected)", "paper",
+                     "ours: paired difference [95 % CI]", "verdict"],
+                    verdict_rows(plan, claims, records))
+             if records else [_no_runs_yet(plan, records_root)])
+    lines = [*_header(plan, claims, records, records_root, command), "## Verdicts", "", *table,
+             ""]
     for claim in claims:
         lines += claim_section(plan, claim, records, png_dir, md.parent)
     md.write_text("\n".join(lines))
     if readme is not None:
         report = os.path.relpath(md, readme.parent)
-        update_readme(readme, readme_verdicts(plan, claims, records, report, command))
+        update_readme(readme, readme_verdicts(plan, claims, records, report, command,
+                                              records_root))
     return md

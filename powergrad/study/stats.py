@@ -1,19 +1,25 @@
 """The study's statistics: mean and sample standard deviation, the paired difference of an arm
-to its baseline with a two-sided Student's t interval (scipy.stats, the `study` extra), and
-the verdict rule that turns an interval into reproduces / does not reproduce / inconclusive.
+to its baseline with a two-sided Student's t interval (scipy.stats, the `study` extra), the
+verdict rule that turns an interval into reproduces / does not reproduce / inconclusive, and
+the stability verdict: how often an arm diverged against its baseline, by Fisher's exact test
+(the hypergeometric sums computed here, in exact integers).
 
 Pairs are by seed: the same seed gives the same initial weights and the same data order and
-augmentation, so the difference of a pair removes what the seed alone decides.
+augmentation, so the difference of a pair removes what the seed alone decides. A diverged run
+has no value: its pair is left out of the interval and counted in the stability verdict.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 from powergrad.study.metrics import metric_values
 
 LEVEL = 0.95
 VERDICTS = ("reproduces", "does not reproduce", "inconclusive at this scale")
+STABILITY = ("diverges more often than the baseline", "diverges less often than the baseline",
+             "no difference shown at this scale")
 
 
 def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
@@ -34,6 +40,7 @@ class Interval:
     n: int
     sd: float | None = None
     not_reached: int = 0  # epochs_to_baseline: seeds where the arm never got there
+    left_out: int = 0  # seeds both have a record for, left out because a run diverged
 
 
 def t_quantile(probability: float, df: int) -> float:
@@ -66,12 +73,64 @@ def paired_differences(metric: str, records: dict, arm: str, baseline: str,
 
 def paired(metric: str, records: dict, arm: str, baseline: str,
            seeds: tuple[int, ...]) -> Interval:
-    """The arm's paired difference to the baseline over the seeds both have."""
+    """The arm's paired difference to the baseline over the seeds where both finished."""
     diffs = paired_differences(metric, records, arm, baseline, seeds)
+    left_out = sum(1 for s in seeds if (arm, s) in records and (baseline, s) in records
+                   and (records[(arm, s)].diverged or records[(baseline, s)].diverged))
     never = sum(d == math.inf for d in diffs)
     if never:
-        return Interval(None, None, None, len(diffs), not_reached=never)
-    return t_interval(diffs)
+        return Interval(None, None, None, len(diffs), not_reached=never, left_out=left_out)
+    interval = t_interval(diffs)
+    interval.left_out = left_out
+    return interval
+
+
+def fisher_exact(k: int, n1: int, j: int, n2: int) -> float:
+    """Two-sided p of Fisher's exact test for k of n1 against j of n2: with the margins fixed,
+    the hypergeometric probability of every table no more likely than the observed one. The
+    probabilities share the denominator C(n1 + n2, k + j), so their numerators are compared as
+    exact integers (no floating-point tolerance)."""
+    total = k + j
+    weight = [math.comb(n1, x) * math.comb(n2, total - x)
+              for x in range(max(0, total - n2), min(n1, total) + 1)]
+    observed = math.comb(n1, k) * math.comb(n2, j)
+    return float(Fraction(sum(w for w in weight if w <= observed), math.comb(n1 + n2, total)))
+
+
+@dataclass
+class Divergence:
+    arm: int  # runs of the arm that diverged
+    arm_n: int  # runs of the arm with a record
+    base: int
+    base_n: int
+
+    @property
+    def p(self) -> float:
+        return fisher_exact(self.arm, self.arm_n, self.base, self.base_n)
+
+    @property
+    def difference(self) -> float:
+        """arm's divergence rate - baseline's, in percentage points."""
+        return 100 * (self.arm / self.arm_n - self.base / self.base_n)
+
+
+def divergence(records: dict, arm: str, baseline: str, seeds: tuple[int, ...]
+               ) -> Divergence | None:
+    """How many of each one's recorded runs (of these seeds) diverged; None when none did or
+    either has no record yet (nothing to compare)."""
+    def count(name):
+        runs = [records[(name, s)] for s in seeds if (name, s) in records]
+        return sum(r.diverged for r in runs), len(runs)
+    (k, n1), (j, n2) = count(arm), count(baseline)
+    return Divergence(k, n1, j, n2) if k + j and n1 and n2 else None
+
+
+def stability_verdict(d: Divergence, level: float = LEVEL) -> str:
+    """More or less often than the baseline when Fisher's two-sided p is below 1 - level;
+    otherwise no difference is shown (which is not a showing that there is none)."""
+    if d.p >= 1 - level:
+        return STABILITY[2]
+    return STABILITY[0] if d.difference > 0 else STABILITY[1]
 
 
 def verdict(interval: Interval, direction: str, margin: float) -> str:
@@ -100,8 +159,14 @@ def verdict(interval: Interval, direction: str, margin: float) -> str:
 
 def why(interval: Interval, direction: str, margin: float) -> str:
     """The verdict rule's reason in words, for the README's verdict table."""
+    left = (f"; {interval.left_out} pair(s) left out: a run diverged (the stability row)"
+            if interval.left_out else "")
+    return _why(interval, direction, margin) + left
+
+
+def _why(interval: Interval, direction: str, margin: float) -> str:
     if interval.n == 0:
-        return "no run recorded yet"
+        return "no run recorded yet" if not interval.left_out else "no pair where both finished"
     if interval.not_reached:
         return (f"{interval.n - interval.not_reached} of {interval.n} seeds reached the "
                 "baseline's accuracy")

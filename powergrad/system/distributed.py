@@ -224,14 +224,39 @@ def _srun_store(host: str, port: int, info: DistInfo, deadline: float, stop):
 def _wait_for_every_rank(store, info: DistInfo, deadline: float, timeout: float, where: str,
                          stop) -> None:
     """Each rank marks its arrival in the store, then waits until all have: a rank that was
-    never started is named after `timeout` s instead of a silent wait."""
+    never started is named after `timeout` s instead of a silent wait.
+
+    A stop signal ends the wait at once, but a rank must never leave a group the others have
+    seen complete (they would wait for it in init_process_group). So the group's fate is one
+    atomic compare_set on a gate key: the first rank to see every arrival seals it, a rank
+    told to stop before that abandons it, and every rank follows whichever came first (a stop
+    after the seal is acted on by the engine's first agreement, after set-up)."""
     def key(rank: int) -> str:
         return f"powergrad/arrived/{rank}"
 
+    gate = "powergrad/gate"
     store.set(key(info.rank), "1")
     everyone = [key(r) for r in range(info.world_size)]
-    while not store.check(everyone):
-        _stopped_while_waiting(stop)
+    while True:
+        try:
+            if store.check(everyone):
+                fate = store.compare_set(gate, "", "sealed")
+            elif stop is not None and stop.requested:
+                fate = store.compare_set(gate, "", "abandoned")
+            else:
+                fate = store.get(gate) if store.check([gate]) else b""
+        except RuntimeError:  # torch's DistNetworkError: the store's host is gone
+            raise LaunchError(f"lost the rendezvous at {where}: rank 0 stopped or failed "
+                              "while the processes gathered (see its output)") from None
+        if fate == b"sealed":
+            return
+        if fate == b"abandoned":
+            if info.rank == 0:  # it hosts the store: give the others a look at the verdict
+                time.sleep(5 * POLL_SECONDS)
+            raise StoppedWhileGathering(
+                f"signal {stop.signum} while waiting for the other processes"
+                if stop is not None and stop.requested else
+                "another process was stopped while the processes gathered")
         if time.monotonic() > deadline:
             missing = [r for r in range(info.world_size) if not store.check([key(r)])]
             raise LaunchError(
