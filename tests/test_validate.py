@@ -106,3 +106,29 @@ def test_a_missing_source_or_data_is_named_and_a_missing_out_folder_is_made(fini
     blocked.write_text("")
     assert cli_main(["validate", str(run), "--out", str(blocked / "v.json")]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_powergrad_torchrun_validate_scores_each_image_once_and_checks_first(finished,
+                                                                               tmp_path):
+    """Under the launcher as under plain torchrun: 2 gloo workers give the one-process numbers;
+    a source that does not exist is one line from the launcher, before any worker starts."""
+    from helpers_net import free_port
+
+    run, final = finished
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+
+    def launch(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "powergrad", "torchrun", "--nproc_per_node", "2",
+             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "validate",
+             *args], env=env, capture_output=True, text=True, timeout=240)
+    done = launch(str(run), "--out", str(tmp_path / "v.json"))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((tmp_path / "v.json").read_text())
+    assert (result["processes"], result["images"]) == (2, 51)
+    got = scores(tmp_path / "v.json")
+    assert (got["test_top1"], got["test_top5"]) == (final["test_top1"], final["test_top5"])
+    assert got["test_loss"] == pytest.approx(final["test_loss"], rel=1e-6)
+    missing = launch(str(tmp_path / "nothing_here"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == f"validate: {tmp_path / 'nothing_here'}: no such file or folder"

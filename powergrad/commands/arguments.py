@@ -21,7 +21,8 @@ HINTS = {
                   "`powergrad check-data --help`",
     "gpu-check": "`powergrad gpu-check` takes --workdir DIR, --out DIR and --recipe FILE; see "
                  "`powergrad gpu-check --help`",
-    "torchrun": "powergrad torchrun [TORCHRUN OPTIONS] train RECIPE.yaml [key=value ...]",
+    "torchrun": "powergrad torchrun [TORCHRUN OPTIONS] train RECIPE.yaml [key=value ...] "
+                "(or validate SOURCE ...)",
     "study": "name one plan .yaml file (claims, arms, seeds); see `powergrad study --help`",
     "validate": "name a run folder, an export folder or a weights file (then --recipe), and "
                 "key=value settings if any; see `powergrad validate --help`",
@@ -110,9 +111,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     subs["torchrun"] = sub.add_parser(
         "torchrun", help="torchrun with exit codes a job script can act on (75: preempted)",
-        description="powergrad torchrun [TORCHRUN OPTIONS] train RECIPE.yaml [key=value ...]: "
-                    "torchrun's own launcher and options, starting `powergrad train` on every "
-                    "process. SIGTERM and SIGUSR1 reach the workers, which save; the launcher "
+        description="powergrad torchrun [TORCHRUN OPTIONS] train RECIPE.yaml [key=value ...] "
+                    "(or validate SOURCE [...]): torchrun's own launcher and options, starting "
+                    "`powergrad train` (or `validate`, every image scored once) on every "
+                    "process. SIGTERM, SIGUSR1 and SIGUSR2 reach the workers, which save; the "
+                    "launcher "
                     "then exits 75 (plain torchrun exits 1, and dies on SIGUSR1). torchrun's "
                     "options and the recipes are checked once before any worker starts (an "
                     "error: one line naming the option or key, exit 2); a worker's failure "

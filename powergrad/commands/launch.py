@@ -1,12 +1,12 @@
-"""`powergrad torchrun [TORCHRUN OPTIONS] train RECIPE ...`: torchrun itself (its own argument
-parser and launcher), with the exit codes a job script can act on.
+"""`powergrad torchrun [TORCHRUN OPTIONS] train RECIPE ...` (or `validate SOURCE ...`): torchrun
+itself (its own argument parser and launcher), with the exit codes a job script can act on.
 
 Plain torchrun exits 1 with some 40 lines of ChildFailedError traceback whatever its workers
 said, so a requeue line cannot tell a preemption (workers saved and exited 75) from a failure,
 and it dies on SIGUSR1 (SLURM's usual warning signal) without telling its workers. Here:
 
-- SIGTERM, SIGUSR1, SIGUSR2 (and torchrun's own SIGINT, SIGHUP, SIGQUIT) to the launcher are forwarded
-  to the workers, which save and exit 75; the launcher then exits 75;
+- SIGTERM, SIGUSR1, SIGUSR2 (and torchrun's own SIGINT, SIGHUP, SIGQUIT) to the launcher are
+  forwarded to the workers, which save and exit 75; the launcher then exits 75;
 - workers that all exit 75 (they were signalled directly, as SLURM does) give 75;
 - torchrun's own options are checked before anything starts (torch asserts on some, such as
   --nproc_per_node 0, only inside its launch): a bad one is one line naming it, exit 2;
@@ -42,12 +42,16 @@ PROCESSES_PER_CORE = 4
 OWN_COMMAND = {"module": "-m", "no_python": "--no-python", "run_path": "--run-path"}
 
 
+# The subcommands that run on every process of a launch.
+SUBCOMMANDS = ("train", "validate")
+
+
 def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
     """(torchrun's options, the powergrad command from its subcommand on)."""
-    if "train" not in argv:
-        raise ValueError("name the subcommand to run on every process: "
-                         "powergrad torchrun [TORCHRUN OPTIONS] train RECIPE.yaml ...")
-    at = argv.index("train")
+    at = next((i for i, arg in enumerate(argv) if arg in SUBCOMMANDS), None)
+    if at is None:
+        raise ValueError("name the subcommand to run on every process: powergrad torchrun "
+                         "[TORCHRUN OPTIONS] train RECIPE.yaml ... (or validate SOURCE ...)")
     return argv[:at], argv[at:]
 
 
@@ -84,7 +88,8 @@ def main(argv: list[str]) -> int:
         print(refused, file=sys.stderr)
         return 2
     # after a signal torchrun returns no worker's code: the recipes say whether they saved
-    saves = all(recipe.log.checkpoint for recipe in recipes)
+    validating = command[0] == "validate"
+    saves = not validating and all(recipe.log.checkpoint for recipe in recipes)
     threads = worker_threads(recipes, _local_world_size(args), os.environ)
     if threads is not None:  # torchrun sets 1 itself, with a banner, when it is unset
         os.environ["OMP_NUM_THREADS"] = threads
@@ -101,7 +106,8 @@ def main(argv: list[str]) -> int:
     except SignalException as err:
         # torchrun has passed the signal on and waited for its workers to save
         if not saves or not _place_saved(recipes):
-            why = "log.checkpoint is false" if not saves else "stopped before its first save"
+            why = ("validate saves nothing" if validating else "log.checkpoint is false"
+                   if not saves else "stopped before its first save")
             print(f"powergrad torchrun: {err.sigval.name}: nothing saved ({why})",
                   file=sys.stderr, flush=True)
             return exit_code_unsaved(err.sigval)
@@ -186,11 +192,26 @@ def check_recipes(command: list[str], world_size: int | None) -> tuple[list, str
     from powergrad.config.loading import RecipeError
 
     train_args = parse_args(command)  # argparse answers a bad option itself, exit 2
+    if train_args.command == "validate":
+        return [], _validate_problem(train_args)
     paths, overrides = split_items(train_args.items)
     try:
         return checked_recipes(paths, overrides, world_size or 1, train_args.fast_dev_run), None
     except RecipeError as err:
         return [], f"recipe error: {err}"
+
+
+def _validate_problem(args) -> str | None:
+    """validate's own checks of its source, recipe and data, made once here (every worker
+    would print the same line): the line, or None."""
+    from powergrad.commands.validate import ValidateError, resolve
+    from powergrad.config.loading import RecipeError
+
+    try:
+        resolve(args.source, args.recipe, args.items, args.data)
+    except (ValidateError, RecipeError) as err:
+        return f"validate: {one_line(err)}"
+    return None
 
 
 def launcher_problem(args, launcher: list[str]) -> str | None:

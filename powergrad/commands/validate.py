@@ -53,6 +53,16 @@ def with_data(recipe: Recipe, data: str | None) -> Recipe:
     return dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, **changes))
 
 
+def resolve(source: str, recipe_path: str | None, overrides: list[str],
+            data: str | None) -> tuple[Path, Recipe]:
+    """(the source's path, the recipe it is scored with): what validate and the launcher
+    check before any work; ValidateError or RecipeError naming what is missing."""
+    source_path = Path(source).expanduser()
+    if not source_path.exists():  # before asking for a recipe it might not need
+        raise ValidateError(f"{source}: no such file or folder")
+    return source_path, with_data(source_recipe(source_path, recipe_path, overrides), data)
+
+
 def validate(source: str, overrides: list[str], *, checkpoint: str = "last", ema: bool = False,
              recipe_path: str | None = None, data: str | None = None) -> dict:
     """The scores of `source`'s weights, with what was measured and how."""
@@ -66,10 +76,7 @@ def validate(source: str, overrides: list[str], *, checkpoint: str = "last", ema
     from powergrad.training.models import build_model
     from powergrad.training.weights import load_weights, read_state_dict, weights_file
 
-    source_path = Path(source).expanduser()
-    if not source_path.exists():  # before asking for a recipe it might not need
-        raise ValidateError(f"{source}: no such file or folder")
-    recipe = with_data(source_recipe(source_path, recipe_path, overrides), data)
+    source_path, recipe = resolve(source, recipe_path, overrides, data)
     path = weights_file(source_path, (f"{checkpoint}.pth", "model.safetensors"))
     model = build_model(recipe.model)
     load_weights(model, read_state_dict(path, ema=ema), path,
