@@ -246,3 +246,13 @@ def test_a_val_solution_that_is_not_utf8_text_is_one_line_before_the_md5s(tmp_pa
     csv_file.write_bytes(content)
     message = run_failing(tmp_path / "archives", tmp_path / "out", *TINY[1:])  # md5s checked
     assert message == f"prepare_imagenet: --val-solution {csv_file}: {words}"
+
+
+def test_reading_a_val_solution_that_is_not_utf8_is_one_archive_error(tmp_path):
+    from powergrad.data.imagenet_archives import ArchiveError, read_val_solution_csv
+
+    path = tmp_path / "LOC_val_solution.csv"
+    path.write_bytes(b"ImageId,PredictionString\nILSVRC2012_val_00000001,n01751748 1 2 3 4\n"
+                     b"\xff\xfe broken\n")
+    with pytest.raises(ArchiveError, match="not UTF-8 text \\(a byte 0xff\\)"):
+        read_val_solution_csv(path)

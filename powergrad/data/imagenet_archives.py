@@ -85,17 +85,23 @@ def read_val_solution_csv(path: str | os.PathLike) -> dict[str, str]:
     """Kaggle's LOC_val_solution.csv -> {image stem: wnid}. Each PredictionString lists
     boxes as "wnid x0 y0 x1 y1 ..."; an image's class is the first box's wnid."""
     labels = {}
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
-            raise ArchiveError(f"{path}: expected the columns ImageId,PredictionString")
-        for line, row in enumerate(reader, start=2):
-            tokens = (row["PredictionString"] or "").split()
-            if not tokens or not WNID.fullmatch(tokens[0]):
-                raise ArchiveError(f"{path}:{line}: PredictionString does not start with a wnid")
-            if row["ImageId"] in labels:
-                raise ArchiveError(f"{path}:{line}: {row['ImageId']} is labelled twice")
-            labels[row["ImageId"]] = tokens[0]
+    try:  # Kaggle writes UTF-8 (ASCII in fact); not the locale's encoding
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or not {"ImageId", "PredictionString"} <= set(
+                    reader.fieldnames):
+                raise ArchiveError(f"{path}: expected the columns ImageId,PredictionString")
+            for line, row in enumerate(reader, start=2):
+                tokens = (row["PredictionString"] or "").split()
+                if not tokens or not WNID.fullmatch(tokens[0]):
+                    raise ArchiveError(f"{path}:{line}: PredictionString does not start with "
+                                       "a wnid")
+                if row["ImageId"] in labels:
+                    raise ArchiveError(f"{path}:{line}: {row['ImageId']} is labelled twice")
+                labels[row["ImageId"]] = tokens[0]
+    except UnicodeDecodeError as err:
+        raise ArchiveError(f"{path}: not UTF-8 text (a byte {err.object[err.start]:#04x}); "
+                           "expected Kaggle's LOC_val_solution.csv, unpacked") from None
     return labels
 
 
