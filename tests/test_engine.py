@@ -352,3 +352,24 @@ def test_sigterm_preempts_cleanly_and_resumes_mid_epoch_exactly(tmp_path, monkey
     rows_a, rows_b = read_summary(Path(straight["run_dir"])), read_summary(Path(resumed["run_dir"]))
     for column in ("train_loss", "train_top1", "eval_loss", "eval_top1"):
         assert [r[column] for r in rows_b] == [r[column] for r in rows_a], column
+
+
+def test_channels_last_stays_off_on_the_cpu_where_onednn_would_corrupt_the_heap():
+    """A 1x1 stride-2 convolution with 4 input channels (the downsample of a 4-8 channel
+    ResNet) aborts the process in oneDNN's channels-last backward on this machine's CPU: that
+    model trains in the default format, said in a note and in ran_with; 8 or more channels
+    keep channels_last."""
+    from powergrad.training import setup
+
+    base = "recipes/fashion_mnist/resnet_baseline.yaml"
+    tiny = load_recipe(base, ["model.kwargs.layers=[1, 1, 1, 1]",
+                              "model.kwargs.channels=[4, 8, 8, 8]"])
+    t = setup.build_training(tiny, with_data=False, device="cpu")
+    assert any("channels_last is off" in n and "layer2.0.downsample.0" in n for n in t.notes)
+    assert any("channels_last is off" in n for n in t.fit.record()["notes"])
+    assert not t.model.layer2[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    wide = load_recipe(base, ["model.kwargs.layers=[1, 1, 1, 1]",
+                              "model.kwargs.channels=[8, 16, 32, 64]"])
+    t = setup.build_training(wide, with_data=False, device="cpu")
+    assert not any("channels_last" in n for n in t.notes)
+    assert t.model.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)

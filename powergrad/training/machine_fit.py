@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
 
 from powergrad.config.loading import file_value
 from powergrad.config.schema import Recipe
@@ -93,3 +94,21 @@ def unchanged_lr_note(recipe: Recipe, images_per_step: int) -> str:
     return (f"train.global_batch {images_per_step} from the command line, but optim.lr stays "
             f"{recipe.optim.lr:g}, set for {tuned_for} images per step; scaled linearly it "
             f"would be optim.lr={linear:.4g}")
+
+
+def channels_last_hazard(model: nn.Module, device: torch.device) -> str | None:
+    """Why channels_last must stay off for this model on this device, or None.
+
+    On the CPU, oneDNN's channels-last backward of a 1x1 convolution with stride 2 and an
+    input channel count that is not a multiple of 8 corrupts the heap (torch 2.14.1 on an
+    AVX2 machine here: glibc aborts with "corrupted double-linked list"; 8 or 16 channels, or
+    the default memory format, run). ResNet downsample layers of tiny nets have that shape."""
+    if device.type != "cpu":
+        return None
+    for name, module in model.named_modules():
+        if (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)
+                and module.stride != (1, 1) and module.in_channels % 8):
+            return (f"train.channels_last is off on the CPU for this model: {name} (1x1, stride "
+                    f"{module.stride[0]}, {module.in_channels} input channels) crashes oneDNN's "
+                    "channels-last backward; a multiple of 8 channels avoids it")
+    return None

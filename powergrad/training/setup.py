@@ -27,7 +27,7 @@ from powergrad.training.clipping import clip_parameters
 from powergrad.training.evaluate import autocast
 from powergrad.training.filters import FilterCollapse
 from powergrad.training.finetune import load_initial_checkpoint
-from powergrad.training.machine_fit import MachineFit, fit_to_machine
+from powergrad.training.machine_fit import MachineFit, channels_last_hazard, fit_to_machine
 from powergrad.training.models import build_model
 from powergrad.training.sync_batchnorm import convert_to_sync_bn
 
@@ -118,7 +118,12 @@ def build_training(recipe: Recipe, *, with_data: bool = True, with_weights: bool
         model = convert_to_sync_bn(model, device)
     # reference norms from the seed's initial weights (before any checkpoint is loaded)
     filters = FilterCollapse(model) if recipe.log.filter_collapse else None
-    if cfg.channels_last:
+    channels_last = cfg.channels_last
+    if channels_last and (hazard := channels_last_hazard(model, device)) is not None:
+        fit.notes.append(hazard)  # recorded in final.json's ran_with, as the run trained
+        notes.append(hazard)
+        channels_last = False
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_loader = eval_loader = None
     if with_data:
@@ -127,7 +132,7 @@ def build_training(recipe: Recipe, *, with_data: bool = True, with_weights: bool
             train_loader, eval_loader = build_loaders(
                 fit.data, batch_size=plan.micro_batch, eval_batch_size=cfg.eval_batch_size,
                 seed=cfg.seed, device=device, dist_info=dist_info,
-                channels_last=cfg.channels_last)
+                channels_last=channels_last)
         if train_loader.num_classes != recipe.model.num_classes:
             raise ValueError(f"{recipe.source}: model.num_classes is {recipe.model.num_classes} "
                              f"but the data has {train_loader.num_classes} classes")
