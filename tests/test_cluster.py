@@ -343,15 +343,16 @@ def test_gpu_check_runs_from_a_plain_checkout_without_the_extras(tmp_path):
     out = tmp_path / "out"
     env = dict(ENV, PYTHONPATH=f"{hide}{os.pathsep}.")
     done = subprocess.run([sys.executable, "-m", "powergrad", "gpu-check", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=400, env=env)
+                          cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = {row["check"]: row for row in json.loads((out / "gpu_check.json").read_text())["rows"]}
     assert list(rows) == ["pgt fp16 + GradScaler", "pgt bf16", "engine resnet50", "loader ffcv",
-                          "loader dali", "loader torchvision", "ddp", "gpu-hours"]
+                          "loader dali", "loader torchvision", "ddp", "engine ddp resnet50",
+                          "engine ddp torchcompile", "gpu-hours"]
     assert rows["loader ffcv"]["result"] == "skipped: ffcv not installed"
     assert rows["loader dali"]["result"] == "skipped: nvidia-dali not installed"
     for name in ("pgt fp16 + GradScaler", "pgt bf16", "engine resnet50", "loader torchvision",
-                 "ddp"):
+                 "ddp", "engine ddp resnet50", "engine ddp torchcompile"):
         assert rows[name]["result"] == "pass", rows[name]
     assert "worst relative error" in rows["pgt fp16 + GradScaler"]["numbers"]
     assert "2 steps, train loss" in rows["engine resnet50"]["numbers"]
@@ -360,6 +361,32 @@ def test_gpu_check_runs_from_a_plain_checkout_without_the_extras(tmp_path):
     assert rows["ddp"]["path"].startswith("gloo, 2 processes")
     assert float(re.search(r"relative error (\S+) \(limit", rows["ddp"]["numbers"]).group(1)) \
         < 1e-5
+    # the engine under `powergrad torchrun`, 2 gloo processes: stopped by SIGUSR1, resumed to
+    # the uninterrupted twin's weights bit for bit, every validation image scored once
+    engine = rows["engine ddp resnet50"]
+    assert engine["path"].startswith("gloo, 2 processes: powergrad torchrun")
+    assert "never run on a GPU" in engine["path"] and "SyncBN" in engine["path"]
+    stopped, resumed = map(int, re.search(r"stopped after step (\d+), exit 75; resumed to step "
+                                          r"(\d+)", engine["numbers"]).groups())
+    assert 0 < stopped < resumed
+    assert float(re.search(r"max abs difference from the twin (\S+) over",
+                           engine["numbers"]).group(1)) == 0
+    assert float(re.search(r"epoch 2 moved them up to ([^)]+)\)",
+                           engine["numbers"]).group(1)) > 0  # the resumed epoch trained
+    evaluation = re.search(
+        r"evaluation over 2 process\(es\) top-1 (\S+) top-5 (\S+) loss (\S+), one process "
+        r"over the (\d+) images written \((\d+) scored\) top-1 (\S+) top-5 (\S+) loss (\S+)$",
+        engine["numbers"]).groups()
+    written, scored = int(evaluation[3]), int(evaluation[4])
+    assert written % 2 == 1 and scored == written  # odd: uneven shares for 2 processes
+    assert evaluation[:2] == evaluation[5:7]
+    assert abs(float(evaluation[2]) - float(evaluation[7])) <= 1e-4 * float(evaluation[7])
+    # the same steps compiled, with SyncBN under DDP: the eager twin's loss, and an exit
+    compiled = rows["engine ddp torchcompile"]
+    assert "torch.compile" in compiled["path"] and "never run on a GPU" in compiled["path"]
+    loss, eager = map(float, re.search(r"train loss (\S+) \(eager, the twin's epoch 1: "
+                                       r"([^)]+)\), exit 0,", compiled["numbers"]).groups())
+    assert abs(loss - eager) <= 0.01 * eager
     # the step code of the GPU-hours row ran; only its extrapolation needs a GPU
     assert rows["gpu-hours"]["result"] == "skipped: no CUDA device"
     assert "s per step" in rows["gpu-hours"]["numbers"]

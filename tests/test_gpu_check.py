@@ -2,9 +2,16 @@
 CPU as the device (the reduced sizes), and the parts only CUDA has say so in the table."""
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
 import torch
 
-from powergrad.commands import gpu_check, gpu_context
+from powergrad.commands import gpu_check, gpu_context, gpu_engine
 
 
 def table_rows(output: str) -> dict[str, list[str]]:
@@ -49,10 +56,64 @@ def test_a_failing_row_fails_the_command_and_the_others_still_run(tmp_path, monk
     monkeypatch.setattr(gpu_check, "loader_row", lambda ctx, root, name, steps:
                         gpu_check.Row(f"loader {name}", "cpu", "pass", "fine"))
     monkeypatch.setattr(gpu_check, "ddp_row", broken)
+    monkeypatch.setattr(gpu_check, "ddp_engine_row", lambda ctx, root: passing(
+        "engine ddp resnet50")())
+    monkeypatch.setattr(gpu_check, "compile_row", lambda ctx, root: passing(
+        "engine ddp torchcompile")())
     monkeypatch.setattr(gpu_check, "gpu_hours_row", passing("gpu-hours"))
     assert gpu_check.main(str(tmp_path)) == 1
     out = capsys.readouterr().out
     rows = table_rows(out)
     assert rows["ddp"][1:3] == ["FAIL", "RuntimeError: NCCL error: unhandled system error"]
     assert rows["gpu-hours"][1] == "pass"  # a later row still ran
+    assert rows["engine ddp torchcompile"][1] == "pass"
     assert out.rstrip().endswith("FAILED: ddp")
+
+
+def test_a_run_that_trains_and_then_hangs_fails_and_leaves_no_process(tmp_path):
+    """The engine rows' launches: a process that printed its last line but does not exit is
+    killed with everything under it (torchrun's workers sit in sessions of their own), and
+    the row's error names the hang and that last line."""
+    child = tmp_path / "child.pid"
+    script = (f"import os, subprocess, sys, time\n"
+              f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],"
+              f" start_new_session=True)\n"
+              f"open({str(child)!r}, 'w').write(str(p.pid))\n"
+              f"print('fast dev run OK: 2 step(s), train loss 2.3,', flush=True)\n"
+              f"time.sleep(60)\n")
+    launch = gpu_engine.Launch([sys.executable, "-c", script], dict(os.environ))
+    found = launch.wait_for(r"train loss (\S+),", timeout=30)
+    assert found is not None and found.group(1) == "2.3"
+    while not child.exists():
+        time.sleep(0.05)
+    with pytest.raises(RuntimeError, match=r"had not exited 1 s later \(killed\); last line: "
+                                           r"fast dev run OK"):
+        launch.finish("the run", timeout=1)
+    assert launch.proc.poll() == -signal.SIGKILL
+    assert not running(int(child.read_text()))  # in a session of its own, killed all the same
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie waiting for init to collect it."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return False
+        if state == "Z":
+            return False
+        time.sleep(0.05)
+    return True
+
+
+
+def test_a_failed_launch_names_the_workers_error_not_the_launchers_last_line(tmp_path):
+    ctx = gpu_check.Context(torch.device("cpu"), gpu_check.REDUCED, tmp_path)
+    script = ("print('Traceback (most recent call last):')\n"
+              "print('ValueError: SyncBatchNorm layers only work with GPU modules')\n"
+              "print('powergrad torchrun: rank 0 exited 1 (its message is above)')\n"
+              "raise SystemExit(1)\n")
+    with pytest.raises(RuntimeError, match=r"^the twin exited 1: ValueError: SyncBatchNorm "
+                                           r"layers only work with GPU modules$"):
+        gpu_engine._run(ctx, [sys.executable, "-c", script], "the twin")

@@ -15,13 +15,25 @@ Rows (README, "On a GPU machine", says what to do when one fails):
   ddp                   DistributedDataParallel over every visible GPU (NCCL), and with fewer
                         than 2 GPUs also 2 gloo processes on the CPU: the averaged gradient
                         against one process's full-batch gradient, and the time per step.
+  engine ddp resnet50   `powergrad torchrun --nproc_per_node <GPUs>` (a subprocess) training the
+                        paper recipe for 2 short epochs: fp16 + GradScaler, channels_last,
+                        accumulation (DDP's no_sync), SyncBN, checkpoints; stopped by SIGUSR1
+                        after its first step (exit 75), resumed by the same command: its weights
+                        against an uninterrupted twin's, bit for bit, and its evaluation against
+                        one process's over the validation images written (each counted once).
+  engine ddp torchcompile
+                        the twin's first epoch again with train.torchcompile and SyncBN under
+                        DDP (--fast-dev-run): its train loss against the eager twin's.
+                        Neither engine ddp row has run on a GPU yet (gpu_engine.py).
   gpu-hours             time per optimizer step of the ResNet-50 paper recipe at its own batch
                         (one GPU: micro-batches with accumulation), times its steps per epoch and
                         epochs on ImageNet-1k, as GPU-hours (training only, loader assumed fast
                         enough; divided by a loader's feed ratio where measured).
 
 Without CUDA the same rows run in a reduced form on the CPU (tiny images, few steps, gloo
-instead of NCCL, DALI's CPU decode): tests/test_gpu_check.py runs it, so the code stays alive.
+instead of NCCL, DALI's CPU decode, fp16 made bf16 without a GradScaler, a ResNet-50 of one
+block per stage in the engine ddp rows): tests/test_gpu_check.py and tests/test_cluster.py run
+it, so the code stays alive.
 Parts that only a GPU can run print "skipped: no CUDA device".
 """
 from __future__ import annotations
@@ -40,6 +52,7 @@ import torch
 from powergrad.commands.gpu_context import (FULL, LOADERS, PAPER_RECIPE, REDUCED, Context, Row,
                                             paper_recipe, synthetic_data)
 from powergrad.commands.gpu_correctness import ddp_row, engine_row, pgt_row
+from powergrad.commands.gpu_engine import compile_row, ddp_engine_row
 from powergrad.commands.gpu_throughput import RecipeSteps, gpu_hours_row, loader_row
 from powergrad.system.gpus import refuse_unusable_gpu
 
@@ -76,6 +89,10 @@ def run(workdir: Path, device: torch.device | None = None,
         attempt(f"loader {name}", loader)
     steps = None  # free the model before the next rows
     attempt("ddp", lambda: ddp_row(ctx))
+    if ctx.cuda:  # the launches below need the GPUs' memory this process cached
+        torch.cuda.empty_cache()
+    attempt("engine ddp resnet50", lambda: ddp_engine_row(ctx, data()))
+    attempt("engine ddp torchcompile", lambda: compile_row(ctx, data()))
     attempt("gpu-hours", lambda: gpu_hours_row(ctx))
     return rows
 

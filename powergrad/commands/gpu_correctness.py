@@ -8,14 +8,14 @@ import io
 import itertools
 import json
 import math
-import socket
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from powergrad.commands.gpu_context import NO_CUDA, Context, Row, data_overrides, paper_recipe
+from powergrad.commands.gpu_context import (NO_CUDA, Context, Row, data_overrides, free_port,
+                                            paper_recipe)
 
 
 def pgt_row(ctx: Context, dtype: torch.dtype) -> Row:
@@ -63,12 +63,6 @@ def engine_row(ctx: Context, root: Path) -> Row:
                "pass" if ok else "FAIL",
                f"{summary['updates']} steps, train loss {summary['final_train_loss']:.3f}, "
                f"{seconds:.1f} s with set-up{memory}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _small_net() -> nn.Module:
@@ -141,7 +135,7 @@ def ddp_row(ctx: Context) -> Row:
     for backend, world in groups:
         out = ctx.workdir / f"ddp_{backend}.json"
         out.unlink(missing_ok=True)
-        mp.spawn(ddp_worker, args=(world, backend, _free_port(), ctx.sizes.ddp_steps, str(out)),
+        mp.spawn(ddp_worker, args=(world, backend, free_port(), ctx.sizes.ddp_steps, str(out)),
                  nprocs=world, join=True)
         results.append((world, json.loads(out.read_text())))
         paths.append(f"{backend}, {world} process{'es' if world > 1 else ''}"
