@@ -23,7 +23,6 @@ from torchvision.transforms.v2 import functional as TF
 from powergrad.config.loading import load_recipe
 from powergrad.config.schema import DataConfig
 from powergrad.data import dali_loaders
-from powergrad.data.augment import settings_in_use
 from powergrad.data.dali_loaders import DaliEvalLoader, DaliTrainLoader
 from powergrad.data.fashion_mnist import load_split
 from powergrad.data.imagefolder_checks import scan_image_folder
@@ -242,8 +241,11 @@ def test_fashion_mnist_jpegs_train_as_with_torchvision(tmp_path):
     assert abs(top1["dali"] - top1["torchvision"]) <= 4, top1
 
 
+# DeiT-S as DeiT trained it, the baseline and each recipe that inherits it (GPAS, PGT, both)
+DEIT_RECIPES = ["imagenet/deit_small_base", "imagenet/deit_small_pgt",
+                "imagenet/deit_small_gpas", "imagenet/deit_small_gpas_pgt"]
 SMOKE_RECIPES = ["imagenet/resnet18_cosine_pgt", "imagenet/resnet18_nobn_b256_agc_pgt",
-                 "imagenet/deit_small_gpas_pgt", "ffcv_imagenet/rn18_16_epochs_pgt"]
+                 "ffcv_imagenet/rn18_16_epochs_pgt"] + DEIT_RECIPES
 
 
 @pytest.fixture(scope="module")
@@ -255,21 +257,21 @@ def tiny_imagenet(tmp_path_factory):
 @pytest.mark.parametrize("name", SMOKE_RECIPES)
 def test_representative_recipes_train_through_dali(name, tiny_imagenet, tmp_path):
     # Every recipe through ffcv and torchvision is tests/test_recipe_smoke.py's job (adding
-    # DALI there would add half again to its two minutes); through DALI these four cover what
-    # the loader meets: accumulation with fp16 (bf16 here), no BN with AGC, a ViT with GPAS,
-    # and BlurPool with label smoothing and test-time flip (progressive resizing:
-    # test_train_order_resolution_values_and_replay). ResNet-50 is left out: at these sizes
-    # (micro-batches of 2 at 32 px) its evaluation gives a non-finite loss with every loader,
-    # which the engine now refuses (tests/test_recipe_smoke.py fails the same way).
-    # DeiT's RandAugment, repeats and bicubic crops are the torchvision loader's (preflight
-    # refuses them for DALI); its random erasing runs on DALI's batches too, and stays.
+    # DALI there would add half again to its two minutes); through DALI these cover what the
+    # loader meets: accumulation with fp16 (bf16 here), no BN with AGC, BlurPool with label
+    # smoothing and test-time flip (progressive resizing:
+    # test_train_order_resolution_values_and_replay), and the DeiT recipes with their own
+    # augmentations (RandAugment, erasing, repeats x3, bicubic crops: tests/test_dali_augment.py)
+    # and ViTs with GPAS. ResNet-50 is left out: at these sizes (micro-batches of 2 at 32 px)
+    # its evaluation gives a non-finite loss with every loader, which the engine now refuses
+    # (tests/test_recipe_smoke.py fails the same way).
     path = RECIPES / f"{name}.yaml"
     overrides = (image_overrides(tiny_imagenet, "dali", tmp_path) + batch_overrides(path)
                  + cpu_overrides(path) + vit_overrides(path))
     recipe = load_recipe(path, overrides)
-    if settings_in_use(recipe.data, "dali"):
-        recipe = load_recipe(path, overrides + ["data.aa=null", "data.aug_repeats=0",
-                                                "data.train_interpolation=bilinear"])
+    if name in DEIT_RECIPES:  # the recipe's augmentations, none turned off for DALI
+        assert (recipe.data.aa, recipe.data.reprob, recipe.data.aug_repeats,
+                recipe.data.train_interpolation) == ("rand-m9-mstd0.5-inc1", 0.25, 3, "bicubic")
     preflight(recipe, world_size=1)  # what the command line would check first
     summary = engine.train(recipe, fast_dev_run=2)
     assert summary["updates"] == 2 and summary["epochs"] == 1

@@ -69,6 +69,9 @@ def _augmentation(recipe: Recipe) -> str:
     loss = recipe.loss
     mixing = (f"; mixup {loss.mixup:g} / cutmix {loss.cutmix:g} (prob {loss.mixup_prob:g}, "
               f"switch {loss.mixup_switch_prob:g})" if loss.mixup or loss.cutmix else "")
+    if loader == "dali":  # DALI's own pipeline: a crop-decode, RandAugment from its auto_aug
+        from powergrad.data.dali_augment import describe_dali_pipeline
+        return describe_dali_pipeline(recipe.data, mixing)
     return describe_pipeline(recipe.data, loader) + mixing
 
 

@@ -3,10 +3,13 @@ runs, which trained from the original ImageNet JPEGs through DALI (its official 
 
 Train: fn.readers.file over the epoch's file list (this rank's shard), a random-resized-crop
 decode (fn.decoders.image_random_crop with data.scale / data.ratio: only the crop window is
-decoded where the format allows), a resize to the epoch's resolution (linear, antialiased),
-a flip with probability data.hflip and normalisation with data.mean / data.std
-(fn.crop_mirror_normalize). Eval: decode, resize the shorter side to res / crop_pct, centre
-crop res, normalise. Both emit float32 HWC batches, which torch sees as channels_last NCHW.
+decoded where the format allows), a resize to the epoch's resolution (antialiased,
+data.train_interpolation's filter), a flip with probability data.hflip and normalisation with
+data.mean / data.std (fn.crop_mirror_normalize). With data.aa (timm's RandAugment,
+dali_augment.py) the flip comes first (fn.flip) and RandAugment after it, timm's order. Random
+erasing (data.reprob) acts on the normalised batch, as for every image loader. Eval: decode,
+resize the shorter side to res / crop_pct, centre crop res, normalise. Both emit float32 HWC
+batches, which torch sees as channels_last NCHW.
 
 On a CUDA device the JPEGs decode with device="mixed" (nvJPEG, and the hardware JPEG decoder
 of A100/H100) and everything after the decode runs on that GPU; on a CPU the same pipeline
@@ -15,7 +18,9 @@ runs with device="cpu" and device_id=None.
 Order and randomness: a fresh pipeline per pass, so set_epoch needs nothing rebuilt by hand.
 The epoch's order is numpy's default_rng(seed + epoch).permutation over all training files,
 cut to a multiple of the world size (every rank takes the same number of steps) and split into
-contiguous shards by DALI's shard_id / num_shards; the crops and flips come from the pipeline
+contiguous shards, one per rank; with data.aug_repeats it is timm's RepeatAugSampler at epoch
+seed + epoch, as the torchvision loader draws it (each image `repeats` times in a row, the
+copies spread over the ranks). The crops, flips and RandAugment draws come from the pipeline
 seed, drawn from (seed, epoch, rank), so ranks draw differently and an epoch replays. On the
 CPU a replay is bit-for-bit (tests/test_dali_loader.py); on a GPU the order, crop windows and
 flips replay, while the pixels of a GPU decode are not promised identical to a CPU decode's.
@@ -29,7 +34,9 @@ import math
 import numpy as np
 import torch
 
+from powergrad.data.augment import repeated_sampler
 from powergrad.data.contract import eval_shard
+from powergrad.data.dali_augment import fill_value, rand_augment, rand_augment_spec
 from powergrad.data.device_batches import ImageBatches, TrainImageBatches
 
 DALI_PACKAGE = "nvidia-dali-cuda130"  # the CUDA 13 build; its CPU pipelines need no GPU
@@ -100,10 +107,11 @@ class DaliTrainLoader(_DaliPass, TrainImageBatches):
         self._dali_setup(device, batch_size, cfg.workers, cfg.mean, cfg.std)
         self.samples = samples[:cfg.train_subset] if cfg.train_subset else samples
         self.rank, self.world_size = _shard() if distributed else (0, 1)
+        self.rand_augment = rand_augment_spec(cfg.aa) if cfg.aa else None
         self.set_epoch(0)
 
     def __len__(self) -> int:
-        return len(self.samples) // self.world_size // self.batch_size
+        return len(self._rank_order()) // self.batch_size
 
     def _apply_epoch(self, epoch: int, resolution: int) -> None:
         pass  # each pass builds its pipeline from self.epoch and self.resolution
@@ -112,9 +120,19 @@ class DaliTrainLoader(_DaliPass, TrainImageBatches):
         state = np.random.SeedSequence([self.seed, self.epoch, self.rank]).generate_state(1)
         return int(state[0] & 0x7FFFFFFF)
 
-    def __iter__(self):
+    def _rank_order(self) -> list[int]:
+        """This rank's sample indices for the epoch, in order."""
+        if self.cfg.aug_repeats:
+            sampler = repeated_sampler(range(len(self.samples)), self.cfg.aug_repeats,
+                                       self.world_size, self.rank)
+            sampler.set_epoch(self.seed + self.epoch)  # the torchvision loader's epoch seed
+            return list(sampler)
         order = np.random.default_rng(self.seed + self.epoch).permutation(len(self.samples))
-        order = order[:len(order) // self.world_size * self.world_size]
+        share = len(order) // self.world_size
+        return order[self.rank * share:(self.rank + 1) * share].tolist()
+
+    def __iter__(self):
+        order = self._rank_order()
         files = [self.samples[i][0] for i in order]
         labels = [self.samples[i][1] for i in order]
         yield from self._run(self._pipeline(files, labels), drop_last=True)
@@ -124,20 +142,31 @@ class DaliTrainLoader(_DaliPass, TrainImageBatches):
 
         cfg, res = self.cfg, self.resolution
 
+        interpolation = {"bilinear": types.INTERP_LINEAR,
+                         "bicubic": types.INTERP_CUBIC}[cfg.train_interpolation]
+        spec = self.rand_augment
+
+        # conditionals only for RandAugment: its per-sample choice of op splits the batch
         @pipeline_def(batch_size=self.batch_size, num_threads=self.threads,
-                      device_id=self.device_id, seed=self.pipeline_seed())
+                      device_id=self.device_id, seed=self.pipeline_seed(),
+                      enable_conditionals=spec is not None)
         def train_pipeline():
-            jpegs, label = fn.readers.file(files=files, labels=labels, shard_id=self.rank,
-                                           num_shards=self.world_size, random_shuffle=False,
+            # the order is this rank's already (_rank_order): the reader reads it whole
+            jpegs, label = fn.readers.file(files=files, labels=labels, random_shuffle=False,
                                            name="reader")
             images = fn.decoders.image_random_crop(
                 jpegs, device=self.decode_device, output_type=types.RGB,
                 random_area=list(cfg.scale), random_aspect_ratio=list(cfg.ratio))
-            images = fn.resize(images, resize_x=res, resize_y=res,
-                               interp_type=types.INTERP_LINEAR, antialias=True)
+            images = fn.resize(images, resize_x=res, resize_y=res, interp_type=interpolation,
+                               antialias=True)
+            mirror = fn.random.coin_flip(probability=cfg.hflip)
+            if spec is not None:  # a Python test at build time: timm flips, then augments
+                images = fn.flip(images, horizontal=mirror)
+                images = rand_augment(images, spec, size=res, fill=fill_value(cfg.mean))
+                mirror = 0
             images = fn.crop_mirror_normalize(
                 images, dtype=types.FLOAT, output_layout="HWC", mean=self.mean255,
-                std=self.std255, mirror=fn.random.coin_flip(probability=cfg.hflip))
+                std=self.std255, mirror=mirror)
             return images, label
 
         return train_pipeline()
