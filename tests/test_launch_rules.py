@@ -160,11 +160,15 @@ def _ema_rank(rank: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       GLOO_SOCKET_IFNAME="lo")
-    recipe = load_recipe(FASHION, [*TINY, "train.model_ema=true"])
+    recipe = load_recipe(FASHION, [*TINY, "train.model_ema=true", "train.sync_bn=true",
+                                   "train.amp_dtype=bfloat16"])
     t = setup.build_training(recipe, with_data=False)
-    t.wrap()
+    t.wrap()  # DDP over the CPU's SyncBN (DDP refuses an nn.SyncBatchNorm on a CPU module)
     torch.save({"ema": t.ema.module.state_dict(), "model": t.model.state_dict()},
                f"{out}/rank{rank}.pt")
+    with t.autocast():  # one step's forward and backward: SyncBN's statistics under bf16
+        t.train_model(torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(rank))
+                      ).float().sum().backward()
     torch.distributed.destroy_process_group()
 
 
@@ -172,7 +176,8 @@ def _ema_rank(rank: int, port: int, out: str) -> None:
 @pytest.mark.subprocess
 def test_under_ddp_the_ema_equals_the_broadcast_weights_on_every_rank(tmp_path):
     """Each rank seeds its own weights (seed + rank); DDP gives every rank rank 0's. The EMA
-    must hold those too, or eval_ema sums shares scored by different models."""
+    must hold those too, or eval_ema sums shares scored by different models. With SyncBN on
+    the CPU under bf16 autocast, as gpu-check's engine row trains, a step runs."""
     mp.start_processes(_ema_rank, args=(free_port(), str(tmp_path)), nprocs=2,
                        start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]

@@ -4,6 +4,7 @@ own, timm's --sync-bn. On GPUs this is torch's SyncBatchNorm, converted by timm'
 torch's SyncBatchNorm refuses CPU tensors (its kernels are CUDA-only), so on the CPU (gloo: the
 tests, and CPU clusters) GlooSyncBatchNorm computes the same statistics with autograd-aware
 all-reduces: sums, then centred squares (two passes, so float32 does not lose the variance).
+It is not an nn.SyncBatchNorm: DDP refuses those on a CPU module.
 """
 from __future__ import annotations
 
@@ -12,15 +13,21 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 from timm.layers import convert_sync_batchnorm
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
-class GlooSyncBatchNorm(nn.SyncBatchNorm):
-    """nn.SyncBatchNorm whose training forward also runs on the CPU."""
+class GlooSyncBatchNorm(_BatchNorm):
+    """SyncBatchNorm's statistics on the CPU (any input of 2 or more dimensions)."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cuda" or not self.training or not dist.is_initialized()
-                or dist.get_world_size() == 1):
+        if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
             return super().forward(x)
+        # statistics in at least float32 (bf16 autocast hands bf16 in; the buffers are fp32)
+        dtype, x = x.dtype, x.to(torch.promote_types(x.dtype, torch.float32))
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         count = x.new_tensor([x.numel() // x.shape[1]])
@@ -39,7 +46,7 @@ class GlooSyncBatchNorm(nn.SyncBatchNorm):
         out = centred * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
-        return out
+        return out.to(dtype)
 
 
 def convert_to_sync_bn(model: nn.Module, device: torch.device) -> nn.Module:
