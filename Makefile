@@ -1,13 +1,15 @@
 # Two commands (README): `make demo` sets everything up and runs the main job;
 # `make test` sets everything up and runs the test suite. Both are idempotent.
+# `make test-slurm` runs the tests under a real single-node SLURM (root; CI runs both).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := dataset-fashion-mnist pkg-config libturbojpeg0-dev libopencv-dev
+# slurm-wlm and munge: the single-node SLURM that `make test-slurm` starts and stops
+APT_PACKAGES := dataset-fashion-mnist pkg-config libturbojpeg0-dev libopencv-dev slurm-wlm munge
 DEMO_RECIPES := recipes/fashion_mnist/resnet_baseline.yaml recipes/fashion_mnist/resnet_pgt.yaml
 
-.PHONY: setup demo test check bench results clean
+.PHONY: setup demo test test-slurm check bench results clean
 
 setup: $(VENV)/.installed
 
@@ -35,9 +37,15 @@ check: setup
 # One pytest run over 2 workers: most slow tests wait on subprocesses (torchrun, SLURM-style
 # tasks, signals) or use one torch thread, so two at a time share the 2 cores (one run
 # balances better than a serial stage followed by a parallel one: 641 s against about 760 s).
+# The SLURM tests run apart (test-slurm): they alone take minutes.
 test: setup
 	$(VENV)/bin/powergrad check
-	$(PY) -m pytest -q -p xdist -n 2
+	$(PY) -m pytest -q -p xdist -n 2 -m "not slurm"
+
+# The README's SLURM job scripts under a real slurmctld, slurmd and munged that the tests start
+# as root and stop (tests/test_slurm.py); one job at a time, so one pytest process.
+test-slurm: setup
+	$(PY) -m pytest -q -m slurm
 
 # A benchmark writes its JSON record beside its table (runs/bench/bench_pgt.json) and renders
 # the table from it; `--render RECORD --write TABLE` redraws a table without measuring.
