@@ -13,14 +13,15 @@ DEMO_RECIPES := recipes/fashion_mnist/resnet_baseline.yaml recipes/fashion_mnist
 
 setup: $(VENV)/.installed
 
-# Debian packages: installed once, skipped when dpkg already has them all.
-.apt-installed:
+# Debian packages: installed once, skipped when dpkg already has them all; checked again when
+# the Makefile (its package list) changes. Order-only below: a new package rebuilds no venv.
+.apt-installed: Makefile
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); }
 	@touch $@
 
 # The venv is rebuilt only when the package's requirements change.
-$(VENV)/.installed: .apt-installed setup.cfg pyproject.toml constraints.txt
+$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt | .apt-installed
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[ffcv,dali,test]'

@@ -266,3 +266,24 @@ def test_the_loaders_refuse_what_they_cannot_do_when_called_from_python(tmp_path
     fashion = DataConfig(reprob=0.25)
     with pytest.raises(ValueError, match="data.reprob is set, but the Fashion-MNIST loader"):
         build_loaders(fashion, batch_size=2, eval_batch_size=2, seed=0, device="cpu")
+
+
+@pytest.mark.parametrize("aa, name", [("rand-m10-mstd0-inc1", "PosterizeIncreasing"),
+                                      ("rand-m1-mstd0", "Posterize")])
+def test_a_posterize_to_zero_bits_gives_a_black_image_not_a_pillow_error(aa, name):
+    """Pillow 13 refuses 0 bits, which timm asks for at these magnitudes (4 - 10 * 4 / 10 and
+    int(1 * 4 / 10)): the op must give the black image older Pillows gave, not raise (the
+    torchvision loader took the error for an unreadable image and stopped the run)."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from powergrad.data.augment import colour_transforms
+
+    cfg = SimpleNamespace(aa=aa, mean=(0.5,), train_interpolation="bicubic", color_jitter=None)
+    policy = colour_transforms(cfg, 32)[1]
+    op = next(op for op in policy.ops if op.name == name)
+    op.prob = 1.0
+    image = Image.new("RGB", (8, 6), (200, 100, 50))
+    out = op(image)
+    assert out.size == (8, 6) and set(out.getdata()) == {(0, 0, 0)}

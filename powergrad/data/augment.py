@@ -12,6 +12,7 @@ image loader. The ffcv and DALI loaders do none of the others: preflight refuses
 from __future__ import annotations
 
 import torch
+from PIL import Image
 from torchvision.transforms import v2 as T
 
 # The settings only the torchvision loader honours (they act on samples or on its sampler),
@@ -26,6 +27,9 @@ INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR,
 
 def settings_in_use(cfg, loader: str) -> list[str]:
     """The augmentation keys `cfg` sets away from off that `loader` cannot do."""
+    if loader == "dali":  # timm's RandAugment, the repeats, both filters: dali_augment.py
+        from powergrad.data.dali_augment import unsupported_on_dali
+        return unsupported_on_dali(cfg)
     refused = {} if loader == "torchvision" else dict(TORCHVISION_ONLY)
     if loader == "fashion_mnist":
         refused.update(IMAGE_LOADERS)
@@ -45,10 +49,34 @@ def colour_transforms(cfg, res: int) -> list:
                       interpolation=_pil_interpolation(cfg.train_interpolation))
         if policy_kind(cfg.aa) == "augmix":
             params["translate_pct"] = 0.3  # timm's create_transform sets it for AugMix only
-        steps = [T.ToPILImage(), policy_builder(cfg.aa)(cfg.aa, params), T.PILToTensor()]
+        policy = zero_bit_posterize_is_black(policy_builder(cfg.aa)(cfg.aa, params))
+        steps = [T.ToPILImage(), policy, T.PILToTensor()]
     if cfg.color_jitter and (not cfg.aa or "3a" in cfg.aa):
         steps.append(T.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter))
     return steps
+
+
+def zero_bit_posterize_is_black(policy):
+    """timm's policy with its Posterize ops keeping 0 bits as a black image, as Pillow before
+    13 did. Pillow 13 raises for 0 bits, which timm asks for (PosterizeIncreasing at
+    magnitude 10, reached by rand-m9-mstd0.5 in about 2 % of draws; Posterize below 2.5):
+    the loader then reported a readable image as unreadable and the run stopped."""
+    from timm.data import auto_augment
+
+    ops = [*getattr(policy, "ops", []),
+           *(op for sub in getattr(policy, "policy", []) for op in sub)]
+    for op in ops:
+        if op.aug_fn is auto_augment.posterize:
+            op.aug_fn = _posterize
+    return policy
+
+
+def _posterize(img, bits_to_keep, **kwargs):
+    from timm.data import auto_augment
+
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
 def _pil_interpolation(name: str):
