@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import argparse
 import csv
+import getpass
 import gzip
 import json
 import math
+import os
 import re
 import shutil
+import socket
 import statistics
 import struct
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -549,30 +554,30 @@ def test_a_spent_time_budget_stops_before_the_next_run(tmp_path):
 
 SAVES_ON_SIGTERM = ("import signal, sys, time\n"
                     "def save(*_):\n    print('saved', flush=True)\n    sys.exit(75)\n"
-                    "signal.signal(signal.SIGTERM, save)\nprint('started', flush=True)\n"
-                    "time.sleep(60)")
+                    "signal.signal(signal.SIGTERM, save)\nsignal.signal(signal.SIGUSR1, save)\n"
+                    "print('started', flush=True)\ntime.sleep(60)")
 
 
 @pytest.mark.subprocess
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])
 @pytest.mark.parametrize("child, saved", [
     (SAVES_ON_SIGTERM, True),  # a run that saves its place and exits 75, as `powergrad train`
     ("import time\nprint('started', flush=True)\ntime.sleep(60)", False),  # no handler
 ])
-def test_sigterm_to_the_study_reaches_the_run(tmp_path, child, saved):
-    """SIGTERM to this process (a scheduler's) is passed on once the child has started; a run
-    killed by SIGTERM's default action counts as stopped too (nothing of it was saved that a
-    re-run does not redo). No timing: the signal waits for the child's own line."""
-    import os
+def test_a_stop_signal_to_the_study_reaches_the_run(tmp_path, child, saved, signame):
+    """SIGTERM or SLURM's warning SIGUSR1 to this process (a scheduler's) is passed on once
+    the child has started (the study itself does not die of SIGUSR1); a run killed by the
+    signal's default action counts as stopped too (nothing of it was saved that a re-run does
+    not redo). No timing: the signal waits for the child's own line."""
     import signal
     import threading
-    import time
 
     log = tmp_path / "run.log"
 
     def signal_once_started():
         while "started" not in (log.read_text() if log.exists() else "").splitlines():
             time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), getattr(signal, signame))
 
     threading.Thread(target=signal_once_started, daemon=True).start()
     assert subprocess_train([sys.executable, "-c", child], log, timeout=None) == EXIT_PREEMPTED
@@ -584,9 +589,6 @@ def test_the_timeout_stops_a_run_with_sigterm(tmp_path, monkeypatch):
     """At the timeout the run is sent SIGTERM: it saves and exits 75. The clock is the
     test's: the runner's wait for the child "times out" once the child has printed that its
     handler is in place, so no short real timeout races Python's start-up."""
-    import subprocess
-    import time
-
     log, asked = tmp_path / "run.log", []
 
     class TimesOutOnceStarted(subprocess.Popen):
@@ -959,3 +961,192 @@ def test_the_command_refuses_an_unknown_claim(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.startswith("powergrad study: --claims: unknown claim(s) nope; the plan "
                           f"{SHIPPED_PLAN} has: pgt_bn,")
+
+
+# --- SLURM: the array script and each run's state ---------------------------------------------
+# No SLURM here: sbatch, squeue, sacct, srun and scontrol are stand-ins that print given text
+# and keep the words they were called with. tests/test_study_slurm.py runs the real ones.
+
+KEEP = 'printf "%s\\n" "$*" >'  # a stand-in's words, into the file named next
+
+
+def stand_ins(folder: Path, **bodies: str) -> str:
+    """Executables named by the keywords (bash bodies) in folder/bin; a PATH that finds them
+    first and everything else of this machine's PATH after them."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in bodies.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}"
+
+
+def readme_srun_script() -> list[str]:
+    """The README's job script of the srun form, as lines."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    return next(b for b in blocks if "srun --kill-on-bad-exit=1 powergrad train" in b
+                and b.startswith("#!/bin/bash")).splitlines()
+
+
+def lock_file(folder: Path, pid: int, host: str) -> None:
+    """A run.lock as a run that is training writes it: heartbeat now."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "run.lock").write_text(json.dumps({"pid": pid, "host": host, "since": "today",
+                                                 "heartbeat": time.time(), "token": "t"}))
+
+
+@pytest.mark.subprocess
+def test_slurm_submits_each_run_left_once_as_the_readmes_srun_form(tmp_path, monkeypatch,
+                                                                   capsys):
+    """One array of what is left (not recorded, not training by its lock, not queued in an
+    earlier array of this study), its script beside the runs with the README's warning, requeue
+    and srun form; run as element 0 of a job, the script trains that run by srun and requeues
+    the job when the run stops with its checkpoint (exit 75)."""
+    plan_file = tiny_plan(tmp_path)
+    plan = load_plan(plan_file)
+    monkeypatch.chdir(tmp_path)
+    runs, records = Path("runs"), Path("records")
+    write_record(records, "base", 0, [60.0],
+                 digest=run_recipe(plan.arms["base"], 0, runs).digest())
+    lock_file(runs / "pgt" / "s0", 1, "node-elsewhere")  # training on another node now
+    (runs / "slurm").mkdir()
+    (runs / "slurm" / "array-1.sh").write_text("#!/bin/bash\nruns=(pgt:9 base:1)\n")
+    (tmp_path / "squeue.txt").write_text(  # base/s1 waits in that array; another study's too
+        f"4000|1|PENDING|Priority|{tmp_path / 'runs' / 'slurm' / 'array-1.sh'}\n"
+        f"4001|0|RUNNING|None|{tmp_path / 'elsewhere' / 'slurm' / 'array-1.sh'}\n")
+    monkeypatch.setenv("PATH", stand_ins(
+        tmp_path, squeue=f'cat {tmp_path}/squeue.txt',
+        sbatch=f'{KEEP} {tmp_path}/sbatch.args; echo 4242'))
+    assert cli_main(["study", str(plan_file), "--runs", "runs", "--records", "records",
+                     "--slurm", "--sbatch", "--time=4:00:00", "--array-limit", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:3] == ["base/s0: recorded, not submitted",
+                       "pgt/s0: training (run.lock of process 1 on node-elsewhere), not submitted",
+                       "base/s1: pending as job 4000_1, not submitted again"]
+    script = runs / "slurm" / "array-2.sh"
+    assert out[3].startswith(f"submitted job array 4242: 1 run(s) (pgt:1); script {script}")
+    assert (tmp_path / "sbatch.args").read_text() == f"--parsable {script}\n"
+    assert (runs / "slurm" / "jobs.txt").read_text() == "4242 array-2.sh\n"
+    lines = script.read_text().splitlines()
+    options = [word for line in lines if line.startswith("#SBATCH ")
+               for word in line.split()[1:]]
+    readme = readme_srun_script()
+    warning = next(line for line in readme if "--signal" in line).split()[1:]
+    assert set(warning) == {"--signal=USR1@120", "--requeue"} <= set(options)
+    assert {"--array=0-0%3", "--time=4:00:00", f"--chdir={tmp_path}",
+            "--output=runs/slurm/%A_%a.out", "--open-mode=append"} <= set(options)
+    assert "runs=(pgt:1)" in lines
+    assert lines[-1] == readme[-1]  # the README's requeue line, word for word
+
+    # element 0 of job 77: srun stands in for the step, which stops with a checkpoint
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_JOB_ID="77", SLURM_ARRAY_TASK_ID="0", OMP_NUM_THREADS="1",
+               PATH=stand_ins(tmp_path, srun=f'{KEEP} {tmp_path}/srun.args; exit 75',
+                              scontrol=f'{KEEP} {tmp_path}/scontrol.args'))
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr  # the requeue line's own code
+    assert (tmp_path / "srun.args").read_text().split() == [
+        "--kill-on-bad-exit=1", sys.executable, "-m", "powergrad", "train",
+        str(tmp_path / "pgt.yaml"), "train.seed=1", "log.output=runs/pgt", "log.experiment=s1"]
+    assert (tmp_path / "scontrol.args").read_text() == "requeue 77\n"
+    assert (runs / "pgt" / "s1.exit").read_text() == "75\n"
+    assert "[1/1] pgt/s1: stopped with a checkpoint" in done.stdout
+
+
+def test_slurm_status_of_each_run_from_records_squeue_sacct_and_exit_codes(tmp_path,
+                                                                          monkeypatch, capsys):
+    """recorded from the records; running and pending from squeue (this study's arrays only)
+    or a live lock; failed from the exit code a run left beside its log, else from sacct's
+    newest element of the run; stopped: a checkpoint, not queued."""
+    plan_file = tiny_plan(tmp_path, seeds=(0, 1, 2, 3, 4))
+    plan = load_plan(plan_file)
+    monkeypatch.chdir(tmp_path)
+    runs, records, slurm_dir = Path("runs"), Path("records"), tmp_path / "runs" / "slurm"
+    slurm_dir.mkdir(parents=True)
+    (slurm_dir / "array-1.sh").write_text("runs=(base:2)\n")
+    (slurm_dir / "array-2.sh").write_text("#!/bin/bash\nruns=(pgt:0 base:1 pgt:1 base:2)\n")
+    (slurm_dir / "jobs.txt").write_text("4999 array-1.sh\n5000 array-2.sh\n")
+    write_record(records, "base", 0, [60.0])
+    write_diverged(records, "base", 3)
+    (runs / "pgt").mkdir(parents=True)
+    (runs / "pgt" / "s1.exit").write_text("1\n")  # the run's own code, before sacct's
+    (runs / "pgt" / "s2").mkdir()
+    (runs / "pgt" / "s2" / "last.pth").write_bytes(b"")
+    (runs / "pgt" / "s2.exit").write_text("75\n")
+    lock_file(runs / "base" / "s4", os.getpid(), socket.gethostname())
+    (tmp_path / "squeue.txt").write_text(
+        f"5000|0|RUNNING|None|{slurm_dir / 'array-2.sh'}\n"
+        f"5000|1|PENDING|BeginTime|{slurm_dir / 'array-2.sh'}\n"
+        f"5001|1|PENDING|Priority|{tmp_path / 'other' / 'slurm' / 'array-2.sh'}\n"
+        f"5002|N/A|RUNNING|None|{slurm_dir / 'array-2.sh'}\n")
+    (tmp_path / "sacct.txt").write_text(
+        "4999_0|OUT_OF_MEMORY|0:125\n5000_3|TIMEOUT|0:0\n5000_2|FAILED|2:0\n"
+        "5000_[1-3%2]|PENDING|0:0\n5000_0|RUNNING|0:0\n")
+    monkeypatch.setenv("PATH", stand_ins(
+        tmp_path, squeue=f'{KEEP} {tmp_path}/squeue.args; cat {tmp_path}/squeue.txt',
+        sacct=f'{KEEP} {tmp_path}/sacct.args; cat {tmp_path}/sacct.txt'))
+    assert cli_main(["study", str(plan_file), "--runs", "runs", "--records", "records",
+                     "--slurm", "--status"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:-1] == [
+        "base/s0: recorded",
+        "pgt/s0: running, job 5000_0 (log runs/pgt/s0.log)",
+        "base/s1: pending, job 5000_1 (BeginTime)",
+        "pgt/s1: failed, exit code 1 (log runs/pgt/s1.log)",
+        "base/s2: failed, job 5000_3 TIMEOUT exit code 0:0 (log runs/slurm/5000_3.out)",
+        "pgt/s2: stopped with a checkpoint and not queued (log runs/pgt/s2.log); --slurm "
+        "submits it again to resume",
+        "base/s3: recorded (diverged)",
+        "pgt/s3: not submitted",
+        f"base/s4: running, process {os.getpid()} on {socket.gethostname()}, in no array of "
+        "this study (log runs/base/s4.log)",
+        "pgt/s4: not submitted",
+        "10 runs: 2 recorded, 2 running, 1 pending, 2 failed, 1 stopped, 2 not submitted"]
+    assert out[-1] == ("the report, once every run is recorded: powergrad study "
+                       f"{plan_file} --report-only --records records")
+    assert (tmp_path / "squeue.args").read_text().split()[:4] == ["-h", "-r", "-u",
+                                                                 getpass.getuser()]
+    assert (tmp_path / "sacct.args").read_text().split() == [
+        "-n", "-P", "-X", "-j", "4999,5000", "-o", "JobID,State,ExitCode"]
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--slurm"], "powergrad study: sbatch: not found; --slurm submits through SLURM's own "
+                  "commands: run it on a login node of the cluster, or install SLURM's client "
+                  "(Debian: apt-get install slurm-client)"),
+    (["--slurm", "--sbatch", '--time="4:00'],
+     "powergrad study: --sbatch: '--time=\"4:00': No closing quotation"),
+    (["--slurm", "--sbatch", "--array=0-9"], "powergrad study: --sbatch: --array is the "
+     "study's own (one element per run); limit the elements running at once with "
+     "--array-limit N"),
+    (["--slurm", "--report-only"], "powergrad study: --slurm: not with --report-only: --slurm "
+     "submits the runs (or with --status shows them); --report-only writes the report once "
+     "they are recorded, in a command of its own"),
+    (["--array-limit", "2"], "powergrad study: --array-limit: only with --slurm"),
+    (["--only", "base:7"], "powergrad study: --only: got 'base:7'; expected ARM:SEED, one of: "
+                           "base:0, base:1, pgt:0, pgt:1"),
+])
+def test_slurm_mistakes_are_one_line(tmp_path, monkeypatch, capsys, argv, line):
+    plan_file = tiny_plan(tmp_path)
+    stand_ins(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # an empty folder: no sbatch here
+    assert cli_main(["study", str(plan_file), "--runs", str(tmp_path / "runs"), *argv]) == 2
+    assert capsys.readouterr().err.splitlines() == [line]
+    assert not (tmp_path / "runs" / "slurm").exists()
+
+
+def test_sbatchs_refusal_is_its_own_words_on_one_line(tmp_path, monkeypatch, capsys):
+    plan_file = tiny_plan(tmp_path)
+    monkeypatch.setenv("PATH", stand_ins(
+        tmp_path, squeue="true", sbatch="echo 'sbatch: error: invalid partition specified: "
+        "nope' >&2\necho 'sbatch: error: Batch job submission failed: Invalid partition name "
+        "specified' >&2\nexit 1"))
+    runs = tmp_path / "runs"
+    assert cli_main(["study", str(plan_file), "--runs", str(runs), "--records",
+                     str(tmp_path / "records"), "--slurm", "--sbatch=--partition=nope"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "powergrad study: --sbatch: sbatch refused the array (exit 1): sbatch: error: invalid "
+        "partition specified: nope; sbatch: error: Batch job submission failed: Invalid "
+        "partition name specified"]
+    assert list((runs / "slurm").iterdir()) == []  # no script of an array never submitted

@@ -219,6 +219,24 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     study_mode.add_argument("--report-only", action="store_true",
                             help="write the report from the records; train nothing")
     study_mode.add_argument("--no-report", action="store_true", help="train, write no report")
+    study.add_argument("--slurm", action="store_true",
+                       help="submit every run not recorded, training or queued as one SLURM "
+                            "job array through sbatch, its script in RUNS/slurm/; with "
+                            "--status, each run as recorded, running, pending or failed (from "
+                            "the records, squeue and sacct). --report-only writes the report "
+                            "once the runs are recorded")
+    study.add_argument("--sbatch", default=None, metavar='"OPTIONS"',
+                       help='with --slurm: sbatch options for every element, e.g. '
+                            '"--partition=gpu --gpus-per-task=1 --time=4:00:00" (default: '
+                            "none, the cluster's own defaults)")
+    study.add_argument("--array-limit", type=whole_number(1), default=None, metavar="N",
+                       help="with --slurm: at most N elements run at once (--array=0-M%%N; "
+                            "default: no limit)")
+    study.add_argument("--only", default=None, metavar="ARM:SEED",
+                       help="train this one run and copy its record, no report: what each "
+                            "element of a --slurm array runs (inside a SLURM job, as a step: "
+                            "srun --kill-on-bad-exit=1 powergrad train ...; default: every "
+                            "run the claims need)")
 
     for name, sub_parser in subs.items():
         sub_parser.hint = HINTS[name]
@@ -231,8 +249,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser, subs = build_parser()
     if argv[:1] == ["torchrun"] and not {"-h", "--help"} & set(argv[1:2]):
         return argparse.Namespace(command="torchrun", launcher_args=argv[1:])
+    if argv[:1] == ["study"]:
+        argv = _glued(argv, "--sbatch")
     if argv and argv[0] in subs:
         args = subs[argv[0]].parse_intermixed_args(argv[1:])
         args.command = argv[0]
         return args
     return parser.parse_args(argv)  # --help, --version, or an unknown/missing command
+
+
+def _glued(argv: list[str], option: str) -> list[str]:
+    """`OPTION VALUE` as `OPTION=VALUE`: argparse takes a lone value that starts with a dash
+    (`--sbatch --time=1:00:00`, sbatch's own options) for an option of its own."""
+    out, rest = [], list(argv)
+    while rest:
+        word = rest.pop(0)
+        out.append(f"{word}={rest.pop(0)}" if word == option and rest else word)
+    return out
