@@ -101,16 +101,17 @@ def test_the_deit_recipe_trains_with_its_augmentations(tmp_path, capsys):
     assert "fast dev run OK: 2 step(s)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("loader,key", [("ffcv", "data.aa"), ("dali", "data.aa")])
-def test_a_loader_without_timms_augmentations_refuses_them(loader, key, tmp_path, capsys):
+# ffcv does none of timm's policies; DALI does RandAugment (dali_augment.py), not AugMix
+@pytest.mark.parametrize("loader,aa", [("ffcv", AA), ("dali", "augmix-m5-w4-d2")])
+def test_a_loader_without_timms_augmentations_refuses_them(loader, aa, tmp_path, capsys):
     root = tiny_tree(tmp_path)
     (root / "train.beton").write_bytes(b"")  # never read: refused before the data is opened
-    args = deit_args(root, tmp_path / "runs", f"data.loader={loader}",
+    args = deit_args(root, tmp_path / "runs", f"data.loader={loader}", f"data.aa={aa}",
                      f"data.train_beton={root / 'train.beton'}",
                      f"data.val_beton={root / 'train.beton'}")
     assert cli_main(["train", *args]) == 2
     err = capsys.readouterr().err
-    assert f"{key}: got '{AA}', but the {loader} loader does not do it; expected data.loader: " \
+    assert f"data.aa: got '{aa}', but the {loader} loader does not do it; expected data.loader: " \
            "torchvision" in err or "does not import" in err  # DALI may be absent: its own line
 
 

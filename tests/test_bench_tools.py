@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 with pytest.MonkeyPatch.context() as _patch:  # the tools import their siblings from tools/
     _patch.syspath_prepend(str(REPO / "tools"))
     import bench_check_data
+    import bench_deit_loaders
     import bench_engine
     import bench_loader
     import bench_loader_cache as cache
@@ -169,7 +170,7 @@ def test_splice_replaces_the_generated_part_and_keeps_notes():
 
 
 TOOLS = {"bench_pgt": bench_pgt, "bench_engine": bench_engine, "bench_loader": bench_loader,
-         "bench_check_data": bench_check_data}
+         "bench_check_data": bench_check_data, "bench_deit_loaders": bench_deit_loaders}
 
 
 @pytest.mark.parametrize("record_path", sorted((REPO / "results").glob("bench_*.json")),

@@ -19,14 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     return one_error_path(f"powergrad {args.command}", lambda: _run(args))
 
 
-# Where each command writes, given by options: (option, the folder it writes into). One rule
-# for all (README, "Where commands write"): each folder is checked and, when missing, made
-# before any work, as log.output is, so an hour of scoring never ends in "no such folder".
-_OUTPUTS = {"compare": [("out", lambda p: Path(p).parent)], "export": [("out", Path)],
-            "validate": [("out", lambda p: Path(p).parent)],
-            "describe": [("png", lambda p: Path(p).parent)],
-            "gpu-check": [("out", Path), ("workdir", Path)],
-            "study": [("out", Path), ("records", Path)]}
+# Where each command writes, given by options: (option, the folder it writes into: the parent
+# of a file, or of a folder the command makes itself, so a refused command leaves nothing).
+# One rule for all (README): each such folder is checked and, when missing, made before any
+# work, as log.output is, so an hour of scoring never ends in "no such folder".
+_OUTPUTS = {"compare": ["out"], "export": ["out"], "validate": ["out"], "describe": ["png"],
+            "gpu-check": ["out", "workdir"], "study": ["out", "records"]}
 
 
 def _unwritable_output(args: argparse.Namespace) -> str | None:
@@ -34,11 +32,11 @@ def _unwritable_output(args: argparse.Namespace) -> str | None:
     made: found before any work."""
     from powergrad.training.preflight import why_not_writable
 
-    for option, folder_of in _OUTPUTS.get(args.command, []):
+    for option in _OUTPUTS.get(args.command, []):
         value = getattr(args, option, None)
         if not value:
             continue
-        folder = folder_of(value).expanduser()
+        folder = Path(value).expanduser().parent
         why = why_not_writable(folder)
         if why:
             return f"powergrad {args.command}: --{option} {value}: {why}"
