@@ -252,6 +252,7 @@ TORCH_LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d", re.M)
 
 @pytest.mark.slow
 @pytest.mark.subprocess
+@pytest.mark.cluster
 def test_powergrad_torchrun_prints_what_powergrad_train_prints_even_when_stopped(tmp_path):
     """Two gloo workers, SIGTERM to the launcher mid-epoch: torchrun's OMP_NUM_THREADS banner
     (avoided: the launcher sets the recipe's train.threads first) and its "Received 15 death

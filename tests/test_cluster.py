@@ -326,6 +326,7 @@ def test_checkpoints_and_exports_follow_the_umask(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.subprocess
+@pytest.mark.cluster
 def test_gpu_check_runs_from_a_plain_checkout_without_the_extras(tmp_path):
     """What a GPU machine runs first: PYTHONPATH=. on a Python that lacks ffcv, DALI, scipy and
     torchcodec. The extras are hidden from this venv's Python by a meta-path finder (a real

@@ -23,7 +23,7 @@ from powergrad.training.evaluate import evaluate
 from powergrad.training.models import build_model
 
 # every test here trains through torchrun or srun-style processes (minutes in all)
-pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess, pytest.mark.cluster]
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "fashion_mnist" / "resnet_pgt.yaml"
 OVERRIDES = ["model.kwargs.channels=[8, 16, 32, 64]", "data.train_subset=512",

@@ -14,7 +14,7 @@ import torch
 from helpers_images import textured_folder
 from helpers_net import free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess, pytest.mark.cluster]
 
 LOADERS = ("torchvision", "ffcv", "dali")
 IMAGES_PER_CLASS = 17  # 3 classes: 51 images

@@ -116,6 +116,7 @@ def task(tmp_path, rank: int, *extra, job: int | None = None) -> subprocess.Pope
 
 
 @pytest.mark.subprocess
+@pytest.mark.cluster
 def test_a_rank_that_never_starts_is_named_after_the_timeout(tmp_path):
     start = time.monotonic()
     alone = task(tmp_path, 0, "train.rendezvous_timeout=3")
@@ -128,6 +129,7 @@ def test_a_rank_that_never_starts_is_named_after_the_timeout(tmp_path):
 
 
 @pytest.mark.subprocess
+@pytest.mark.cluster
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2])
 def test_a_stop_signal_while_gathering_ends_the_process_at_once(tmp_path, signum):
     """Rank 0 of 2 waits for a rank that never comes (a batch-script slip): SIGTERM (or
@@ -174,6 +176,7 @@ def _ema_rank(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.subprocess
+@pytest.mark.cluster
 def test_under_ddp_the_ema_equals_the_broadcast_weights_on_every_rank(tmp_path):
     """Each rank seeds its own weights (seed + rank); DDP gives every rank rank 0's. The EMA
     must hold those too, or eval_ema sums shares scored by different models. With SyncBN on
@@ -231,6 +234,7 @@ def test_a_stop_never_leaves_a_group_the_others_saw_complete():
 
 @pytest.mark.slow
 @pytest.mark.subprocess
+@pytest.mark.cluster
 def test_sigterm_to_the_launcher_during_set_up_ends_every_worker_with_nothing_saved(tmp_path):
     """`powergrad torchrun` with 2 workers, SIGTERM as soon as rank 0 begins its set-up: no
     worker may be left waiting for one that left (it hung in init_process_group), and with no

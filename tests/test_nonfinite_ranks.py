@@ -41,6 +41,7 @@ def test_one_process_folds_without_a_collective(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.subprocess
+@pytest.mark.cluster
 def test_an_inf_loss_on_rank_1_stops_both_ranks_with_exit_3_and_frees_the_lock(tmp_path):
     stamp, port = tmp_path / "inf_at", free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", GLOO_SOCKET_IFNAME="lo",

@@ -68,6 +68,7 @@ def test_an_export_and_a_weights_file_score_the_same_with_their_recipe(finished,
 
 @pytest.mark.slow
 @pytest.mark.subprocess
+@pytest.mark.cluster
 def test_under_torchrun_every_image_is_counted_once(finished, tmp_path):
     run, final = finished
     with socket.socket() as s:
@@ -108,6 +109,9 @@ def test_a_missing_source_or_data_is_named_and_a_missing_out_folder_is_made(fini
     assert "is a file" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.cluster
 def test_powergrad_torchrun_validate_scores_each_image_once_and_checks_first(finished,
                                                                                tmp_path):
     """Under the launcher as under plain torchrun: 2 gloo workers give the one-process numbers;
