@@ -27,7 +27,7 @@ from powergrad.data.augment import INTERPOLATIONS, colour_transforms, repeated_s
 from powergrad.data.contract import eval_shard
 from powergrad.data.device_batches import ImageBatches, TrainImageBatches
 from powergrad.data.imagefolder_checks import ImageDataError
-from powergrad.system.preemption import ignore_in_worker
+from powergrad.system.preemption import end_workers_at_exit, ignore_in_worker
 
 # What TorchCodec decodes here (CMYK and greyscale JPEGs come out as RGB, as with PIL).
 TORCHCODEC_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -125,6 +125,7 @@ class TorchvisionTrainLoader(TrainImageBatches):
         else:
             self.sampler = RandomSampler(dataset, generator=self.generator)
         # The generator also seeds the workers, so augmentations replay with the order.
+        end_workers_at_exit()  # they ignore SIGTERM, which is how Python's exit ends them
         self.batches = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
                                   num_workers=cfg.workers, drop_last=True,
                                   generator=self.generator, pin_memory=device.type == "cuda",
@@ -157,6 +158,7 @@ class TorchvisionEvalLoader(ImageBatches):
             shard = eval_shard(len(dataset), torch.distributed.get_rank(),
                                torch.distributed.get_world_size())
             dataset = Subset(dataset, shard)
+        end_workers_at_exit()
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
                             num_workers=cfg.workers, pin_memory=device.type == "cuda",
                             worker_init_fn=ignore_in_worker)

@@ -11,6 +11,7 @@ while the first is handled changes nothing.
 """
 from __future__ import annotations
 
+import atexit
 import signal
 import threading
 
@@ -43,6 +44,30 @@ def ignore_in_worker(_worker_id: int | None = None) -> None:
     """A DataLoader worker_init_fn: the stop signals are the main process's to handle."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+
+
+def end_workers_at_exit() -> None:
+    """Make sure this process's daemonic children (DataLoader workers) end when it exits.
+
+    Python's exit ends daemonic children with SIGTERM, then waits for them; workers that
+    ignore it (ignore_in_worker) and whose loader was never shut down (a dev run leaves its
+    iterator mid-epoch; a compiled model's caches can keep it alive) are waited for forever:
+    a compiled SyncBN run under torchrun hung after its last line. This hook, registered
+    after multiprocessing's own (atexit runs last-in first), kills them first."""
+    if not _EXIT_HOOK:
+        atexit.register(_kill_daemonic_children)
+        _EXIT_HOOK.append(_kill_daemonic_children)
+
+
+_EXIT_HOOK: list = []
+
+
+def _kill_daemonic_children() -> None:
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 class StopRequest:
