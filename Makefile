@@ -1,16 +1,17 @@
 # Two commands (README): `make demo` sets everything up and runs the main job;
 # `make test` sets everything up and runs the test suite. Both are idempotent.
-# `make test-cluster` runs the multi-process launches and the tests under a real single-node
-# SLURM (root; CI runs both targets).
+# `make test-long` runs the long tests `make test` leaves out: the multi-process launches, every
+# recipe's smoke run, the README followed, and the tests under a real single-node SLURM (root;
+# CI runs both targets).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# slurm-wlm and munge: the single-node SLURM that `make test-cluster` starts and stops
+# slurm-wlm and munge: the single-node SLURM that `make test-long` starts and stops
 APT_PACKAGES := dataset-fashion-mnist pkg-config libturbojpeg0-dev libopencv-dev slurm-wlm munge
 DEMO_RECIPES := recipes/fashion_mnist/resnet_baseline.yaml recipes/fashion_mnist/resnet_pgt.yaml
 
-.PHONY: setup demo test test-cluster check bench results clean
+.PHONY: setup demo test test-long check bench results clean
 
 setup: $(VENV)/.installed
 
@@ -39,17 +40,19 @@ check: setup
 # One pytest run over 2 workers: most slow tests wait on subprocesses (torchrun, SLURM-style
 # tasks, signals) or use one torch thread, so two at a time share the 2 cores (one run
 # balances better than a serial stage followed by a parallel one: 641 s against about 760 s).
-# The cluster tests run apart (test-cluster): they alone take more than 8 minutes.
+# The long tests run apart (test-long): with them the run took over 20 minutes here.
+LONG := cluster or recipe_smoke or readme
 test: setup
 	$(VENV)/bin/powergrad check
-	$(PY) -m pytest -q -p xdist -n 2 -m "not slurm and not cluster"
+	$(PY) -m pytest -q -p xdist -n 2 -m "not slurm and not ($(LONG))"
 
 # Launches of several processes (torchrun, srun-style tasks, gpu-check's engine rows; marker
-# cluster) over 2 workers, then the README's SLURM job scripts and the study's job array
-# under a real slurmctld, slurmd and munged that the tests start as root and stop (marker
-# slurm; one job at a time, so one pytest process).
-test-cluster: setup
-	$(PY) -m pytest -q -p xdist -n 2 -m "cluster and not slurm"
+# cluster), every shipped recipe for two steps (recipe_smoke) and the README followed in a
+# fresh copy (readme) over 2 workers, then the README's SLURM job scripts and the study's job
+# array under a real slurmctld, slurmd and munged that the tests start as root and stop
+# (marker slurm; one job at a time, so one pytest process).
+test-long: setup
+	$(PY) -m pytest -q -p xdist -n 2 -m "($(LONG)) and not slurm"
 	$(PY) -m pytest -q -m slurm
 
 # A benchmark writes its JSON record beside its table (runs/bench/bench_pgt.json) and renders

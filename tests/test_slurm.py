@@ -2,7 +2,7 @@
 `srun` form and the `srun powergrad torchrun` form preempted with `scancel --signal=USR1`,
 requeued by the scripts' own line and finished with an uninterrupted run's weights; a
 `--time` + `--signal=USR1@N` job that finishes through requeues; and `powergrad train` in a
-batch script without srun. CPU only, 2 processes; `make test-cluster` runs these (as root)."""
+batch script without srun. CPU only, 2 processes; `make test-long` runs these (as root)."""
 import json
 import re
 import shlex

@@ -3,7 +3,7 @@ of 2 arms x 2 seeds on Fashion-MNIST subsets submitted as one job array of at mo
 once; one element preempted by `scancel --signal=USR1` while it trains, requeued by the array
 script's own line and released; all four runs recorded with the numbers a local study trains;
 `--slurm --status` along the way; and `--report-only`'s report the one a local study writes
-from the same records. CPU only, one process per run; `make test-cluster` runs it (as root)."""
+from the same records. CPU only, one process per run; `make test-long` runs it (as root)."""
 import json
 import re
 import sys
