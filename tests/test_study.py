@@ -60,21 +60,28 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_plan(tmp_path: Path, seeds=(0, 1)) -> Path:
-    """Two tiny Fashion-MNIST recipes (a 4-8 channel ResNet, 256 training images, 2 epochs)
-    and a plan comparing them."""
-    (tmp_path / "base.yaml").write_text(f"""\
+def tiny_recipes(folder: Path, channels: str, train_subset: int, batch_size: int,
+                 log_interval: int) -> None:
+    """base.yaml and pgt.yaml: a one-block-per-stage Fashion-MNIST ResNet for 2 epochs, its
+    PGT twin at alpha 0.25."""
+    (folder / "base.yaml").write_text(f"""\
 extends: {ROOT}/recipes/fashion_mnist/resnet_baseline.yaml
 description: tiny baseline
 model:
-  kwargs: {{layers: [1, 1, 1, 1], channels: [4, 8, 8, 8]}}
-data: {{train_subset: 256, eval_subset: 200}}
+  kwargs: {{layers: [1, 1, 1, 1], channels: {channels}}}
+data: {{train_subset: {train_subset}, eval_subset: 200}}
 sched: {{warmup_epochs: 0}}
-train: {{epochs: 2, batch_size: 64, eval_batch_size: 200, threads: 1}}
-log: {{log_interval: 2}}
+train: {{epochs: 2, batch_size: {batch_size}, eval_batch_size: 200, threads: 1}}
+log: {{log_interval: {log_interval}}}
 """)
-    (tmp_path / "pgt.yaml").write_text("extends: base.yaml\ndescription: tiny PGT\n"
-                                       "pgt: {enabled: true, alpha: 0.25}\n")
+    (folder / "pgt.yaml").write_text("extends: base.yaml\ndescription: tiny PGT\n"
+                                     "pgt: {enabled: true, alpha: 0.25}\n")
+
+
+def tiny_plan(tmp_path: Path, seeds=(0, 1)) -> Path:
+    """Two tiny Fashion-MNIST recipes (a 4-8 channel ResNet, 256 training images, 2 epochs)
+    and a plan comparing them."""
+    tiny_recipes(tmp_path, "[4, 8, 8, 8]", train_subset=256, batch_size=64, log_interval=2)
     plan = tmp_path / "plan.yaml"
     plan.write_text(f"""\
 margin_points: 0.1

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers_slurm import FINISHED, slurm  # noqa: F401  (the fixture)
-from test_study import in_process_train
+from test_study import in_process_train, tiny_recipes
 
 from powergrad.commands.cli import main as cli_main
 from powergrad.study.plan import load_plan
@@ -20,7 +20,6 @@ from powergrad.study.runner import run_study
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.subprocess]
 
-ROOT = Path(__file__).resolve().parent.parent
 STEPS = 128  # per epoch: 2048 images in batches of 16, a few seconds in which to signal
 RUNS = [("base", 0), ("pgt", 0), ("base", 1), ("pgt", 1)]  # the array's order, seed by seed
 # what a run's final.json says about its training, not about the machine's speed
@@ -31,18 +30,7 @@ LEARNED = ("final_test_top1", "best_test_top1", "final_train_top1", "final_train
 def write_plan(folder: Path) -> Path:
     """Two tiny recipes (an 8-16 channel ResNet, 2 epochs of 2048 images) and a plan
     comparing them over seeds 0 and 1."""
-    (folder / "base.yaml").write_text(f"""\
-extends: {ROOT}/recipes/fashion_mnist/resnet_baseline.yaml
-description: tiny baseline
-model:
-  kwargs: {{layers: [1, 1, 1, 1], channels: [8, 8, 16, 16]}}
-data: {{train_subset: 2048, eval_subset: 200}}
-sched: {{warmup_epochs: 0}}
-train: {{epochs: 2, batch_size: 16, eval_batch_size: 200, threads: 1}}
-log: {{log_interval: 4}}
-""")
-    (folder / "pgt.yaml").write_text("extends: base.yaml\ndescription: tiny PGT\n"
-                                     "pgt: {enabled: true, alpha: 0.25}\n")
+    tiny_recipes(folder, "[8, 8, 16, 16]", train_subset=2048, batch_size=16, log_interval=4)
     plan = folder / "plan.yaml"
     plan.write_text("""\
 arms:

@@ -69,7 +69,7 @@ def validate(source: str, overrides: list[str], *, checkpoint: str = "last", ema
     import torch
 
     from powergrad.data import build_loaders
-    from powergrad.system.distributed import cuda_index, init_distributed
+    from powergrad.system.distributed import init_distributed, process_device, world_from_env
     from powergrad.training.builders import AMP_DTYPES, pick_device
     from powergrad.training.evaluate import evaluate
     from powergrad.training.machine_fit import fit_to_machine
@@ -82,9 +82,9 @@ def validate(source: str, overrides: list[str], *, checkpoint: str = "last", ema
     load_weights(model, read_state_dict(path, ema=ema), path,
                  f"the recipe's {recipe.model.model}")
     device = pick_device(recipe.train.device)
-    dist_info = init_distributed(device.type)
-    if device.type == "cuda":
-        device = torch.device("cuda", cuda_index(dist_info.local_rank, torch.cuda.device_count()))
+    if device.type == "cuda":  # the one device rule, as training's set-up applies it
+        device = process_device("cuda", world_from_env(), torch.cuda.device_count())
+    dist_info = init_distributed(device)
     fit = fit_to_machine(recipe, device, recipe.train.eval_batch_size)
     model = model.to(device)
     if recipe.train.channels_last:
