@@ -1,6 +1,7 @@
 """The contract every loader keeps: `EvalLoader` and, for training, `TrainLoader`. No base
-class to inherit: a new backend (DALI, say) satisfies the contract by having the attributes
-and methods; `tests/test_data_images.py` checks every loader against both protocols.
+class to inherit: each backend (Fashion-MNIST, torchvision, FFCV, DALI) satisfies the contract
+by having the attributes and methods; `tests/test_data_images.py` checks every loader against
+both protocols.
 `eval_shard` is the one split of an evaluation set between ranks that they all use."""
 from __future__ import annotations
 
