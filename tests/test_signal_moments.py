@@ -1,8 +1,11 @@
 """A stop signal at any moment of a run (issue 27, item 7): set-up, a training step, the
 evaluation, the checkpoint save. Each ends in exit 75 with a checkpoint the same command
-resumes from, or, before anything could be saved, in "nothing saved" and 128 + N; a signal
-during the last epoch's evaluation or save lets the finished run end as finished. Never does
-a run train on past the signal."""
+resumes from, and the resumed run ends where an uninterrupted one does; before anything could
+be saved it ends in "nothing saved" and 128 + N. A signal in the last epoch's evaluation stops
+it too (the report's "trained epoch 2 and exited 0": a signal meant for epoch 1's evaluation
+that landed in epoch 2's, which used to run to the end); only one in the last save, when
+everything is trained and evaluated, lets the finished run end as finished.
+"""
 from __future__ import annotations
 
 import os
@@ -11,9 +14,11 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 from helpers_signals import handler_before_the_run
 
 from powergrad.config.loading import load_recipe
+from powergrad.report.events import read_scalars
 from powergrad.system.preemption import Preempted
 from powergrad.training import checkpoint as ckpt
 from powergrad.training import engine, step
@@ -47,33 +52,64 @@ def moments(count: int, seed: int = 0) -> list[tuple[str, int, int]]:
             for phase, at in picks]
 
 
-@pytest.mark.parametrize("phase, at, signum", moments(3))
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight")
+    engine.train(load_recipe(FASHION, TINY + [f"log.output={out}"]))
+    return out / "resnet_pgt"
+
+
+def place(phase: str, at: int) -> tuple[int, int, int]:
+    """(optimizer steps, finished epochs, batch in the epoch) a stop at this moment saves."""
+    if phase == "step":  # the step it arrived in is the last one taken
+        return at, (at - 1) // STEPS_PER_EPOCH, (at - 1) % STEPS_PER_EPOCH + 1
+    if phase == "evaluation":  # the epoch has trained; its evaluation runs on resume
+        return at * STEPS_PER_EPOCH, at - 1, STEPS_PER_EPOCH
+    return at * STEPS_PER_EPOCH, at, 0  # the save of epoch `at` is the place
+
+
+@pytest.mark.parametrize("phase, at, signum", moments(2))
 def test_a_signal_at_any_moment_stops_the_run_resumably_or_says_nothing_was_saved(
-        tmp_path, monkeypatch, phase, at, signum):
+        tmp_path, monkeypatch, uninterrupted, phase, at, signum):
     owner, name = {"set-up": (engine, "build_training"), "evaluation": (engine, "evaluate"),
                    "save": (engine, "save"), "step": (step, "clip_gradients")}[phase]
-    signal_on_call(monkeypatch, owner, name, at, signum)
-    recipe = load_recipe(FASHION, TINY + [f"log.output={tmp_path}"])
-    last = tmp_path / "resnet_pgt" / "last.pth"
-    with handler_before_the_run() as (_, received):
-        try:
-            summary = engine.train(recipe)
-        except Preempted as stop:
-            code, message = stop.exit_code, str(stop)
-        else:
-            code, message = 0, ""
+    with monkeypatch.context() as patch:
+        signal_on_call(patch, owner, name, at, signum)
+        recipe = load_recipe(FASHION, TINY + [f"log.output={tmp_path}"])
+        last = tmp_path / "resnet_pgt" / "last.pth"
+        with handler_before_the_run() as (_, received):
+            try:
+                summary = engine.train(recipe)
+            except Preempted as stop:
+                code, message = stop.exit_code, str(stop)
+            else:
+                code, message = 0, ""
     assert received == []  # the run's own handler took it
     if phase == "set-up":  # nothing trained yet and no checkpoint to go back to
         assert code == 128 + signum and "nothing saved" in message
         assert not last.exists()
         return
-    if phase in ("evaluation", "save") and at == EPOCHS:  # the last epoch had trained
+    if phase == "save" and at == EPOCHS:  # trained, evaluated and being saved: finished
         assert code == 0 and summary["epochs"] == EPOCHS
-        return
-    assert code == 75, message
-    state = ckpt.read_training(last)["state"]
-    stopped_at = state["num_updates"]
-    if phase == "step":  # the step it arrived in is the last one taken
-        assert stopped_at == at
-    else:  # evaluation or save of epoch 1: the epoch's end is the place
-        assert (stopped_at, state["epoch"], state["batch_in_epoch"]) == (STEPS_PER_EPOCH, 1, 0)
+    else:
+        assert code == 75, message
+        state = ckpt.read_training(last)["state"]
+        assert (state["num_updates"], state["epoch"], state["batch_in_epoch"]) == place(
+            phase, at)
+        engine.train(recipe)  # the same command again, no signal
+    # ends as the uninterrupted run: weights, each epoch's figures, each scalar logged once
+    weights = ckpt.load(last)["model"]
+    for key, value in ckpt.load(uninterrupted / "last.pth")["model"].items():
+        assert torch.equal(weights[key], value), key
+    columns = ["train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "train_images"]
+    assert ([[row[c] for c in columns] for row in read_csv(tmp_path / "resnet_pgt")]
+            == [[row[c] for c in columns] for row in read_csv(uninterrupted)])
+    assert read_scalars(tmp_path / "resnet_pgt")["eval/top1"] == read_scalars(
+        uninterrupted)["eval/top1"]
+
+
+def read_csv(run_dir: Path) -> list[dict]:
+    import csv
+
+    with open(run_dir / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))

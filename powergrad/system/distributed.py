@@ -313,6 +313,15 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_min(value: int, device) -> int:
+    """The smallest of one whole number over all ranks; the number itself on one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def broadcast_from_main(tensors) -> None:
     """Rank 0's values into these tensors on every rank, in place; a no-op on one process."""
     if dist.is_available() and dist.is_initialized():

@@ -108,10 +108,12 @@ class StopRequest:
             self._world_size = world_from_env().world_size
         return self._world_size
 
-    def should_stop(self, num_updates: int, device) -> bool:
+    def should_stop(self, count: int, device) -> bool:
+        """count: optimizer steps (or evaluation batches) so far, the same on every rank; the
+        ranks agree when it is a multiple of AGREE_EVERY."""
         if self.world_size == 1:
             return self.requested
-        if num_updates % AGREE_EVERY:
+        if count % AGREE_EVERY:
             return False
         return self.agreed(device)
 

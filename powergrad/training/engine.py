@@ -89,7 +89,9 @@ def _train(recipe: Recipe, run_dir: Path, fast_dev_run: int, stop: StopRequest) 
     for epoch in range(state.epoch, total_epochs):
         try:
             run_epoch(t, run, epoch, state, run_dir if saving else None)
-            if epoch + 1 < total_epochs and stop.agreed(t.device):  # signalled in evaluation
+            # signalled in the epoch's save (in its evaluation, evaluate raised already);
+            # after the last epoch's save the run has finished and ends as finished
+            if epoch + 1 < total_epochs and stop.agreed(t.device):
                 raise Preempted
         except Preempted:
             raise _preempted(t, run, state, run_dir if saving else None, stop) from None
@@ -140,8 +142,10 @@ def run_epoch(t: Training, run: EpochRun, epoch: int, state: TrainState,
     train_stats = train_one_epoch(t, epoch, state, run)
     if t.dist_info.enabled:  # average BN running statistics so every rank evaluates one model
         distribute_bn(t.model, t.dist_info.world_size, reduce=True)
+    # Both evaluations before anything is logged: a stop in either (Preempted) leaves the
+    # epoch unlogged, and the resumed run evaluates it and logs it once.
     eval_stats = evaluate(t.model, t.eval_loader, t.device, t.amp_dtype, cfg.tta_flip,
-                          max_batches=run.max_updates)
+                          max_batches=run.max_updates, stop=run.stop)
     if not math.isfinite(eval_stats["loss"]) and run.max_updates is not None:
         # A fast dev run evaluates after a few steps, when BatchNorm's running statistics
         # have barely moved from their start and deep nets without zero-initialised blocks
@@ -152,12 +156,13 @@ def run_epoch(t: Training, run: EpochRun, epoch: int, state: TrainState,
         raise NonFiniteError(f"the evaluation after epoch {epoch + 1}/{t.total_epochs} gave "
                              f"test loss {eval_stats['loss']}: the weights diverged in the "
                              f"epoch's last steps (optimizer step {state.num_updates})")
-    log.scalars({f"eval/{k}": eval_stats[k] for k in EVAL_TAGS}, state.num_updates)
-    bad_images = int(all_reduce_sum(
+    bad_images = int(all_reduce_sum(  # before the EMA's pass skips the same images again
         [float(_bad_images_seen(t.train_loader, t.eval_loader) - bad_before)], t.device)[0])
-    if t.ema is not None:
-        ema_stats = evaluate(t.ema.module, t.eval_loader, t.device, t.amp_dtype, cfg.tta_flip,
-                             max_batches=run.max_updates)
+    ema_stats = None if t.ema is None else evaluate(
+        t.ema.module, t.eval_loader, t.device, t.amp_dtype, cfg.tta_flip,
+        max_batches=run.max_updates, stop=run.stop)
+    log.scalars({f"eval/{k}": eval_stats[k] for k in EVAL_TAGS}, state.num_updates)
+    if ema_stats is not None:
         log.scalars({f"eval_ema/{k}": ema_stats[k] for k in EVAL_TAGS}, state.num_updates)
     row = {"epoch": epoch, "train_loss": train_stats["loss"], "train_top1": train_stats["top1"],
            "eval_loss": eval_stats["loss"], "eval_top1": eval_stats["top1"],
@@ -177,7 +182,7 @@ def run_epoch(t: Training, run: EpochRun, epoch: int, state: TrainState,
                  else "- img/s (trained before the requeue)")
               + (f" | {bad_images} unreadable image(s) skipped" if bad_images else ""),
               flush=True)
-    state.epoch = epoch + 1
+    state.epoch, state.batch_in_epoch, state.epoch_totals = epoch + 1, 0, {}
     if run_dir is not None:
         save(t, state, run_dir, is_best=_best_row(state.history) is row)
     barrier()
@@ -187,6 +192,8 @@ def _preempted(t: Training, run: EpochRun, state: TrainState, run_dir: Path | No
                stop: StopRequest) -> Preempted:
     """Save the place (when checkpoints are on) and say what the next command will do."""
     where = f"epoch {state.epoch + 1}, batch {state.batch_in_epoch}"
+    if state.batch_in_epoch >= t.updates_per_epoch * t.plan.accum_steps:
+        where = f"the end of epoch {state.epoch + 1}, before its evaluation"
     if run_dir is not None:
         save(t, state, run_dir)
     barrier()

@@ -35,8 +35,9 @@ class TrainState:
     epoch: int = 0  # the next epoch to run
     num_updates: int = 0  # optimizer steps so far (the TensorBoard x axis)
     history: list = field(default_factory=list)  # one summary row per finished epoch
-    # Set when preempted mid-epoch: micro-batches of `epoch` already trained, and the
-    # epoch's running sums, so a resumed run replays the loader past them and goes on.
+    # Micro-batches of `epoch` already trained and the epoch's running sums: set when
+    # preempted mid-epoch (a resumed run replays the loader past them and goes on) and once
+    # the epoch has trained, until its evaluation is done (a resumed run then only evaluates).
     batch_in_epoch: int = 0
     epoch_totals: dict = field(default_factory=dict)
 
@@ -188,7 +189,8 @@ def train_one_epoch(t: Training, epoch: int, state: TrainState, run: EpochRun) -
     progress = Progress(len(loader) - state.batch_in_epoch,
                         f"epoch {epoch + 1}/{t.total_epochs}", enabled=t.dist_info.is_main,
                         every=log_every)
-    batches = timed(iter(loader))
+    # Stopped after the epoch had trained (in its evaluation): nothing to replay or train.
+    batches = timed(iter(loader)) if done < groups else iter(())
     for _ in itertools.islice(batches, state.batch_in_epoch):
         pass  # replayed, not trained: the loader's order and augmentation stay in step
     for group in range(done, groups):
@@ -200,7 +202,9 @@ def train_one_epoch(t: Training, epoch: int, state: TrainState, run: EpochRun) -
                          f"{len(loader)} (optimizer step {state.num_updates})",
                    batches_done=(group + 1) * accum, last=group == groups - 1)
     sums.fold(f"epoch {epoch + 1}/{t.total_epochs}, end (optimizer step {state.num_updates})")
-    state.batch_in_epoch, state.epoch_totals = 0, {}
+    # the epoch has trained: a stop in its evaluation saves this place (engine.run_epoch
+    # clears it once the epoch is evaluated and counted)
+    state.batch_in_epoch, state.epoch_totals = groups * accum, sums.to_save()
     if t.probe is not None:
         t.probe.enabled = False  # keep evaluation forwards out of the record
     seconds_now = sums.seconds_now()
