@@ -107,7 +107,7 @@ def test_every_subcommand_describes_itself_and_its_defaults():
             assert len(words) > len(flags) + 10, (name, flags)  # it has a help text
 
 
-@pytest.mark.parametrize("tool", ["plot_blocks.py", "compare_runs.py", "write_ffcv.py"])
+@pytest.mark.parametrize("tool", ["plot_blocks.py", "write_ffcv.py"])
 def test_tools_explain_themselves(tool, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", [tool, "--help"])
     with pytest.raises(SystemExit) as stop:
