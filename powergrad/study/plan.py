@@ -154,10 +154,6 @@ class PlanFile:
     out: str | None = setting(None, "the report, OUT.md and OUT/ (the default of --out)")
 
 
-# Keys of plans written before run times were measured from the records.
-_RETIRED_KEYS = {"throughput", "throughput_note"}
-
-
 def load_plan(path: str | Path) -> StudyPlan:
     """Read and check a plan. Recipes are relative to the plan file."""
     path = Path(path)
@@ -167,11 +163,6 @@ def load_plan(path: str | Path) -> StudyPlan:
         tree = read_yaml_file(path)
     except UnreadableYaml as err:
         raise StudyError(path, "", str(err)) from None
-    if isinstance(tree, dict):
-        for key in sorted(_RETIRED_KEYS & set(tree)):
-            raise StudyError(path, key, "no longer read: run times are measured from the "
-                             "records (the runs of the same arm, or of arms with the same "
-                             "`cost`); delete it")
     if not isinstance(tree, dict):
         raise StudyError(path, "", f"expected a mapping of plan keys, got {tree!r}")
     try:

@@ -21,8 +21,6 @@ from powergrad.study.stats import (LEVEL, Divergence, Interval, divergence, mean
 
 README_BEGIN = "<!-- study verdicts: written by powergrad study, do not edit by hand -->"
 README_END = "<!-- end of study verdicts -->"
-# the same block as tools/study.py marked it before `powergrad study`: replaced, not duplicated
-FORMER_BEGINS = ("<!-- study verdicts: written by tools/study.py, do not edit by hand -->",)
 
 
 def regime(plan: StudyPlan, claim: Claim, records: dict) -> str:
@@ -141,9 +139,8 @@ def update_readme(readme: Path, block: list[str]) -> None:
     """Replace the verdict block of `readme` (or append it under a heading)."""
     text = readme.read_text() if readme.exists() else ""
     new = "\n".join(block)
-    begin = next((b for b in (README_BEGIN, *FORMER_BEGINS) if b in text), None)
-    if begin is not None and README_END in text.split(begin, 1)[1]:
-        head, rest = text.split(begin, 1)
+    if README_BEGIN in text and README_END in text.split(README_BEGIN, 1)[1]:
+        head, rest = text.split(README_BEGIN, 1)
         text = head + new + rest.split(README_END, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n## The study: a verdict per claim\n\n" + new + "\n"
