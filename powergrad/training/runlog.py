@@ -1,5 +1,6 @@
 """What a run writes besides checkpoints: TensorBoard events, timm-style summary.csv, the
-resolved recipe, a final JSON summary, and console progress. Only rank 0 writes."""
+resolved recipe and a final JSON summary (the console lines are the training loop's). Only
+rank 0 writes."""
 from __future__ import annotations
 
 import csv
@@ -20,12 +21,9 @@ SUMMARY_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5",
 def train_img_per_sec(rows: list[dict]) -> float:
     """The one images/s figure of a run (epoch line, final.json, compare): images trained,
     over all processes, per second of training (evaluation and checkpoints excluded), over
-    the given epochs. Rows written before `train_images` was recorded: their mean rate."""
-    rows = [r for r in rows if r.get("img_per_sec") not in (None, "")]
-    if rows and all(r.get("train_images") not in (None, "") for r in rows):
-        seconds = sum(float(r["epoch_seconds"]) for r in rows)
-        return sum(float(r["train_images"]) for r in rows) / seconds if seconds else float("nan")
-    return sum(float(r["img_per_sec"]) for r in rows) / len(rows) if rows else float("nan")
+    the given epochs (summary rows or the engine's history; NaN without a trained second)."""
+    seconds = sum(float(r["epoch_seconds"]) for r in rows)
+    return sum(float(r["train_images"]) for r in rows) / seconds if seconds else float("nan")
 
 # A run's results, as final.json records them (from the epoch history) and as
 # `powergrad compare` reads them back (from the TensorBoard scalars): one list for both, so
