@@ -1,5 +1,5 @@
 """The benchmark tools' measuring and rendering, without timing anything that matters: the
-shared timing helper (powergrad.system.timing) on fake cases and clocks, ffcv's page-cache
+shared timing helper (tools/bench_timing.py) on fake cases and clocks, ffcv's page-cache
 arithmetic on layouts small enough to count by hand, bench_loader's rows from made-up rates,
 the markdown splice that keeps notes written by hand, and every committed results/bench_*.json
 rendering to the generated part of its markdown."""
@@ -14,8 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from powergrad.system.timing import Spread, rotated, seconds, side_by_side
-
 REPO = Path(__file__).resolve().parents[1]
 with pytest.MonkeyPatch.context() as _patch:  # the tools import their siblings from tools/
     _patch.syspath_prepend(str(REPO / "tools"))
@@ -28,6 +26,7 @@ with pytest.MonkeyPatch.context() as _patch:  # the tools import their siblings 
     import bench_pgt
     import bench_record
     from bench_loader_adapters import RESOLUTIONS, SETTING_NAMES, WORKER_COUNTS
+    from bench_timing import Spread, rotated, seconds, side_by_side
 
 MIB = 2**20
 

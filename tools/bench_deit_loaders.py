@@ -13,7 +13,7 @@ batch on the training device (the GPU, in a GPU run) and costs the CPU nothing t
 Data: synthetic ImageNet-like JPEGs (300-500 x 250-450 px, quality 90: tools/bench_loader.py's
 images). Each case is one pass over them, timed from the arrival of its second batch to its
 last (worker start-up and DALI's pipeline build left out); the cases are run once per round in
-a rotating order (powergrad.system.timing.side_by_side), and DALI / torchvision ratios are
+a rotating order (bench_timing.side_by_side), and DALI / torchvision ratios are
 taken within a round. Cores per GPU = a GPU's training rate / img/s per core; the GPU rates
 are round numbers to read the table by, not measurements. Writes a JSON record and renders the
 markdown from it (tools/bench_record.py); --render redraws the markdown without measuring.
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from bench_record import add_output_arguments, new_record, run
+from bench_timing import Spread, side_by_side
 
 from powergrad.config.loading import load_recipe
 from powergrad.data.dali_loaders import DaliTrainLoader
@@ -34,7 +35,6 @@ from powergrad.data.imagefolder_checks import scan_image_folder
 from powergrad.data.synthetic_images import write_synthetic_image_folder
 from powergrad.data.torchvision_loaders import TorchvisionTrainLoader
 from powergrad.errors import whole_number
-from powergrad.system.timing import Spread, side_by_side
 
 TOOL, TOOL_PATH = "bench_deit_loaders", "tools/bench_deit_loaders.py"
 RECIPE = Path(__file__).resolve().parent.parent / "recipes/imagenet/deit_small_base.yaml"

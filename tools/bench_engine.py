@@ -28,12 +28,12 @@ import time
 import bench_record
 import torch
 from bench_record import add_output_arguments, new_record
+from bench_timing import Spread, side_by_side
 
 from powergrad.config.batching import plan_batch
 from powergrad.config.loading import load_recipe
 from powergrad.config.schema import Recipe
 from powergrad.data.fashion_mnist import FashionMNISTLoader
-from powergrad.system.timing import Spread, side_by_side
 from powergrad.training.engine import train
 from powergrad.training.setup import build_training
 

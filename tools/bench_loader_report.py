@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from bench_loader_adapters import RESOLUTIONS, SETTINGS, TORCHVISION_DECODER, WORKER_COUNTS
 from bench_loader_cache import FFCV_IMAGENET_BATCH, PUBLISHED_BYTES, PUBLISHED_SOURCE
+from bench_timing import Spread
 
-from powergrad.system.timing import Spread
 
 # Throughput a loader must feed per GPU for ResNet-50. A100: ffcv-imagenet's 88-epoch run,
 # 1,281,167 x 88 images in 77.2 min on 8 A100s (its README), ~3,000 img/s per GPU.

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from bench_loader_adapters import (MEAN, RESOLUTIONS, SETTING_NAMES, STD, WORKER_COUNTS, in_cell,
                                    stored_samples)
+from bench_timing import Spread, seconds, side_by_side
 
 from powergrad.data.device_batches import ImageBatches
-from powergrad.system.timing import Spread, seconds, side_by_side
 
 SKIP_BATCHES = 2
 STAGE_ROUNDS = 5  # stage costs: best of this many

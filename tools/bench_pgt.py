@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from bench_record import add_output_arguments, new_record, run
+from bench_timing import Spread, calls_for, op_seconds, seconds, side_by_side
 
 from powergrad import PowerGradCrossEntropy
-from powergrad.system.timing import Spread, calls_for, op_seconds, seconds, side_by_side
 
 TOOL, TOOL_PATH = "bench_pgt", "tools/bench_pgt.py"
 SIDES = ("cross_entropy", "pgt")

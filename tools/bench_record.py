@@ -14,7 +14,7 @@ Record schema (SCHEMA):
   params            the tool's settings
   samples           raw measurements, one value per round (null for a transcribed table)
   rows              {table: [row, ...]}: every number a table shows; a measured value with
-                    its spread is {"median", "low", "high", "n"} (powergrad.system.timing.Spread)
+                    its spread is {"median", "low", "high", "n"} (bench_timing.Spread)
   facts             other numbers the text shows
   converted_from    (only for records transcribed from an older markdown report) its file and
                     the commit that added it

@@ -1,2 +1,2 @@
-"""The process and its machine: process groups, signals and exit codes, progress bars, and the
-benchmarks' shared timing."""
+"""The process and its machine: process groups, signals and exit codes, progress bars, and
+what torch can use of the GPUs."""

@@ -1,5 +1,6 @@
-"""Timing for benchmarks: cases measured side by side in rounds, and the median and spread of
-what they measured.
+"""Timing for the benchmarks in tools/ (they import it as a sibling; tests/test_bench_tools.py
+checks it): cases measured side by side in rounds, and the median and spread of what they
+measured.
 
 A case is a callable that returns one measurement (seconds, a rate, a dict of clocks: the case
 decides). `side_by_side` calls every case once per round, rotating who goes first, so a slow
