@@ -1,13 +1,8 @@
 """The one error path of every command and tool: an expected failure is one line naming the
 file, key or value and what to do, exit 2; an OS error on a path the user named is one line
-naming the path; anything else is a bug, and its last line says so.
-
-Also the argparse types the commands and tools share, so a number out of range is refused by
-the parser with the option's name, never accepted and misused.
-"""
+naming the path; anything else is a bug, and its last line says so."""
 from __future__ import annotations
 
-import argparse
 import errno
 import sys
 from collections.abc import Callable
@@ -61,36 +56,3 @@ def one_error_path(name: str, run: Callable[[], int | None],
         print(f"{name}: this is a bug in powergrad {__version__}, not in your input: please "
               "report it with the command line and the traceback above", file=sys.stderr)
         return 1
-
-
-def whole_number(low: int = 0, high: int | None = None) -> Callable[[str], int]:
-    """argparse type: an integer in [low, high]."""
-    span = f">= {low}" if high is None else f"from {low} to {high}"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number {span}, got {text!r}")
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"expected a whole number {span}, got {value}")
-        return value
-    parse.__name__ = "whole number"  # argparse names the type in its own messages
-    return parse
-
-
-def number_in(low: float, high: float, *, low_open: bool = False) -> Callable[[str], float]:
-    """argparse type: a finite float in [low, high] (or (low, high] with low_open)."""
-    span = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number in {span}, got {text!r}")
-        above = value > low if low_open else value >= low
-        if not (above and value <= high):  # NaN fails both
-            raise argparse.ArgumentTypeError(f"expected a number in {span}, got {text}")
-        return value
-    parse.__name__ = "number"
-    return parse

@@ -20,10 +20,10 @@ from bench_record import add_output_arguments, new_record, run
 from bench_timing import Spread, seconds, side_by_side
 from PIL import Image
 
+from powergrad.commands.arguments import whole_number
 from powergrad.commands.check_data import find_bad_images
 from powergrad.data.imagenet_archives import IMAGENET
 from powergrad.data.synthetic_images import write_synthetic_image_folder
-from powergrad.errors import whole_number
 from powergrad.training.machine_fit import usable_cores
 
 TOOL, TOOL_PATH = "bench_check_data", "tools/bench_check_data.py"

@@ -29,12 +29,12 @@ import torch
 from bench_record import add_output_arguments, new_record, run
 from bench_timing import Spread, side_by_side
 
+from powergrad.commands.arguments import whole_number
 from powergrad.config.loading import load_recipe
 from powergrad.data.dali_loaders import DaliTrainLoader
 from powergrad.data.imagefolder_checks import scan_image_folder
 from powergrad.data.synthetic_images import write_synthetic_image_folder
 from powergrad.data.torchvision_loaders import TorchvisionTrainLoader
-from powergrad.errors import whole_number
 
 TOOL, TOOL_PATH = "bench_deit_loaders", "tools/bench_deit_loaders.py"
 RECIPE = Path(__file__).resolve().parent.parent / "recipes/imagenet/deit_small_base.yaml"

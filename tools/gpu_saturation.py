@@ -21,10 +21,11 @@ import torch
 # the training step `powergrad gpu-check` times: the recipe's model (channels_last), loss,
 # optimizer, autocast and GradScaler
 # the feed ratio and its timing are gpu-check's own (one function for both)
+from powergrad.commands.arguments import whole_number
 from powergrad.commands.gpu_throughput import RecipeSteps, endless, feed_ratio, synchronizer
 from powergrad.config.loading import RecipeError, load_recipe
 from powergrad.data.imagefolder_checks import ImageDataError
-from powergrad.errors import one_error_path, whole_number
+from powergrad.errors import one_error_path
 from powergrad.training.builders import AMP_DTYPES, pick_device
 from powergrad.training.machine_fit import usable_cores
 from powergrad.training.setup import build_training

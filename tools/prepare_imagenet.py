@@ -7,9 +7,10 @@ import sys
 import tarfile
 from pathlib import Path
 
+from powergrad.commands.arguments import whole_number
 from powergrad.data.imagenet_archives import (ArchiveError, CountMismatch, Expected,
                                               prepare_imagenet)
-from powergrad.errors import one_error_path, whole_number
+from powergrad.errors import one_error_path
 
 EPILOG = """example:
   python tools/prepare_imagenet.py --train ILSVRC2012_img_train.tar \\

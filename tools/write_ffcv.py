@@ -14,10 +14,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from powergrad.commands.arguments import number_in, whole_number
 from powergrad.data.ffcv_writer import (ImageWriterSettings, write_fashion_mnist_beton,
                                         write_imagefolder_beton)
 from powergrad.data.imagefolder_checks import ImageDataError
-from powergrad.errors import number_in, one_error_path, whole_number
+from powergrad.errors import one_error_path
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

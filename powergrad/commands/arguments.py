@@ -1,12 +1,14 @@
 """The `powergrad` command line: every subcommand's arguments and its help (argparse), and what
-to do after a bad argument. Parsing only: cli.py runs what was asked."""
+to do after a bad argument. Parsing only: cli.py runs what was asked. Also the argparse types
+the commands and tools share (`whole_number`, `number_in`), so a number out of range is refused
+by the parser with the option's name, never accepted and misused."""
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from powergrad import __version__
-from powergrad.errors import number_in, whole_number
 
 # What to do after a bad argument, per subcommand: argparse names the problem, this the fix.
 HINTS = {
@@ -27,6 +29,39 @@ HINTS = {
     "validate": "name a run folder, an export folder or a weights file (then --recipe), and "
                 "key=value settings if any; see `powergrad validate --help`",
 }
+
+
+def whole_number(low: int = 0, high: int | None = None) -> Callable[[str], int]:
+    """argparse type: an integer in [low, high]."""
+    span = f">= {low}" if high is None else f"from {low} to {high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number {span}, got {text!r}")
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected a whole number {span}, got {value}")
+        return value
+    parse.__name__ = "whole number"  # argparse names the type in its own messages
+    return parse
+
+
+def number_in(low: float, high: float, *, low_open: bool = False) -> Callable[[str], float]:
+    """argparse type: a finite float in [low, high] (or (low, high] with low_open)."""
+    span = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number in {span}, got {text!r}")
+        above = value > low if low_open else value >= low
+        if not (above and value <= high):  # NaN fails both
+            raise argparse.ArgumentTypeError(f"expected a number in {span}, got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
 
 
 _count = whole_number(0)
