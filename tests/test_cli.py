@@ -67,6 +67,17 @@ def test_recipes_settings_and_options_in_any_order():
     assert (args.runs, args.out, args.target) == (["run_a", "run_b"], "table", 90.0)
 
 
+def test_each_subcommand_runs_through_the_runner_its_parser_binds(monkeypatch):
+    _, subs = build_parser(cli.RUNNERS)
+    assert sorted(cli.RUNNERS) == sorted(subs)
+    assert {name: p.get_default("func") for name, p in subs.items()} == cli.RUNNERS
+    torchrun = cli.parse_args(["torchrun", "--nproc_per_node", "2", "train", "a.yaml"], cli.RUNNERS)
+    assert torchrun.func is cli.RUNNERS["torchrun"]  # its arguments pass through unparsed
+    ran = []
+    monkeypatch.setitem(cli.RUNNERS, "compare", lambda args: ran.append(args.runs) or 7)
+    assert cli.main(["compare", "run_a", "run_b"]) == 7 and ran == [["run_a", "run_b"]]
+
+
 def test_bad_arguments_are_answered_with_what_to_do(capsys):
     recipe = str(REPO / "recipes" / "fashion_mnist" / "resnet_pgt.yaml")
     with pytest.raises(SystemExit) as stop:

@@ -78,7 +78,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}{hint}\n")
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+Runner = Callable[[argparse.Namespace], int]
+
+
+def build_parser(runners: dict[str, Runner] | None = None,
+                 ) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """(the parser, {subcommand: its parser}); with `runners` ({subcommand: what runs it},
+    cli.py's), each subcommand's parse gives its runner as `func` (argparse's set_defaults)."""
     parser = _Parser(prog="powergrad", description="The `powergrad` command: check, check-data, "
                      "train, torchrun, describe, compare, validate, export, gpu-check, study.")
     parser.add_argument("--version", action="version", version=f"powergrad {__version__}")
@@ -275,15 +281,20 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     for name, sub_parser in subs.items():
         sub_parser.hint = HINTS[name]
+        if runners is not None:
+            sub_parser.set_defaults(func=runners[name])
     return parser, subs
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def parse_args(argv: list[str], runners: dict[str, Runner] | None = None) -> argparse.Namespace:
     """Subcommand arguments in any order: options may come before, between or after the
-    recipes and key=value settings (argparse's intermixed parsing, one subcommand at a time)."""
-    parser, subs = build_parser()
+    recipes and key=value settings (argparse's intermixed parsing, one subcommand at a time).
+    With `runners`, `func` is the subcommand's (build_parser)."""
+    parser, subs = build_parser(runners)
     if argv[:1] == ["torchrun"] and not {"-h", "--help"} & set(argv[1:2]):
-        return argparse.Namespace(command="torchrun", launcher_args=argv[1:])
+        # torchrun's own options pass through unparsed, to the runner parse would have bound
+        return argparse.Namespace(command="torchrun", launcher_args=argv[1:],
+                                  func=subs["torchrun"].get_default("func"))
     if argv[:1] == ["study"]:
         argv = _glued(argv, "--sbatch")
     if argv and argv[0] in subs:

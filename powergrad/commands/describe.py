@@ -8,9 +8,12 @@ Everything is built by the engine's own set-up (training/setup.py: build_trainin
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+from powergrad.commands.train import split_items
 from powergrad.config.batching import BatchPlanError, plan_batch
+from powergrad.config.loading import RecipeError, load_recipe
 from powergrad.config.schema import Recipe
 from powergrad.data.imagenet_archives import IMAGENET
 from powergrad.training.setup import Training, build_training
@@ -173,3 +176,19 @@ def _plot_schedule(positions, lrs, alpha, recipe: Recipe, png: Path) -> None:
 def default_png(recipe: Recipe) -> Path:
     name = recipe.log.experiment or Path(recipe.source or "recipe").stem
     return Path(recipe.log.output) / "describe" / f"{name}_schedule.png"
+
+
+def main(items: list[str], png: str | None) -> int:
+    """`powergrad describe RECIPE [key=value ...] [--png FILE]`: 2 with one line when the
+    items name no single recipe or the recipe is refused, else the plan printed, 0."""
+    paths, overrides = split_items(items)
+    if len(paths) != 1:
+        print("powergrad describe: name exactly one recipe file", file=sys.stderr)
+        return 2
+    try:
+        recipe = load_recipe(paths[0], overrides)
+    except RecipeError as err:
+        print(f"recipe error: {err}", file=sys.stderr)
+        return 2
+    print(describe(recipe, Path(png) if png else default_png(recipe)))
+    return 0
