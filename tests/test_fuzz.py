@@ -23,7 +23,7 @@ from helpers_images import textured_folder
 
 from powergrad.commands.cli import main as cli_main
 from powergrad.config.loading import RecipeError, load_recipe
-from powergrad.config.schema import Recipe
+from powergrad.config.schema import Recipe, is_free_form
 
 REPO = Path(__file__).resolve().parents[1]
 # Small recipes of every kind: a BN ResNet, a BN-free ResNet with AGC, a GPAS ViT (Fashion-
@@ -72,7 +72,7 @@ def resolved_tree(name: str, tiny_imagenet: Path, out: Path) -> dict:
 def leaf_keys(tree: dict, prefix: str = "") -> list[str]:
     keys = []
     for key, value in tree.items():
-        if isinstance(value, dict) and value and key not in ("kwargs", "extra", "paper"):
+        if isinstance(value, dict) and value and not is_free_form(f"{prefix}{key}"):
             keys += leaf_keys(value, f"{prefix}{key}.")
         else:
             keys.append(f"{prefix}{key}")

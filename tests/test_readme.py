@@ -165,7 +165,8 @@ def test_the_readme_imagenet_steps_run_on_tiny_fake_archives(tmp_path):
     from test_imagenet_archives import TINY as TINY_COUNTS
     from test_imagenet_archives import build, real_meta_mat
 
-    from powergrad.config.loading import PATH_KEYS, load_recipe
+    from powergrad.config.loading import load_recipe
+    from powergrad.config.schema import path_settings
 
     archives = tmp_path / "archives"
     build(archives, meta_mat=real_meta_mat())
@@ -185,7 +186,8 @@ def test_the_readme_imagenet_steps_run_on_tiny_fake_archives(tmp_path):
                 args += TINY_COUNTS  # the fake archives' counts, no md5 of the real ones
             if args[:2] == ["powergrad", "train"]:
                 recipe = load_recipe(REPO / args[2])
-                args += [f"{key}={str(value).replace('/data/', f'{data}/')}" for key in PATH_KEYS
+                args += [f"{key}={str(value).replace('/data/', f'{data}/')}"
+                         for key in path_settings()
                          if str(value := getattr(getattr(recipe, key.split(".")[0]),
                                                  key.split(".")[1])).startswith("/data/")]
                 args += IMAGENET_TINY

@@ -190,3 +190,109 @@ def test_every_setting_is_declared_with_a_meaning_and_every_range_parses():
     for key, field, _ in settings:
         if field.metadata.get("range"):
             in_interval(0.5, field.metadata["range"])  # raises on a malformed interval
+
+
+def _set_dotted(recipe, key: str, value) -> None:
+    *sections, name = key.split(".")
+    owner = recipe
+    for part in sections:
+        owner = getattr(owner, part)
+    setattr(owner, name, value)
+
+
+def test_the_digest_changes_exactly_with_the_settings_that_decide_training():
+    from powergrad.config.schema import Recipe, declared_settings
+
+    base = Recipe().digest()
+    not_training = set()
+    for key, _, _ in declared_settings():
+        recipe = Recipe()
+        _set_dotted(recipe, key, "changed")  # any other value: the digest hashes it as text
+        assert (recipe.digest() != base) == Recipe.decides_training(key), key
+        if not Recipe.decides_training(key):
+            not_training.add(key)
+    # the whole log section, and these four beside it: how a run is recorded or launched
+    assert not_training == ({"description", "paper", "train.threads", "train.rendezvous_timeout"}
+                            | {key for key, _, _ in declared_settings() if key.startswith("log.")})
+
+
+def test_the_digest_is_the_one_the_recorded_runs_have():
+    from powergrad.config.schema import Recipe, declaration, declared_settings
+
+    # Digests computed before the added settings were marked on their fields (with
+    # setting(added_in=...) instead of a table of their defaults): the study's records and
+    # existing run folders hold digests made this way.
+    recipe = Recipe()
+    assert recipe.digest() == "6919095317df"
+    recipe.train.sync_bn, recipe.data.aa, recipe.data.reprob = True, "rand-m9-mstd0.5", 0.25
+    assert recipe.digest() == "0e419126df84"
+    # an added setting written out at its default is the recipe that left it out
+    added = [key for key, _, _ in declared_settings() if declaration(key).added_in]
+    assert len(added) == 11
+    for key in added:
+        recipe = Recipe()
+        _set_dotted(recipe, key, declaration(key).default)
+        assert recipe.digest() == "6919095317df", key
+
+
+def test_every_path_setting_expands_home_and_variables_and_no_other_string_does(
+        tmp_path, monkeypatch):
+    import typing
+
+    from powergrad.config.schema import declared_settings, path_settings
+
+    from powergrad.config import loading
+
+    monkeypatch.setenv("PG_PLACE", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    # every string setting gets a path-like value; model.model and the like are then no timm
+    # name: the checks after expansion are not what this test is about
+    monkeypatch.setattr(loading, "_check_semantics", lambda *args: None)
+    strings = [key for key, _, hint in declared_settings()
+               if hint is str or str in typing.get_args(hint)]
+    overrides = [f"{key}=$PG_PLACE/{key}" if i % 2 else f"{key}=~/{key}"
+                 for i, key in enumerate(strings)]
+    recipe = load_recipe(RECIPES / "fashion_mnist" / "resnet_baseline.yaml", overrides)
+    flat = recipe.flat()
+    for i, key in enumerate(strings):
+        written = f"$PG_PLACE/{key}" if i % 2 else f"~/{key}"
+        expanded = f"{tmp_path}/{key}" if i % 2 else f"{tmp_path}/home/{key}"
+        assert flat[key] == (expanded if key in path_settings() else written), key
+    # the settings expanded before `path=True` marked them (loading.PATH_KEYS) still are
+    assert {"data.root", "data.train_dir", "data.val_dir", "data.train_beton", "data.val_beton",
+            "log.output", "log.resume", "model.initial_checkpoint"} <= set(path_settings())
+
+
+def test_the_mapping_typed_settings_are_kept_whole(tmp_path):
+    import typing
+
+    from powergrad.config.schema import Recipe, declared_settings, is_free_form
+
+    mappings = [key for key, _, hint in declared_settings()
+                if hint is dict or typing.get_origin(hint) is dict]
+    assert mappings  # model.kwargs, data.extra, paper
+    assert [key for key, _, _ in declared_settings() if is_free_form(key)] == mappings
+    parent, child = {}, {"extends": "base.yaml"}
+    for key in mappings:
+        _set_tree(parent, key, {"kept": 1, "nested": {"a": 1}})
+        _set_tree(child, key, {"nested": {"b": 2}})
+    write(tmp_path, "base.yaml", parent)
+    recipe = load_recipe(write(tmp_path, "child.yaml", child))
+    flat = recipe.flat()
+    for key in mappings:
+        # a child's mapping replaces its parent's whole, not key by key as a section's would
+        node = recipe
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert node == {"nested": {"b": 2}}, key
+        if key in flat:  # flat() leaves out paper
+            assert flat[key] == {"nested": {"b": 2}}, key
+        assert not [k for k in flat if k.startswith(f"{key}.")], key
+    assert "paper" not in flat and Recipe().flat()["model.kwargs"] == {}
+
+
+def _set_tree(tree: dict, key: str, value) -> None:
+    *sections, name = key.split(".")
+    for part in sections:
+        tree = tree.setdefault(part, {})
+    tree[name] = value

@@ -19,7 +19,7 @@ from typing import Literal
 
 import yaml
 
-from powergrad.config.schema import FREE_FORM, Recipe, in_interval
+from powergrad.config.schema import Recipe, in_interval, is_free_form, path_settings
 from powergrad.config.yaml_files import DuplicateKey, UnreadableYaml, parse_yaml, read_yaml_file
 
 
@@ -87,7 +87,8 @@ def _load_tree(path: Path, chain: tuple) -> tuple[dict, dict]:
 def _merge(base: dict, child: dict, origins: dict, file: str, prefix: str) -> None:
     for key, value in child.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and isinstance(base.get(key), dict) and dotted not in FREE_FORM:
+        if (isinstance(value, dict) and isinstance(base.get(key), dict)
+                and not is_free_form(dotted)):
             _merge(base[key], value, origins, file, dotted + ".")
         else:
             base[key] = value
@@ -303,15 +304,13 @@ def _check_semantics(recipe: Recipe, origins: dict, default_file: str) -> None:
 RUN_RECIPE = "recipe.yaml"
 _RUN_RECIPE_HEADER = "# resolved from "
 
-# Settings that name files or folders: `~` and $VARIABLES are expanded as a shell would.
-PATH_KEYS = ("data.root", "data.train_dir", "data.val_dir", "data.train_beton",
-             "data.val_beton", "log.output", "log.resume", "model.initial_checkpoint")
-
 
 def _expand_paths(recipe: Recipe, origins: dict, default_file: str) -> None:
-    for key in PATH_KEYS:
-        section, name = key.split(".")
-        value = getattr(getattr(recipe, section), name)
+    """`~` and $VARIABLES expanded as a shell would, in the settings declared path=True."""
+    for key in path_settings():
+        *sections, name = key.split(".")
+        owner = _get_dotted(recipe, ".".join(sections)) if sections else recipe
+        value = getattr(owner, name)
         if not isinstance(value, str):
             continue
         expanded = os.path.expandvars(os.path.expanduser(value))
@@ -320,7 +319,7 @@ def _expand_paths(recipe: Recipe, origins: dict, default_file: str) -> None:
             raise RecipeError(origins.get(key, default_file), key,
                               f"got {value!r}: the environment variable {unset} is not set; "
                               "expected a path (set it, or write the path out)")
-        setattr(getattr(recipe, section), name, expanded)
+        setattr(owner, name, expanded)
 
 
 def file_value(recipe: Recipe, key: str):

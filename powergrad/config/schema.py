@@ -1,6 +1,7 @@
 """The recipe schema: every setting declared once, on its field, with its type, its default,
-its allowed range and a one-line meaning (`setting`). Loading checks the type and range from
-here (loading.py); recipes/SETTINGS.md is generated from here (tools/recipes_table.py).
+its allowed range and a one-line meaning (`setting`), and what else is true of it: a path, a
+setting that does not change what trains, the date it was added. Loading checks the type and
+range from here (loading.py); recipes/SETTINGS.md is generated from here (tools/recipes_table.py).
 
 Leaf keys are named after timm's train.py arguments where one exists (opt, lr, sched,
 warmup_epochs, smoothing, mixup, clip_grad, clip_mode, model_ema, grad_accum_steps, ...).
@@ -8,6 +9,7 @@ warmup_epochs, smoothing, mixup, clip_grad, clip_mode, model_ema, grad_accum_ste
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -37,17 +39,31 @@ SchedName = Literal["cosine", "tanh", "step", "multistep", "plateau", "poly", "w
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# The settings of the free-form mappings (passed on as they are, not checked key by key).
-FREE_FORM = ("model.kwargs", "data.extra", "paper")
-
-
-def setting(default, meaning: str, range: str | None = None):
+def setting(default, meaning: str, range: str | None = None, *, path: bool = False,
+            added_in: str | None = None, decides_training: bool = True):
     """A recipe key: its default, what it means in one line, and for a number (or each item of
-    a list of numbers) the interval it must lie in, as "[0, 1)" ("[" includes the bound)."""
-    metadata = {"meaning": meaning, "range": range}
+    a list of numbers) the interval it must lie in, as "[0, 1)" ("[" includes the bound).
+
+    path: the value names a file or folder; loading expands `~` and $VARIABLES in it.
+    added_in: the date the setting came, after runs had been recorded; at its default it is
+    left out of the digest, so the digests of those runs (run folders, study records) still
+    match. decides_training=False: another value trains the same model (logging, the run's
+    folder, CPU threads): a run may resume with it changed, and the digest leaves it out."""
+    metadata = {"meaning": meaning, "range": range, "path": path, "added_in": added_in,
+                "decides_training": decides_training}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def section(cls, *, decides_training: bool = True):
+    """A recipe section; decides_training=False marks every setting in it (setting())."""
+    return field(default_factory=cls, metadata={"decides_training": decides_training})
+
+
+def default_of(f: dataclasses.Field):
+    """A dataclass field's default value (a fresh copy of a list or dict)."""
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def in_interval(value: float, interval: str) -> bool:
@@ -90,23 +106,26 @@ class ModelConfig:
     kwargs: dict = setting({}, "more timm.create_model keyword arguments")
     gpas: GPASConfig = field(default_factory=GPASConfig)
     pretrained: bool = setting(False, "start from timm's released weights, already in the Hugging "
-                                      "Face cache (timm --pretrained; nothing is downloaded)")
+                                      "Face cache (timm --pretrained; nothing is downloaded)",
+                               added_in="2026-12-02")
     initial_checkpoint: str | None = setting(
         None, "start from these weights: a run folder (its best.pth), a .pth, an export or a "
-              "timm state dict; another class count re-initialises the classifier")
+              "timm state dict; another class count re-initialises the classifier",
+        path=True, added_in="2026-12-02")
 
 
 @dataclass
 class DataConfig:
     dataset: DatasetName = setting("fashion_mnist", "fashion_mnist: Debian's IDX files in memory; "
                                    "imagefolder: ImageNet-style .beton files or ImageFolder trees")
-    root: str = setting("/usr/share/datasets/fashion-mnist", "Fashion-MNIST's folder")
+    root: str = setting("/usr/share/datasets/fashion-mnist", "Fashion-MNIST's folder", path=True)
     loader: LoaderName = setting("auto", "imagefolder's loader; auto picks ffcv when .beton files "
                                          "are set, else torchvision")
-    train_dir: str | None = setting(None, "ImageFolder tree: train/<class>/<image>")
-    val_dir: str | None = setting(None, "ImageFolder tree of the evaluation images")
-    train_beton: str | None = setting(None, "ffcv file of the train images (tools/write_ffcv.py)")
-    val_beton: str | None = setting(None, "ffcv file of the evaluation images")
+    train_dir: str | None = setting(None, "ImageFolder tree: train/<class>/<image>", path=True)
+    val_dir: str | None = setting(None, "ImageFolder tree of the evaluation images", path=True)
+    train_beton: str | None = setting(None, "ffcv file of the train images (tools/write_ffcv.py)",
+                                      path=True)
+    val_beton: str | None = setting(None, "ffcv file of the evaluation images", path=True)
     workers: int = setting(2, "loader processes (capped at the usable cores)", "[0, inf)")
     img_size: int = setting(224, "train resolution when min_res/max_res are not set", "[1, inf)")
     val_img_size: int | None = setting(None, "evaluation resolution (default: img_size)", "[1, inf)")
@@ -128,14 +147,22 @@ class DataConfig:
     eval_subset: int | None = setting(None, "evaluate on the first N examples only (null: all)", "[1, inf)")
     num_classes: int | None = setting(None, "checked against the data when set", "[1, inf)")
     bad_images: BadImages = setting("error", "an undecodable image: error stops naming it; skip "
-                                             "trains on the next and counts it (torchvision)")
-    aa: str | None = setting(None, "RandAugment/AutoAugment policy (timm --aa), e.g. rand-m9-mstd0.5-inc1")
-    reprob: float = setting(0.0, "random erasing probability, after normalisation (timm --reprob)", "[0, 1]")
-    remode: EraseMode = setting("pixel", "erased values: per-pixel N(0, 1), per-channel, or 0")
-    recount: int = setting(1, "at most this many erased rectangles per image", "[1, inf)")
-    aug_repeats: int = setting(0, "repeated augmentation: each image this many times (0: off)", "[0, inf)")
-    train_interpolation: Interpolation = setting("bilinear", "the training crop's resize")
-    color_jitter: float | None = setting(None, "brightness/contrast/saturation jitter when no aa", "[0, inf)")
+                                             "trains on the next and counts it (torchvision)",
+                                   added_in="2026-12-02")
+    aa: str | None = setting(None, "RandAugment/AutoAugment policy (timm --aa), e.g. "
+                                   "rand-m9-mstd0.5-inc1", added_in="2026-12-02")
+    reprob: float = setting(0.0, "random erasing probability, after normalisation (timm --reprob)",
+                            "[0, 1]", added_in="2026-12-02")
+    remode: EraseMode = setting("pixel", "erased values: per-pixel N(0, 1), per-channel, or 0",
+                                added_in="2026-12-02")
+    recount: int = setting(1, "at most this many erased rectangles per image", "[1, inf)",
+                           added_in="2026-12-02")
+    aug_repeats: int = setting(0, "repeated augmentation: each image this many times (0: off)",
+                               "[0, inf)", added_in="2026-12-02")
+    train_interpolation: Interpolation = setting("bilinear", "the training crop's resize",
+                                                 added_in="2026-12-02")
+    color_jitter: float | None = setting(None, "brightness/contrast/saturation jitter when no aa",
+                                         "[0, inf)", added_in="2026-12-02")
     extra: dict = setting({}, "free-form notes kept with the recipe")
 
 
@@ -205,23 +232,27 @@ class TrainConfig:
     model_ema: bool = setting(False, "keep and evaluate an EMA of the weights")
     model_ema_decay: float = setting(0.9998, "the EMA's decay per step", "[0, 1]")
     tta_flip: bool = setting(False, "evaluate on the mean of the image's and its mirror's logits")
-    threads: int | None = setting(None, "torch CPU threads (null: torch's default)", "[1, inf)")
-    sync_bn: bool = setting(False, "BatchNorm over all processes' micro-batches (timm --sync-bn)")
+    threads: int | None = setting(None, "torch CPU threads (null: torch's default)", "[1, inf)",
+                                  decides_training=False)
+    sync_bn: bool = setting(False, "BatchNorm over all processes' micro-batches (timm --sync-bn)",
+                            added_in="2026-12-01")
     # Ten minutes: a job step's tasks usually start within seconds, but container pulls and
     # first imports from a busy shared file system can take minutes (torch's store gives 300 s).
     rendezvous_timeout: float = setting(
         600.0, "seconds every process waits for the others to start before naming the missing "
-               "ranks (a busy cluster's tasks can take minutes to start)", "(0, inf)")
+               "ranks (a busy cluster's tasks can take minutes to start)", "(0, inf)",
+        decides_training=False)
 
 
 @dataclass
 class LogConfig:
-    output: str = setting("runs", "the run lands in output/experiment")
+    output: str = setting("runs", "the run lands in output/experiment", path=True)
     experiment: str | None = setting(None, "the run's folder name (default: the recipe file's name)")
     log_interval: int = setting(50, "optimizer steps between scalar logs", "[1, inf)")
     diagnostics: bool = setting(True, "PGT logit stats, clipping stats (and GPAS probes)")
     filter_collapse: bool = setting(False, "count conv filters below 1 % of their initial norm")
-    resume: str = setting("auto", "auto: the run folder's newest readable checkpoint | none | a path")
+    resume: str = setting("auto", "auto: the run folder's newest readable checkpoint | none | "
+                                  "a path", path=True)
     checkpoint: bool = setting(True, "last.pth every epoch and on SIGTERM, best.pth (weights only)")
     checkpoint_every: int = setting(0, "also step-N.pth every N optimizer steps (0: off)", "[0, inf)")
     keep_checkpoints: int = setting(2, "step checkpoints kept, newest first", "[1, inf)")
@@ -231,7 +262,7 @@ class LogConfig:
 
 @dataclass
 class Recipe:
-    description: str = setting("", "one line on what the recipe is for")
+    description: str = setting("", "one line on what the recipe is for", decides_training=False)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -240,9 +271,10 @@ class Recipe:
     pgt: PGTConfig = field(default_factory=PGTConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+    log: LogConfig = section(LogConfig, decides_training=False)  # how the run is recorded
     paper: dict = setting({}, "the paper's numbers for this row, shown beside measured ones, "
-                              "e.g. {source: PGT Table 1, train_top1: 79.68, test_top1: 77.216}")
+                              "e.g. {source: PGT Table 1, train_top1: 79.68, test_top1: 77.216}",
+                          decides_training=False)
     source: str = ""  # the file it was loaded from (set by load_recipe)
     # dotted key -> the file (or command line) that set it; not a setting (set by load_recipe)
     origins: dict = field(default_factory=dict, repr=False, compare=False)
@@ -266,35 +298,29 @@ class Recipe:
 
     @staticmethod
     def decides_training(key: str) -> bool:
-        """Whether a dotted key changes what trains. Logging, checkpointing, the run's name
-        and folder, CPU threads, the rendezvous timeout and the paper's numbers do not: a run
-        may resume with other values of those."""
-        section = key.split(".")[0]
-        return (section not in ("description", "paper", "source", "log")
-                and key not in ("train.threads", "train.rendezvous_timeout"))
+        """Whether a dotted key changes what trains: not for a setting declared (or in a section
+        declared) with decides_training=False, such as logging, checkpointing, the run's name
+        and folder, CPU threads, the rendezvous timeout and the paper's numbers: a run may
+        resume with other values of those."""
+        declared = _declared().get(key)
+        return declared is None or declared.decides_training
 
     def digest(self) -> str:
         """A short hash of the settings that decide what trains (Recipe.decides_training).
-        Settings added after runs were recorded count only when set away from their default,
-        so those runs' digests (run folders, the study's records) still match."""
+        Settings added after runs were recorded (setting(added_in=...)) count only when set
+        away from their default, so those runs' digests (run folders, the study's records)
+        still match."""
+        declared = _declared()
         settings = {k: v for k, v in self.flat().items() if self.decides_training(k)
-                    and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
+                    and not (k in declared and declared[k].added_at_default(v))}
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()
                               ).hexdigest()[:12]
-
-
-# Settings added after the first recorded runs, with the default those runs trained with.
-ADDED_SETTINGS = {"train.sync_bn": False, "data.bad_images": "error",
-                  "model.pretrained": False, "model.initial_checkpoint": None,
-                  "data.aa": None, "data.reprob": 0.0, "data.remode": "pixel", "data.recount": 1,
-                  "data.aug_repeats": 0, "data.train_interpolation": "bilinear",
-                  "data.color_jitter": None}
 
 
 def flatten(tree: dict, prefix: str = ""):
     """(dotted key, value) of every leaf of a nested dict; free-form mappings stay whole."""
     for key, value in tree.items():
-        if isinstance(value, dict) and f"{prefix}{key}" not in FREE_FORM:
+        if isinstance(value, dict) and not is_free_form(f"{prefix}{key}"):
             yield from flatten(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
@@ -312,11 +338,58 @@ def _plain(value):
 def declared_settings(cls=Recipe, prefix: str = ""):
     """(dotted key, dataclass field, type hint) of every setting, sections opened, in
     declaration order."""
+    for key, f, hint, _ in _walk(cls, prefix, ()):
+        yield key, f, hint
+
+
+def _walk(cls, prefix: str, sections: tuple):
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in ("source", "origins"):
             continue
         if dataclasses.is_dataclass(hints[f.name]):
-            yield from declared_settings(hints[f.name], f"{prefix}{f.name}.")
+            yield from _walk(hints[f.name], f"{prefix}{f.name}.", sections + (f,))
         else:
-            yield f"{prefix}{f.name}", f, hints[f.name]
+            yield f"{prefix}{f.name}", f, hints[f.name], sections
+
+
+@dataclass(frozen=True)
+class Declared:
+    """What a recipe setting's declaration says beyond its type: read by loading, the digest
+    and the run folder's checks, so no table elsewhere restates it."""
+    default: object
+    path: bool  # a file or folder: `~` and $VARIABLES expanded on loading
+    added_in: str | None  # added after runs were recorded: left out of the digest at its default
+    decides_training: bool  # false: another value trains the same model
+    free_form: bool  # a mapping passed on whole (`dict`), not a section checked key by key
+
+    def added_at_default(self, value) -> bool:
+        return self.added_in is not None and value == self.default
+
+
+@functools.cache
+def _declared() -> dict[str, Declared]:
+    """Every recipe setting's Declared by dotted key, from its field (and its sections')."""
+    return {key: Declared(default=default_of(f), path=f.metadata.get("path", False),
+                          added_in=f.metadata.get("added_in"),
+                          decides_training=all(s.metadata.get("decides_training", True)
+                                               for s in (*sections, f)),
+                          free_form=hint is dict or typing.get_origin(hint) is dict)
+            for key, f, hint, sections in _walk(Recipe, "", ())}
+
+
+def declaration(key: str) -> Declared:
+    """What the schema declares of a recipe setting, by dotted key (KeyError when none)."""
+    return _declared()[key]
+
+
+def path_settings() -> tuple[str, ...]:
+    """The dotted keys of the settings declared with path=True, in declaration order."""
+    return tuple(key for key, d in _declared().items() if d.path)
+
+
+def is_free_form(key: str) -> bool:
+    """Whether a dotted key is a free-form mapping (a setting typed `dict`: model.kwargs,
+    data.extra, paper), kept whole instead of opened key by key."""
+    declared = _declared().get(key)
+    return declared is not None and declared.free_form
