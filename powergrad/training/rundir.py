@@ -12,10 +12,9 @@ import uuid
 from pathlib import Path
 
 from powergrad.config.loading import RecipeError, load_recipe
-from powergrad.config.schema import Recipe
+from powergrad.config.schema import LogConfig, Recipe
 
 LOCK_NAME = "run.lock"
-LOCK_STALE_AFTER = 120.0  # seconds without a heartbeat before a lock counts as stale
 HEARTBEAT_EVERY = 30.0  # seconds between heartbeats (at most; a quarter of stale_after)
 
 
@@ -64,7 +63,7 @@ class RunLock:
     any host. Heartbeats compare wall clocks, so the nodes' clocks must agree to well within
     `stale_after` (NTP does)."""
 
-    def __init__(self, run_dir: Path, stale_after: float = LOCK_STALE_AFTER):
+    def __init__(self, run_dir: Path, stale_after: float = LogConfig().lock_stale_after):
         self.path = Path(run_dir) / LOCK_NAME
         self.stale_after = stale_after
         self.heartbeat_every = min(HEARTBEAT_EVERY, stale_after / 4)
