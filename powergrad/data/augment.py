@@ -15,12 +15,13 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
-# The settings only the torchvision loader honours (they act on samples or on its sampler),
-# with the value that means "off". Random erasing acts on the normalised batch, so every image
+from powergrad.config.schema import declaration
+
+# The settings only the torchvision loader honours (they act on samples or on its sampler);
+# each is off at its default. Random erasing acts on the normalised batch, so every image
 # loader (torchvision, ffcv, DALI) does it; the Fashion-MNIST loader does none of them.
-TORCHVISION_ONLY = {"data.aa": None, "data.aug_repeats": 0, "data.color_jitter": None,
-                    "data.train_interpolation": "bilinear"}
-IMAGE_LOADERS = {"data.reprob": 0.0}
+TORCHVISION_ONLY = ("data.aa", "data.aug_repeats", "data.color_jitter", "data.train_interpolation")
+IMAGE_LOADERS = ("data.reprob",)
 INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR,
                   "bicubic": T.InterpolationMode.BICUBIC}
 
@@ -30,10 +31,11 @@ def settings_in_use(cfg, loader: str) -> list[str]:
     if loader == "dali":  # timm's RandAugment, the repeats, both filters: dali_augment.py
         from powergrad.data.dali_augment import unsupported_on_dali
         return unsupported_on_dali(cfg)
-    refused = {} if loader == "torchvision" else dict(TORCHVISION_ONLY)
+    refused = () if loader == "torchvision" else TORCHVISION_ONLY
     if loader == "fashion_mnist":
-        refused.update(IMAGE_LOADERS)
-    return [key for key, off in refused.items() if getattr(cfg, key.split(".")[1]) != off]
+        refused += IMAGE_LOADERS
+    return [key for key in refused
+            if getattr(cfg, key.split(".")[1]) != declaration(key).default]
 
 
 def colour_transforms(cfg, res: int) -> list:
