@@ -4,6 +4,7 @@ surgery on tiny timm ViTs, the residual-stream probe, and GPAS together with PGT
 import copy
 import io
 import math
+import typing
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from powergrad.gpas import (GATE_MODES, VARIANTS, GPASBlock, ResidualGate, ResidualStreamProbe,
-                            apply_gpas, gpas_gates)
+from powergrad.config.schema import GPASConfig
+from powergrad.gpas import (DEEPNORM_SCALED_INITS, GATE_MODES, VARIANTS, GPASBlock, ResidualGate,
+                            ResidualStreamProbe, apply_gpas, gpas_gates)
 
 DEPTH, DIM, CLASSES = 3, 32, 10
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -384,6 +386,15 @@ def test_fixed_gates_add_no_trainable_parameter():
     assert len(buffers) == 2 * DEPTH and set(buffers.values()) == {0.5}
     x, _ = images()
     assert not torch.allclose(model(x), base(x))  # a non-zero fixed gate does scale the stream
+
+
+def test_the_layouts_gpas_builds_are_the_ones_a_recipe_may_name():
+    # gpas.py sits below the config layer, so it keeps its own lists: they must be the
+    # schema's Literals (a value only one side knows is refused by loading or by apply_gpas)
+    hints = typing.get_type_hints(GPASConfig)
+    assert VARIANTS == typing.get_args(hints["variant"])
+    assert GATE_MODES == (None, *typing.get_args(hints["gate"]))  # None: gpas.enabled false
+    assert DEEPNORM_SCALED_INITS == typing.get_args(hints["deepnorm_scaled_init"])
 
 
 def test_apply_gpas_rejects_bad_input():
