@@ -91,6 +91,13 @@ def test_bad_arguments_are_answered_with_what_to_do(capsys):
     assert "--fast-dev-run saves nothing" in capsys.readouterr().err
 
 
+def test_describe_answers_a_schedule_timm_refuses_in_one_line(capsys):
+    recipe = str(REPO / "recipes" / "imagenet" / "resnet18_cosine_pgt.yaml")
+    assert cli.main(["describe", recipe, "sched.sched=wsd", "train.epochs=20"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sched.decay_epochs: got 30 with sched wsd" in err, err
+
+
 def test_version_is_the_installed_distributions(capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["--version"])

@@ -102,6 +102,33 @@ def test_bad_override_names_the_command_line(tmp_path):
         load_recipe(path, ["pgt.alpha"])
 
 
+def test_a_schedule_timm_would_refuse_is_refused_on_load_naming_its_key():
+    """wsd's decay must fit in the epochs after the warm-up, and timm's plateau steps per epoch
+    on a metric, not per update: one line naming the key, not timm's traceback when the run
+    (or describe) builds its schedule. The bound is timm's own: it builds the longest decay
+    accepted and refuses the next."""
+    import torch
+    from timm.scheduler import create_scheduler_v2
+
+    recipe = RECIPES / "imagenet" / "resnet18_cosine_pgt.yaml"  # warm-up 5, decay_epochs 30
+    wsd = ["sched.sched=wsd", "train.epochs=20"]
+    with pytest.raises(RecipeError, match=r"pgt.yaml: sched.decay_epochs: got 30 with sched wsd, "
+                                          r".* = 15 epochs; expected a value in \(0, 15\]"):
+        load_recipe(recipe, wsd)
+    with pytest.raises(RecipeError, match=r"sched.warmup_epochs: got 5 with train.epochs 5: "):
+        load_recipe(recipe, ["sched.sched=wsd", "train.epochs=5"])
+    with pytest.raises(RecipeError, match=r"sched.sched: got 'plateau', expected one of cosine"):
+        load_recipe(recipe, ["sched.sched=plateau"])
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    for decay in (15, 0.5):  # the whole span, a fraction of it
+        load_recipe(recipe, [*wsd, f"sched.decay_epochs={decay}"])
+        create_scheduler_v2(optimizer, sched="wsd", num_epochs=20, warmup_epochs=5,
+                            decay_epochs=decay, step_on_epochs=False, updates_per_epoch=7)
+    with pytest.raises(ValueError, match="wsd schedule requires"):
+        create_scheduler_v2(optimizer, sched="wsd", num_epochs=20, warmup_epochs=5,
+                            decay_epochs=16, step_on_epochs=False, updates_per_epoch=7)
+
+
 def test_missing_files_and_cycles(tmp_path):
     with pytest.raises(RecipeError, match="recipe file not found"):
         load_recipe(tmp_path / "nope.yaml")

@@ -34,7 +34,8 @@ MixupMode = Literal["batch", "pair", "elem"]
 ClipMode = Literal["none", "norm", "value", "agc"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 AmpDtype = Literal["float32", "bfloat16", "float16"]
-SchedName = Literal["cosine", "tanh", "step", "multistep", "plateau", "poly", "wsd", "none"]
+# timm's schedules the loop can step once per update (timm's plateau steps per epoch on a metric)
+SchedName = Literal["cosine", "tanh", "step", "multistep", "poly", "wsd", "none"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

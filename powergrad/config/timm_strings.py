@@ -1,5 +1,6 @@
 """The recipe's strings that timm parses itself: data.aa (RandAugment, AugMix and AutoAugment
-policies), optim.opt and sched.decay_fn, checked part by part before any work.
+policies), optim.opt and sched.decay_fn, checked part by part before any work; and the one
+schedule length timm checks only when it builds the schedule (wsd's decay phase).
 
 timm's parsers pass over what they do not know: an aa part holding no digit (`zz`), a
 RandAugment transform set other than its three (`tfoo`), an optimizer prefix other than
@@ -157,12 +158,34 @@ def check_decay_fn(decay_fn: str) -> None:
                                                 f"{', '.join(shapes)} (timm's WSD decay shapes)")
 
 
+def check_wsd_lengths(sched, epochs: int) -> None:
+    """timm's wsd schedule fits its stable and decay phases after the warm-up, in train.epochs:
+    create_scheduler_v2 refuses a decay_epochs over epochs - warmup_epochs (one below 1 is a
+    fraction of that span) when the run builds its schedule; here it is refused on load."""
+    if sched.sched != "wsd":
+        return
+    span = epochs - sched.warmup_epochs
+    if span <= 0:
+        raise TimmStringError("sched.warmup_epochs", f"got {sched.warmup_epochs:g} with "
+                                                     f"train.epochs {epochs}: timm's wsd "
+                                                     f"schedule needs epochs after the warm-up; "
+                                                     f"expected a value below {epochs}")
+    if 1 <= sched.decay_epochs and sched.decay_epochs > span:
+        raise TimmStringError("sched.decay_epochs", f"got {sched.decay_epochs:g} with sched wsd, "
+                                                    f"whose decay timm fits in train.epochs - "
+                                                    f"sched.warmup_epochs = {span:g} epochs; "
+                                                    f"expected a value in (0, {span:g}] (below "
+                                                    f"1: a fraction of those epochs)")
+
+
 def check_timm_strings(recipe) -> None:
-    """Every timm-parsed string of a loaded recipe (loading.py calls it with the others)."""
+    """Every timm-parsed string of a loaded recipe (loading.py calls it with the others), and
+    the wsd schedule's lengths."""
     if recipe.data.aa:
         check_policy(recipe.data.aa)
     check_optimizer_name(recipe.optim.opt)
     check_decay_fn(recipe.sched.decay_fn)
+    check_wsd_lengths(recipe.sched, recipe.train.epochs)
 
 
 def _split_part(part: str, kind: str) -> tuple[str, str | None]:
