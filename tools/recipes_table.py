@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -47,8 +48,7 @@ from, parameter groups, batch arithmetic per launch, the lr at key epochs and a 
 - `imagenet/`: every run of the PGT paper's Tables 1-3 (arXiv 2111.12495), both arms, plus its
   60-epoch claim and DeiT-S/16 with GPAS. `imagenet/base.yaml` lists each place where the
   paper and its official code disagree and which one the recipes follow.
-- `ffcv_imagenet/`: ffcv-imagenet's fast ResNet-18/50 schedules with a PGT twin each, for a
-  PGT answer in hours. Their top-1 is ffcv-imagenet's published baseline.
+{ffcv_imagenet}
 - `fashion_mnist/`: the CPU twins (the built-in demo, Table 2's BN-free set, the ViT/GPAS set).
 
 Columns: paper train / test top-1 (%) as published; "A100 h" is the estimated cost in
@@ -134,11 +134,42 @@ def row(path: Path) -> str:
             f"{cost_hours(recipe)} |")
 
 
+def runs_in(folder: str) -> list[Path]:
+    """A folder's recipes that are runs: base.yaml and *_base.yaml hold shared settings."""
+    return sorted(p for p in (ROOT / "recipes" / folder).glob("*.yaml")
+                  if p.name != "base.yaml" and not p.name.endswith("_base.yaml"))
+
+
+def ffcv_imagenet_line() -> str:
+    """The header's line on ffcv_imagenet/, from its recipes: ffcv-imagenet's published
+    schedules, the runs of ours on them, and which baselines have a PGT twin (NAME_pgt)."""
+    recipes = {p.stem: load_recipe(p) for p in runs_in("ffcv_imagenet")}
+    baselines = [name for name, recipe in recipes.items() if not recipe.pgt.enabled]
+    theirs = [name for name in baselines if "test_top1" in recipes[name].paper]
+    ours = [name for name in baselines if name not in theirs]
+
+    def twins(names: list[str]) -> str:
+        lone = [name for name in names if f"{name}_pgt" not in recipes]
+        if len(names) == 1:
+            return "without a PGT twin" if lone else "with its PGT twin"
+        return ("each with its PGT twin" if not lone else
+                f"each with its PGT twin but {', '.join(f'`{name}`' for name in lone)}")
+    models = sorted({recipes[name].model.model for name in theirs})
+    epochs = sorted({recipes[name].train.epochs for name in theirs})
+    text = (f"- `ffcv_imagenet/`: ffcv-imagenet's fast schedules ({', '.join(models)}; "
+            f"{epochs[0]} to {epochs[-1]} epochs), {twins(theirs)} (`NAME_pgt`), for a PGT "
+            "answer in hours; their top-1 is ffcv-imagenet's published baseline.")
+    if ours:
+        named = ", ".join(f"`{name}`" + (" (no BN)" if recipes[name].model.norm == "none"
+                                         else "") for name in ours)
+        text += f" On their schedules but published by no one: {named}, {twins(ours)}."
+    return textwrap.fill(text, width=95, subsequent_indent="  ", break_on_hyphens=False)
+
+
 def table() -> str:
-    lines = [HEADER.rstrip() + "\n"]
+    lines = [HEADER.format(ffcv_imagenet=ffcv_imagenet_line()).rstrip() + "\n"]
     for folder in FOLDERS:
-        files = sorted(p for p in (ROOT / "recipes" / folder).glob("*.yaml")
-                       if p.name != "base.yaml" and not p.name.endswith("_base.yaml"))
+        files = runs_in(folder)
         lines += [f"\n## {folder}/\n",
                   "| recipe | paper table, row | model | schedule (epochs) | total batch | alpha "
                   "| clipping | LS | paper train / test | A100 h |",
