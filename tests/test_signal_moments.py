@@ -11,10 +11,13 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers_net import free_port
 from helpers_signals import handler_before_the_run
 
 from powergrad.config.loading import load_recipe
@@ -113,3 +116,54 @@ def read_csv(run_dir: Path) -> list[dict]:
 
     with open(run_dir / "summary.csv", newline="") as f:
         return list(csv.DictReader(f))
+
+
+# Two processes: 4 optimizer steps per epoch each (fewer than AGREE_EVERY, so a stop in
+# training is agreed at the next evaluation's first batch), one evaluation batch each.
+TWO = [str(FASHION), *TINY, "data.eval_subset=100", "train.eval_batch_size=32"]
+
+
+def two_processes(out: Path, **signal_env) -> tuple[list[int], str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", GLOO_SOCKET_IFNAME="lo",
+               WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), **signal_env)
+    procs = [subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "helpers_signal_on_rank_1.py"), *TWO,
+         f"log.output={out}"], env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    return [p.returncode for p in procs], "\n".join(
+        f"--- rank {rank}:\n{log[-2000:]}" for rank, log in enumerate(logs))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_two(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight_two")
+    codes, said = two_processes(out)
+    assert codes == [0, 0], said
+    return out / "resnet_pgt"
+
+
+@pytest.mark.subprocess
+@pytest.mark.cluster
+@pytest.mark.parametrize("phase, at, place_saved", [
+    ("evaluation", 1, (4, 0, 4)), ("evaluation", 2, (8, 1, 4)), ("step", 6, (8, 1, 4))])
+def test_a_signal_on_one_of_two_processes_stops_both_at_one_place_and_resumes_exactly(
+        tmp_path, uninterrupted_two, phase, at, place_saved):
+    """Rank 1 alone is signalled; both stop at the evaluation's first batch (the agreement),
+    save the place "epoch trained, before its evaluation" (the last epoch's included) and
+    exit 75; the same command ends with the uninterrupted run's weights and figures."""
+    codes, said = two_processes(tmp_path, SIGNAL_PHASE=phase, SIGNAL_AT=str(at))
+    assert codes == [75, 75], said
+    assert "before its evaluation" in said, said
+    last = tmp_path / "resnet_pgt" / "last.pth"
+    state = ckpt.read_training(last)["state"]
+    assert (state["num_updates"], state["epoch"], state["batch_in_epoch"]) == place_saved
+    codes, said = two_processes(tmp_path)
+    assert codes == [0, 0], said
+    weights = ckpt.load(last)["model"]
+    for key, value in ckpt.load(uninterrupted_two / "last.pth")["model"].items():
+        assert torch.equal(weights[key], value), key
+    columns = ["train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "train_images"]
+    assert ([[row[c] for c in columns] for row in read_csv(tmp_path / "resnet_pgt")]
+            == [[row[c] for c in columns] for row in read_csv(uninterrupted_two)])

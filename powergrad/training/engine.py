@@ -127,8 +127,7 @@ def _resume(t: Training, run_dir: Path, say) -> TrainState:
     for note in restore_notes:  # what this machine could not take over
         say(f"note: {note}", flush=True)
     if state.epoch < t.total_epochs:
-        say(f"resumed from {resume_from} at epoch {state.epoch + 1}, batch "
-            f"{state.batch_in_epoch}", flush=True)
+        say(f"resumed from {resume_from} at {_place(t, state)}", flush=True)
     return state
 
 
@@ -191,9 +190,7 @@ def run_epoch(t: Training, run: EpochRun, epoch: int, state: TrainState,
 def _preempted(t: Training, run: EpochRun, state: TrainState, run_dir: Path | None,
                stop: StopRequest) -> Preempted:
     """Save the place (when checkpoints are on) and say what the next command will do."""
-    where = f"epoch {state.epoch + 1}, batch {state.batch_in_epoch}"
-    if state.batch_in_epoch >= t.updates_per_epoch * t.plan.accum_steps:
-        where = f"the end of epoch {state.epoch + 1}, before its evaluation"
+    where = _place(t, state)
     if run_dir is not None:
         save(t, state, run_dir)
     barrier()
@@ -219,6 +216,13 @@ def _stopped_in_setup(run_dir: Path | None, stop: StopRequest) -> Preempted:
     code = exit_code_unsaved(signum)
     return Preempted(f"stopped by signal {signum} during set-up: nothing trained, nothing "
                      f"saved; exit code {code}", code)
+
+
+def _place(t: Training, state: TrainState) -> str:
+    """Where a checkpoint of this state continues, in words."""
+    if state.batch_in_epoch >= t.updates_per_epoch * t.plan.accum_steps:
+        return f"the end of epoch {state.epoch + 1}, before its evaluation"
+    return f"epoch {state.epoch + 1}, batch {state.batch_in_epoch}"
 
 
 def _bad_images_seen(*loaders) -> int:

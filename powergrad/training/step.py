@@ -187,7 +187,7 @@ def train_one_epoch(t: Training, epoch: int, state: TrainState, run: EpochRun) -
     sums = RunningSums(t.device, state.epoch_totals)
     done = state.batch_in_epoch // accum  # > 0 when resuming a preempted epoch
     progress = Progress(len(loader) - state.batch_in_epoch,
-                        f"epoch {epoch + 1}/{t.total_epochs}", enabled=t.dist_info.is_main,
+                        f"epoch {epoch + 1}/{t.total_epochs}", enabled=t.dist_info.is_main and done < groups,
                         every=log_every)
     # Stopped after the epoch had trained (in its evaluation): nothing to replay or train.
     batches = timed(iter(loader)) if done < groups else iter(())
