@@ -29,14 +29,6 @@ DEIT = "rand-m9-mstd0.5-inc1"
 FILL = 115
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_pipeline(images: list[np.ndarray], graph, seed: int = 0) -> list[list[np.ndarray]]:
     """Each output of graph(batch) over one batch of `images` (uint8 HWC), as numpy."""
     from nvidia.dali import fn, pipeline_def

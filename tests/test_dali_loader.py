@@ -37,14 +37,6 @@ SEED = 11
 LEVEL = 1 / 255 / min(STD)  # one 8-bit pixel level, in normalised units (an upper bound)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny batches: a second thread only spins beside other jobs
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("dali")

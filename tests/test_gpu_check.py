@@ -28,14 +28,10 @@ def test_the_ffcv_and_dali_rows_run_their_cpu_form(tmp_path):
     """The rows that need the extras; tests/test_cluster.py runs the whole command without
     them (skipped rows) from a plain checkout, which covers every other row."""
     ctx = gpu_check.Context(torch.device("cpu"), gpu_check.REDUCED, tmp_path)
-    threads = torch.get_num_threads()
-    try:
-        data = gpu_check.synthetic_data(ctx)
-        steps = gpu_check.RecipeSteps(gpu_check.paper_recipe(ctx, []), ctx.device,
-                                      ctx.amp_dtype, ctx.sync)
-        rows = [gpu_check.loader_row(ctx, data, name, steps) for name in ("ffcv", "dali")]
-    finally:
-        torch.set_num_threads(threads)
+    data = gpu_check.synthetic_data(ctx)
+    steps = gpu_check.RecipeSteps(gpu_check.paper_recipe(ctx, []), ctx.device, ctx.amp_dtype,
+                                  ctx.sync)
+    rows = [gpu_check.loader_row(ctx, data, name, steps) for name in ("ffcv", "dali")]
     for row in rows:
         assert row.status == "pass", row
         assert gpu_context.NO_CUDA in row.path and "feed ratio" in row.numbers

@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from helpers_images import CLASSES, textured_folder
 
 from powergrad.config.loading import RecipeError, load_recipe
@@ -25,15 +24,6 @@ from powergrad.training.preflight import preflight
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 pytestmark = [pytest.mark.recipe_smoke,
               pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors gain nothing from a second thread, and OpenMP threads spinning beside
-    # another busy process slow a step down many times; the recipes' other settings stay.
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def runs(folder: str) -> list[Path]:

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from powergrad.commands.cli import main as cli_main
 from powergrad.commands.study import report_command
@@ -49,15 +48,6 @@ IMAGENET_PLAN = "recipes/study/imagenet_plan.yml"
 # Student's t quantiles t(0.975, df), as printed in statistics tables (e.g. NIST/SEMATECH
 # e-Handbook, table 1.3.6.7.2), typed in rather than computed by the library under test.
 T975 = {1: 12.706205, 2: 4.302653, 4: 2.776445, 9: 2.262157, 30: 2.042272}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models gain nothing from a second thread beside other busy processes
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_recipes(folder: Path, channels: str, train_subset: int, batch_size: int,
