@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from helpers_images import CLASSES, textured_folder
+from helpers_runs import finished_args
 
 from powergrad.commands.cli import main as cli_main
 
@@ -155,27 +156,15 @@ def test_a_gpu_recipe_on_a_cpu_says_what_it_changed_and_records_it(tmp_path, cap
 
 # --- promises kept ---------------------------------------------------------------------------
 
-@pytest.fixture
-def finished_demo(tmp_path_factory):
-    """A finished 1-epoch Fashion-MNIST run on 60 images."""
-    out = tmp_path_factory.mktemp("runs")
-    args = [str(REPO / "recipes/fashion_mnist/resnet_pgt.yaml"), "data.train_subset=60",
-            "data.eval_subset=50", "train.batch_size=20", "train.epochs=1",
-            "sched.cooldown_epochs=0", "sched.warmup_epochs=0", "train.eval_batch_size=1000",
-            f"log.output={out}"]
-    assert cli_main(["train", *args]) == 0
-    return out / "resnet_pgt", args
-
-
 def test_a_run_folder_continues_its_run_and_a_finished_one_writes_nothing(
-        finished_demo, tmp_path, monkeypatch, capsys):
-    run, _ = finished_demo
+        finished_run, tmp_path, monkeypatch, capsys):
+    run = finished_run
     capsys.readouterr()
     before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
     monkeypatch.chdir(tmp_path)  # another folder: the run folder is still the run's
     for item in (str(run), str(run / "recipe.yaml")):
         assert cli_main(["train", item]) == 0
-        assert f"{run}: already trained for 1 epochs; nothing written" in capsys.readouterr().out
+        assert f"{run}: already trained for 2 epochs; nothing written" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
     assert not (tmp_path / "runs").exists()
     assert cli_main(["train", str(tmp_path)]) == 2  # a folder that is not a run's
@@ -183,18 +172,23 @@ def test_a_run_folder_continues_its_run_and_a_finished_one_writes_nothing(
         f"powergrad train: {tmp_path}: a folder without a recipe.yaml, so not a run folder\n")
 
 
-def test_one_images_per_second_in_the_epoch_line_final_json_and_compare(finished_demo, capsys):
-    run, _ = finished_demo
+def test_one_images_per_second_in_the_epoch_line_final_json_and_compare(finished_run):
+    """An epoch's images/s is its images over its seconds; the run's, all its images over all
+    its training seconds (2 epochs here)."""
+    run = finished_run
     from powergrad.report.compare import summarize
     final = json.loads((run / "final.json").read_text())
     import csv
     with open(run / "summary.csv", newline="") as f:
-        (row,) = csv.DictReader(f)
-    by_definition = float(row["train_images"]) / float(row["epoch_seconds"])
-    assert int(row["train_images"]) == 60
+        rows = list(csv.DictReader(f))
+    assert [int(row["train_images"]) for row in rows] == [256, 256]  # data.train_subset
+    for row in rows:
+        by_definition = float(row["train_images"]) / float(row["epoch_seconds"])
+        assert float(row["img_per_sec"]) == pytest.approx(by_definition, rel=1e-12)
+    by_definition = (sum(float(row["train_images"]) for row in rows)
+                     / sum(float(row["epoch_seconds"]) for row in rows))
     assert final["img_per_sec"] == pytest.approx(by_definition, rel=1e-12)
     assert summarize(run)["img_per_sec"] == final["img_per_sec"]
-    assert float(row["img_per_sec"]) == pytest.approx(by_definition, rel=1e-12)
 
 
 def test_fast_dev_run_says_what_it_ran(tmp_path, capsys):
@@ -241,7 +235,7 @@ def test_paths_expand_home_and_variables_and_an_unset_one_is_named(tmp_path, mon
 
 
 def test_a_full_disk_while_saving_is_one_line_and_the_last_checkpoint_survives(
-        finished_demo, tmp_path, monkeypatch, capsys):
+        tmp_path, monkeypatch, capsys):
     """The second epoch's last.pth meets a full disk: one line, exit 2, no temporary file
     left, and the first epoch's last.pth is still there to resume from."""
     import errno
@@ -249,7 +243,6 @@ def test_a_full_disk_while_saving_is_one_line_and_the_last_checkpoint_survives(
     import torch
 
     from powergrad.training import checkpoint as ckpt
-    _, args = finished_demo
     real_save, saves = torch.save, []
 
     def full_disk_on_the_second_last_pth(state, f):
@@ -259,9 +252,8 @@ def test_a_full_disk_while_saving_is_one_line_and_the_last_checkpoint_survives(
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(state, f)
     monkeypatch.setattr(torch, "save", full_disk_on_the_second_last_pth)
-    args = [a for a in args if not a.startswith(("train.epochs", "log.output"))]
     run = tmp_path / "runs" / "resnet_pgt"
-    assert cli_main(["train", *args, "train.epochs=2", f"log.output={tmp_path / 'runs'}"]) == 2
+    assert cli_main(["train", *finished_args(tmp_path / "runs")]) == 2  # 2 epochs
     err = one_line(capsys.readouterr().err)
     assert err == (f"run error: {run / 'last.pth'}: could not write the checkpoint (No space "
                    "left on device); the previous one is untouched. Free space there (or "
@@ -328,11 +320,11 @@ def test_tools_name_files_that_are_not_what_they_should_be(tmp_path, capsys):
     assert err.startswith(f"powergrad study: {plan}: ") and "Traceback" not in err
 
 
-def test_compare_and_export_name_damaged_files(finished_demo, tmp_path, capsys):
+def test_compare_and_export_name_damaged_files(finished_run, tmp_path, capsys):
     import shutil
 
     import torch
-    run, _ = finished_demo
+    run = finished_run
     damaged = tmp_path / "damaged"
     shutil.copytree(run, damaged)
     (damaged / "recipe.yaml").write_text("model: [unclosed\n")

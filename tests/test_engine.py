@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_net import free_port
+from helpers_runs import FINISHED_SETTINGS
 from helpers_signals import handler_before_the_run
 
 from powergrad.config.loading import load_recipe
@@ -42,8 +43,10 @@ def read_summary(run_dir):
 
 @pytest.fixture(scope="module")
 def pgt_run(tmp_path_factory):
+    """The finished tiny run's settings (tests/helpers_runs.py) on the BN-free recipe with AGC
+    and PGT: its own run, since the clip/ scalars read back below need clipping on."""
     tmp = tmp_path_factory.mktemp("runs")
-    recipe = load_recipe(RECIPES / "nobn_agc_pgt.yaml", TINY + [f"log.output={tmp}"])
+    recipe = load_recipe(RECIPES / "nobn_agc_pgt.yaml", FINISHED_SETTINGS + [f"log.output={tmp}"])
     summary = engine.train(recipe)
     return Path(summary["run_dir"]), summary
 
@@ -56,7 +59,7 @@ def test_run_writes_event_files_that_read_back(pgt_run):
     # eval scalars in the events are the ones in summary.csv and final.json
     assert [v for _, v in scalars["eval/top1"]] == pytest.approx([float(r["eval_top1"]) for r in rows])
     assert summary["final_test_top1"] == pytest.approx(float(rows[-1]["eval_top1"]))
-    assert json.loads((run_dir / "final.json").read_text())["updates"] == 16  # 2 x 512 // 64
+    assert json.loads((run_dir / "final.json").read_text())["updates"] == 16  # 2 x 256 // 32
     steps = [s for s, _ in scalars["train/loss"]]
     assert steps == list(range(2, 17, 2))  # every log_interval optimizer steps
     for tag in ("train/top1", "train/lr", "perf/img_per_sec", "perf/data_wait_frac",

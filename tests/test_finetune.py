@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_images import textured_folder
+from helpers_runs import FINISHED_RECIPE
 
 from powergrad.commands.cli import main as cli_main
 from powergrad.config.loading import load_recipe
@@ -15,7 +16,7 @@ from powergrad.training import finetune
 from powergrad.training.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
-FASHION = REPO / "recipes/fashion_mnist/resnet_pgt.yaml"
+FASHION = FINISHED_RECIPE  # the finished run's (tests/conftest.py), so its weights fit
 SMALL = ["data.train_subset=40", "data.eval_subset=20", "train.batch_size=20", "train.epochs=1",
          "sched.cooldown_epochs=0", "sched.warmup_epochs=0"]
 
@@ -28,33 +29,26 @@ def parameters(path: Path) -> dict[str, torch.Tensor]:
             if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
 
 
-@pytest.fixture(scope="module")
-def source_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("source")
-    assert cli_main(["train", str(FASHION), *SMALL, f"log.output={out}"]) == 0
-    return out / "resnet_pgt"
-
-
 @pytest.mark.parametrize("start", ["run folder", "export", "state-dict file"])
-def test_a_run_starts_from_the_given_weights(start, source_run, tmp_path, capsys):
+def test_a_run_starts_from_the_given_weights(start, finished_run, tmp_path, capsys):
     """With lr 0 an epoch leaves every parameter where it started: the fine-tuned run's
     parameters are then the source's, exactly."""
     if start == "export":
         source = tmp_path / "export"
-        assert cli_main(["export", str(source_run), "--out", str(source)]) == 0
+        assert cli_main(["export", str(finished_run), "--out", str(source)]) == 0
     elif start == "state-dict file":  # timm's train.py layout, DDP prefixes and all
         source = tmp_path / "released.pth"
-        weights = torch.load(source_run / "best.pth", weights_only=True)["model"]
+        weights = torch.load(finished_run / "best.pth", weights_only=True)["model"]
         torch.save({"state_dict": {f"module.{k}": v for k, v in weights.items()}}, source)
     else:
-        source = source_run
+        source = finished_run
     capsys.readouterr()
     assert cli_main(["train", str(FASHION), *SMALL, "optim.lr=0", "sched.sched=none",
                      f"model.initial_checkpoint={source}", f"log.output={tmp_path / 'runs'}",
                      "log.experiment=tuned"]) == 0
     assert "note: model.initial_checkpoint: started from " in capsys.readouterr().out
     tuned, original = (parameters(tmp_path / "runs/tuned/last.pth"),
-                       parameters(source_run / "best.pth"))
+                       parameters(finished_run / "best.pth"))
     assert tuned.keys() == original.keys()
     assert all(torch.equal(tuned[k], original[k]) for k in original)
 
@@ -88,15 +82,15 @@ def test_another_class_count_reinitialises_the_classifier_only(tmp_path, capsys)
     assert all(torch.equal(tuned[k], original[k]) for k in original if not k.startswith("fc."))
 
 
-def test_weights_that_do_not_fit_or_are_absent_are_refused_before_work(source_run, tmp_path,
+def test_weights_that_do_not_fit_or_are_absent_are_refused_before_work(finished_run, tmp_path,
                                                                        capsys):
     vit = REPO / "recipes/fashion_mnist/vit_pre.yaml"
-    assert cli_main(["train", str(vit), f"model.initial_checkpoint={source_run}",
+    assert cli_main(["train", str(vit), f"model.initial_checkpoint={finished_run}",
                      f"log.output={tmp_path / 'runs'}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"recipe error: command line (model.initial_checkpoint={source_run}"
-                          f"): model.initial_checkpoint: got '{source_run}': "
-                          f"{source_run / 'best.pth'}: its weights do not fit ")
+    assert err.startswith(f"recipe error: command line (model.initial_checkpoint={finished_run}"
+                          f"): model.initial_checkpoint: got '{finished_run}': "
+                          f"{finished_run / 'best.pth'}: its weights do not fit ")
     assert "\n" not in err and not (tmp_path / "runs").exists()
     assert cli_main(["train", str(FASHION), f"model.initial_checkpoint={tmp_path / 'none.pth'}",
                      f"log.output={tmp_path / 'runs'}"]) == 2

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_runs import FINISHED_SETTINGS
 
 from powergrad.config.loading import load_recipe
 from powergrad.report.events import read_scalars
@@ -17,13 +18,12 @@ from powergrad.training import engine, step
 from powergrad.training.rundir import LOCK_NAME, RunDirError, RunLock
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "fashion_mnist"
-TINY = ["model.kwargs.channels=[8, 8, 16, 16]", "data.train_subset=256",
-        "data.eval_subset=100", "train.batch_size=32", "train.eval_batch_size=100",
-        "train.epochs=2", "log.log_interval=2", "train.channels_last=false", "train.threads=1"]
 
 
-def recipe(out: Path, *extra: str, name: str = "resnet_baseline.yaml"):
-    return load_recipe(RECIPES / name, TINY + [f"log.output={out}", *extra])
+def recipe(out: Path, *extra: str, name: str = "resnet_pgt.yaml"):
+    """The finished run's recipe (tests/helpers_runs.py): 2 epochs of 8 steps, written under
+    out/resnet_pgt."""
+    return load_recipe(RECIPES / name, FINISHED_SETTINGS + [f"log.output={out}", *extra])
 
 
 def rows(run_dir: Path) -> list[dict]:
@@ -31,11 +31,11 @@ def rows(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    summary = engine.train(recipe(out, "log.checkpoint_every=3"))
-    return out, Path(summary["run_dir"]), summary
+@pytest.fixture
+def finished(finished_run):
+    """(log.output, run folder, final.json) of a copy of the finished run (tests/conftest.py),
+    the run that recipe() trains."""
+    return finished_run.parent, finished_run, json.loads((finished_run / "final.json").read_text())
 
 
 def test_a_changed_recipe_is_refused_naming_the_keys(finished):
@@ -52,17 +52,26 @@ def test_a_changed_recipe_is_refused_naming_the_keys(finished):
 
 def test_another_recipe_with_the_same_file_name_cannot_take_the_folder(finished, tmp_path):
     out, run_dir, _ = finished
-    other = tmp_path / "resnet_baseline.yaml"  # same stem, other settings
-    other.write_text(f"extends: {RECIPES / 'resnet_pgt.yaml'}\n")
-    with pytest.raises(RunDirError, match="pgt.enabled: False -> True"):
-        engine.train(load_recipe(other, TINY + [f"log.output={out}"]))
+    other = tmp_path / "resnet_pgt.yaml"  # same stem, other settings
+    other.write_text(f"extends: {RECIPES / 'resnet_baseline.yaml'}\n")
+    with pytest.raises(RunDirError, match="pgt.enabled: True -> False"):
+        engine.train(load_recipe(other, FINISHED_SETTINGS + [f"log.output={out}"]))
 
 
-def test_logging_settings_may_change_on_resume(finished):
+def files(run_dir: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.iterdir()}
+
+
+def test_logging_settings_may_change_on_resume(finished, capsys):
     out, run_dir, summary = finished
+    before = files(run_dir)
+    capsys.readouterr()
     again = engine.train(recipe(out, "log.checkpoint_every=3", "log.log_interval=5"))
-    assert again["updates"] == summary["updates"]  # finished: nothing trained again
-    assert [r["epoch"] for r in rows(run_dir)] == ["0", "1"]  # and no row written twice
+    # accepted, and finished: nothing trained again, not a file written or touched
+    assert f"{run_dir}: already trained for 2 epochs; nothing written" in capsys.readouterr().out
+    assert files(run_dir) == before
+    assert again["updates"] == summary["updates"]
+    assert [r["epoch"] for r in rows(run_dir)] == ["0", "1"]
 
 
 def test_a_second_process_in_the_same_folder_is_refused(tmp_path):
@@ -74,7 +83,7 @@ def test_a_second_process_in_the_same_folder_is_refused(tmp_path):
 
 
 def test_a_stale_lock_is_taken_over(tmp_path, capsys):
-    run_dir = tmp_path / "resnet_baseline"
+    run_dir = tmp_path / "resnet_pgt"
     run_dir.mkdir()
     import socket
     dead = 2 ** 22 + 12345  # above Linux's default pid_max: no such process
@@ -100,7 +109,7 @@ def test_kill_during_training_loses_at_most_the_step_interval_and_resumes_exactl
     with pytest.raises(KeyboardInterrupt):
         engine.train(recipe(tmp_path, "log.checkpoint_every=3"))
     monkeypatch.setattr(step, "clip_gradients", real_clip)
-    run_dir = tmp_path / "resnet_baseline"
+    run_dir = tmp_path / "resnet_pgt"
     newest = ckpt.training_checkpoints(run_dir)[0]
     assert newest.name == "step-000000009.pth"  # updates 10 and 11 are all that is lost
     assert sorted(p.name for p in run_dir.glob("step-*.pth")) == ["step-000000006.pth",
@@ -161,7 +170,7 @@ def test_a_diverged_epoch_is_never_saved(tmp_path, monkeypatch):
     with pytest.raises(step.NonFiniteError) as err:
         engine.train(recipe(tmp_path, "train.epochs=1", "log.checkpoint_every=3"))
     message = str(err.value)
-    run_dir = tmp_path / "resnet_baseline"
+    run_dir = tmp_path / "resnet_pgt"
     assert "evaluation after epoch 1/1 gave test loss nan" in message
     assert f"last good checkpoint: {run_dir / 'step-000000006.pth'}" in message
     assert not (run_dir / "last.pth").exists() and not (run_dir / "best.pth").exists()
