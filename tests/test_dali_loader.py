@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 import torch
 from helpers_images import CLASSES, constant_colour_folder, imagenet_format, textured_folder
+from helpers_recipes import RECIPES, image_recipe_overrides
 from PIL import Image
-from test_recipe_smoke import (RECIPES, batch_overrides, cpu_overrides, image_overrides,
-                               vit_overrides)
 from torchvision.transforms.v2 import functional as TF
 
 from powergrad.config.loading import load_recipe
@@ -258,9 +257,7 @@ def test_representative_recipes_train_through_dali(name, tiny_imagenet, tmp_path
     # its evaluation gives a non-finite loss with every loader, which the engine now refuses
     # (tests/test_recipe_smoke.py fails the same way).
     path = RECIPES / f"{name}.yaml"
-    overrides = (image_overrides(tiny_imagenet, "dali", tmp_path) + batch_overrides(path)
-                 + cpu_overrides(path) + vit_overrides(path))
-    recipe = load_recipe(path, overrides)
+    recipe = load_recipe(path, image_recipe_overrides(path, tiny_imagenet, "dali", tmp_path))
     if name in DEIT_RECIPES:  # the recipe's augmentations, none turned off for DALI
         assert (recipe.data.aa, recipe.data.reprob, recipe.data.aug_repeats,
                 recipe.data.train_interpolation) == ("rand-m9-mstd0.5-inc1", 0.25, 3, "bicubic")

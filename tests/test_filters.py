@@ -1,16 +1,18 @@
 """Filter-collapse counts against a hand computation, and the engine logging them."""
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
-from test_engine import RECIPES
 
 from powergrad.config.loading import load_recipe
 from powergrad.report.events import read_scalars
 from powergrad.training import engine
 from powergrad.training.filters import FilterCollapse
 from powergrad.training.models import build_model
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "fashion_mnist"
 
 
 def test_counts_filters_below_one_percent_of_their_initial_norm():

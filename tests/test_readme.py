@@ -162,8 +162,8 @@ def imagenet_commands(code: str) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.subprocess
 def test_the_readme_imagenet_steps_run_on_tiny_fake_archives(tmp_path):
-    from test_imagenet_archives import TINY as TINY_COUNTS
-    from test_imagenet_archives import build, real_meta_mat
+    from helpers_imagenet_archives import TINY as TINY_COUNTS
+    from helpers_imagenet_archives import build, real_meta_mat
 
     from powergrad.config.loading import load_recipe
     from powergrad.config.schema import path_settings

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers_study import in_process_train, tiny_recipes
 
 from powergrad.commands.cli import main as cli_main
 from powergrad.commands.study import report_command
@@ -48,24 +49,6 @@ IMAGENET_PLAN = "recipes/study/imagenet_plan.yml"
 # Student's t quantiles t(0.975, df), as printed in statistics tables (e.g. NIST/SEMATECH
 # e-Handbook, table 1.3.6.7.2), typed in rather than computed by the library under test.
 T975 = {1: 12.706205, 2: 4.302653, 4: 2.776445, 9: 2.262157, 30: 2.042272}
-
-
-def tiny_recipes(folder: Path, channels: str, train_subset: int, batch_size: int,
-                 log_interval: int) -> None:
-    """base.yaml and pgt.yaml: a one-block-per-stage Fashion-MNIST ResNet for 2 epochs, its
-    PGT twin at alpha 0.25."""
-    (folder / "base.yaml").write_text(f"""\
-extends: {ROOT}/recipes/fashion_mnist/resnet_baseline.yaml
-description: tiny baseline
-model:
-  kwargs: {{layers: [1, 1, 1, 1], channels: {channels}}}
-data: {{train_subset: {train_subset}, eval_subset: 200}}
-sched: {{warmup_epochs: 0}}
-train: {{epochs: 2, batch_size: {batch_size}, eval_batch_size: 200, threads: 1}}
-log: {{log_interval: {log_interval}}}
-""")
-    (folder / "pgt.yaml").write_text("extends: base.yaml\ndescription: tiny PGT\n"
-                                     "pgt: {enabled: true, alpha: 0.25}\n")
 
 
 def tiny_plan(tmp_path: Path, seeds=(0, 1)) -> Path:
@@ -815,14 +798,6 @@ def test_the_shipped_report_regenerates_byte_for_byte_from_its_records(tmp_path,
 
 
 # --- end to end ------------------------------------------------------------------------------
-
-
-def in_process_train(command, log_file, timeout):
-    """`powergrad train` in this process: the same code path, without a fresh interpreter
-    (importing torch and timm) per run."""
-    from powergrad.commands.train import main
-
-    return main(command[command.index("train") + 1:])
 
 
 def test_a_tiny_grid_trains_then_reports_from_its_records(tmp_path, capsys):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers_slurm import FINISHED, slurm  # noqa: F401  (the fixture)
-from test_study import in_process_train, tiny_recipes
+from helpers_study import in_process_train, tiny_recipes
 
 from powergrad.commands.cli import main as cli_main
 from powergrad.study.plan import load_plan
