@@ -24,10 +24,20 @@ from powergrad.training.preflight import preflight
 
 pytestmark = [pytest.mark.recipe_smoke,
               pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
+FOLDERS = ("imagenet", "ffcv_imagenet", "fashion_mnist", "study")
+# One recipe per folder also runs in the quick loop (`pytest -m "not slow"`), so a broken
+# shared base shows there; the others are marked slow. `make test-long` runs them all.
+QUICK = {"imagenet/resnet18_cosine_pgt", "ffcv_imagenet/rn18_16_epochs_pgt",
+         "fashion_mnist/resnet_pgt", "study/bn_pgt"}
 
 
 def name(path: Path) -> str:
     return f"{path.parent.name}/{path.stem}"
+
+
+def params(paths: list[Path]) -> list:
+    return [pytest.param(p, id=name(p), marks=() if name(p) in QUICK else pytest.mark.slow)
+            for p in paths]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +51,13 @@ def image_data(tmp_path_factory):
     return root
 
 
+def test_the_quick_loop_keeps_one_shipped_recipe_per_folder():
+    shipped = {name(p) for folder in FOLDERS for p in runs(folder)}
+    assert QUICK <= shipped and {q.split("/")[0] for q in QUICK} == set(FOLDERS)
+
+
 @pytest.mark.parametrize("loader", ["ffcv", "torchvision"])
-@pytest.mark.parametrize("path", runs("imagenet") + runs("ffcv_imagenet"), ids=name)
+@pytest.mark.parametrize("path", params(runs("imagenet") + runs("ffcv_imagenet")))
 def test_image_recipe_trains_two_steps(path, loader, image_data, tmp_path):
     recipe = load_recipe(path, image_recipe_overrides(path, image_data, loader, tmp_path))
     if settings_in_use(recipe.data, loader):  # DeiT's augmentations, through ffcv
@@ -56,7 +71,7 @@ def test_image_recipe_trains_two_steps(path, loader, image_data, tmp_path):
     assert not any(tmp_path.iterdir()), "a fast dev run writes nothing"
 
 
-@pytest.mark.parametrize("path", runs("fashion_mnist") + runs("study"), ids=name)
+@pytest.mark.parametrize("path", params(runs("fashion_mnist") + runs("study")))
 def test_fashion_mnist_recipe_trains_two_steps(path, tmp_path):
     recipe = load_recipe(path, ["train.batch_size=8", "train.threads=1", "data.eval_subset=16",
                                 "train.eval_batch_size=16", f"log.output={tmp_path}"])
