@@ -7,6 +7,7 @@ import traceback
 import torch.distributed as dist
 
 from powergrad.config.loading import load_recipe
+from powergrad.system.preemption import StopRequest
 from powergrad.training import engine
 
 in_epoch = []
@@ -19,7 +20,8 @@ def counting_all_reduce(*args, **kwargs):
 
 
 dist.all_reduce = counting_all_reduce
-summary = engine.train(load_recipe(sys.argv[1], sys.argv[2:]))
+with StopRequest() as stop:  # as `powergrad train` runs it: the stop checks are counted too
+    summary = engine.train(load_recipe(sys.argv[1], sys.argv[2:]), stop=stop)
 if dist.get_rank() == 0:
     print("collectives " + json.dumps({"in_epoch": sum(in_epoch), "updates": summary["updates"]}),
           flush=True)

@@ -24,3 +24,13 @@ def handler_before_the_run(signals=STOP_SIGNALS):
     finally:
         for signum, previous in found.items():
             signal.signal(signum, previous)
+
+
+def train_as_the_command_does(recipe, **kwargs):
+    """engine.train under a StopRequest entered around it, as `powergrad train` enters one
+    before its set-up: the engine handles no signal of its own."""
+    from powergrad.system.preemption import StopRequest
+    from powergrad.training import engine
+
+    with StopRequest() as stop:
+        return engine.train(recipe, stop=stop, **kwargs)

@@ -251,7 +251,7 @@ def test_random_erasing_runs_on_every_image_loaders_trained_batches(tmp_path, mo
         "model.num_classes=3", "data.num_classes=3", "train.global_batch=4",
         "train.batch_size=2", "train.eval_batch_size=3", "train.amp_dtype=bfloat16",
         "data.reprob=0.25", f"log.output={tmp_path / 'runs'}"])
-    assert engine.train(recipe, fast_dev_run=2)["updates"] == 2
+    assert engine.train(recipe, max_steps=2)["updates"] == 2
     assert calls == [torch.float32] * 4  # 2 steps x 2 accumulated micro-batches, normalised
 
 

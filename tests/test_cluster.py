@@ -20,7 +20,7 @@ import pytest
 import torch
 from helpers_images import imagenet_format
 from helpers_net import free_port
-from helpers_signals import handler_before_the_run
+from helpers_signals import handler_before_the_run, train_as_the_command_does
 
 from powergrad.commands.launch import exit_code
 from powergrad.config.loading import load_recipe
@@ -130,7 +130,7 @@ def test_sigusr1_preempts_like_sigterm(tmp_path, monkeypatch, handler_before):
     before, received = handler_before
     signalled_at_step(monkeypatch, signal.SIGUSR1, 3)
     with pytest.raises(Preempted) as stop:
-        engine.train(load_recipe(FASHION, TINY + [f"log.output={tmp_path}"]))
+        train_as_the_command_does(load_recipe(FASHION, TINY + [f"log.output={tmp_path}"]))
     assert stop.value.exit_code == 75 and "preempted: saved" in str(stop.value)
     assert ckpt.read_training(tmp_path / "resnet_pgt" / "last.pth")["state"]["num_updates"] == 3
     assert received == []
@@ -144,7 +144,7 @@ def test_without_checkpoints_a_preemption_says_nothing_was_saved_and_is_not_75(
         tmp_path, monkeypatch, handler_before):
     signalled_at_step(monkeypatch, signal.SIGTERM, 3)
     with pytest.raises(Preempted) as stop:
-        engine.train(load_recipe(FASHION, TINY + ["log.checkpoint=false",
+        train_as_the_command_does(load_recipe(FASHION, TINY + ["log.checkpoint=false",
                                                   f"log.output={tmp_path}"]))
     assert handler_before[1] == []  # the run's handler took the signal
     assert stop.value.exit_code == 143  # 128 + SIGTERM, as a shell reports it: no requeue

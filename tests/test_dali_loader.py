@@ -262,7 +262,7 @@ def test_representative_recipes_train_through_dali(name, tiny_imagenet, tmp_path
         assert (recipe.data.aa, recipe.data.reprob, recipe.data.aug_repeats,
                 recipe.data.train_interpolation) == ("rand-m9-mstd0.5-inc1", 0.25, 3, "bicubic")
     preflight(recipe, world_size=1)  # what the command line would check first
-    summary = engine.train(recipe, fast_dev_run=2)
+    summary = engine.train(recipe, max_steps=2)
     assert summary["updates"] == 2 and summary["epochs"] == 1
     assert summary["final_test_top1"] in (0.0, 25.0, 50.0, 75.0, 100.0)  # 4 test images
     assert math.isfinite(summary["final_train_loss"]) and summary["final_train_loss"] > 0

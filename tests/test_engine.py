@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers_net import free_port
 from helpers_runs import FINISHED_SETTINGS
-from helpers_signals import handler_before_the_run
+from helpers_signals import handler_before_the_run, train_as_the_command_does
 
 from powergrad.config.loading import load_recipe
 from powergrad.report.compare import markdown_table, summarize
@@ -97,11 +97,11 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     real_epoch = engine.train_one_epoch
     calls = []
 
-    def killed_in_second_epoch(training, epoch, state, run):
+    def killed_in_second_epoch(training, epoch, state, *args, **kwargs):
         calls.append(epoch)
         if epoch == 1:
             raise KeyboardInterrupt  # like a hard kill after the first epoch's checkpoint
-        return real_epoch(training, epoch, state, run)
+        return real_epoch(training, epoch, state, *args, **kwargs)
 
     monkeypatch.setattr(engine, "train_one_epoch", killed_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
@@ -277,10 +277,10 @@ def test_fp16_steps_go_through_the_grad_scaler_saved_in_the_checkpoint(tmp_path,
         straight_steps = list(taken)  # (the resumed runs' steps come after)
         real_epoch = engine.train_one_epoch
 
-        def killed_in_second_epoch(training, epoch, state, run):
+        def killed_in_second_epoch(training, epoch, state, *args, **kwargs):
             if epoch == 1:
                 raise KeyboardInterrupt  # a hard kill after the first epoch's checkpoint
-            return real_epoch(training, epoch, state, run)
+            return real_epoch(training, epoch, state, *args, **kwargs)
 
         monkeypatch.setattr(engine, "train_one_epoch", killed_in_second_epoch)
         with pytest.raises(KeyboardInterrupt):
@@ -315,7 +315,7 @@ def test_sigterm_preempts_cleanly_and_resumes_mid_epoch_exactly(tmp_path, monkey
     extra = ["loss.mixup=0.5", "train.model_ema=true"]  # RNG-consuming and stateful parts too
     stop_signals = (signal.SIGTERM, signal.SIGUSR1)
     with handler_before_the_run(stop_signals) as (before, received):
-        straight = engine.train(tiny_recipe(tmp_path / "a", extra=extra))
+        straight = train_as_the_command_does(tiny_recipe(tmp_path / "a", extra=extra))
         assert [signal.getsignal(s) for s in stop_signals] == [before, before]
         state_a = ckpt.load(Path(straight["run_dir"]) / "last.pth")
 
@@ -330,7 +330,7 @@ def test_sigterm_preempts_cleanly_and_resumes_mid_epoch_exactly(tmp_path, monkey
 
         monkeypatch.setattr(step, "clip_gradients", terminated_at_update_5)
         with pytest.raises(Preempted, match="preempted: saved .*last.pth at epoch 1, batch 5"):
-            engine.train(tiny_recipe(tmp_path / "b", extra=extra))
+            train_as_the_command_does(tiny_recipe(tmp_path / "b", extra=extra))
         monkeypatch.setattr(step, "clip_gradients", real_clip)
         saved = ckpt.load(tmp_path / "b" / "resnet_pgt" / "last.pth")["state"]
         assert saved["num_updates"] == 5
@@ -343,7 +343,7 @@ def test_sigterm_preempts_cleanly_and_resumes_mid_epoch_exactly(tmp_path, monkey
         for signum in stop_signals:  # the next command is a new process: as it finds them
             signal.signal(signum, before)
 
-        resumed = engine.train(tiny_recipe(tmp_path / "b", extra=extra))
+        resumed = train_as_the_command_does(tiny_recipe(tmp_path / "b", extra=extra))
         assert [signal.getsignal(s) for s in stop_signals] == [before, before]
         assert received == []
     state_b = ckpt.load(Path(resumed["run_dir"]) / "last.pth")

@@ -168,7 +168,8 @@ def _ema_rank(rank: int, port: int, out: str) -> None:
     t.wrap()  # DDP over the CPU's SyncBN (DDP refuses an nn.SyncBatchNorm on a CPU module)
     torch.save({"ema": t.ema.module.state_dict(), "model": t.model.state_dict()},
                f"{out}/rank{rank}.pt")
-    with t.autocast():  # one step's forward and backward: SyncBN's statistics under bf16
+    # one step's forward and backward: SyncBN's statistics under bf16
+    with torch.autocast(t.device.type, dtype=t.amp_dtype):
         t.train_model(torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(rank))
                       ).float().sum().backward()
     torch.distributed.destroy_process_group()

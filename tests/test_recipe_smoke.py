@@ -64,7 +64,7 @@ def test_image_recipe_trains_two_steps(path, loader, image_data, tmp_path):
         with pytest.raises(RecipeError, match=f"but the {loader} loader does not do it"):
             preflight(recipe, world_size=1)
         return
-    summary = engine.train(recipe, fast_dev_run=2)
+    summary = engine.train(recipe, max_steps=2)
     assert summary["updates"] == 2 and summary["epochs"] == 1
     assert summary["final_test_top1"] in (0.0, 25.0, 50.0, 75.0, 100.0)  # 4 test images
     assert summary["final_train_loss"] > 0  # finite: the fold of the sums checks it
@@ -75,6 +75,6 @@ def test_image_recipe_trains_two_steps(path, loader, image_data, tmp_path):
 def test_fashion_mnist_recipe_trains_two_steps(path, tmp_path):
     recipe = load_recipe(path, ["train.batch_size=8", "train.threads=1", "data.eval_subset=16",
                                 "train.eval_batch_size=16", f"log.output={tmp_path}"])
-    summary = engine.train(recipe, fast_dev_run=2)
+    summary = engine.train(recipe, max_steps=2)
     assert summary["updates"] == 2 and summary["epochs"] == 1
     assert not any(tmp_path.iterdir())

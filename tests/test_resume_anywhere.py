@@ -84,10 +84,10 @@ def first_epoch_only(tmp_path, monkeypatch) -> Path:
     """Train the first epoch (its last.pth written), then die as a hard kill would."""
     real_epoch = engine.train_one_epoch
 
-    def killed_in_second_epoch(training, epoch, state, run):
+    def killed_in_second_epoch(training, epoch, state, *args, **kwargs):
         if epoch == 1:
             raise KeyboardInterrupt
-        return real_epoch(training, epoch, state, run)
+        return real_epoch(training, epoch, state, *args, **kwargs)
 
     with monkeypatch.context() as patch:
         patch.setattr(engine, "train_one_epoch", killed_in_second_epoch)

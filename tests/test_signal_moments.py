@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_net import free_port
-from helpers_signals import handler_before_the_run
+from helpers_signals import handler_before_the_run, train_as_the_command_does
 
 from powergrad.config.loading import load_recipe
 from powergrad.report.events import read_scalars
@@ -82,7 +82,7 @@ def test_a_signal_at_any_moment_stops_the_run_resumably_or_says_nothing_was_save
         last = tmp_path / "resnet_pgt" / "last.pth"
         with handler_before_the_run() as (_, received):
             try:
-                summary = engine.train(recipe)
+                summary = train_as_the_command_does(recipe)
             except Preempted as stop:
                 code, message = stop.exit_code, str(stop)
             else:
@@ -99,7 +99,7 @@ def test_a_signal_at_any_moment_stops_the_run_resumably_or_says_nothing_was_save
         state = ckpt.read_training(last)["state"]
         assert (state["num_updates"], state["epoch"], state["batch_in_epoch"]) == place(
             phase, at)
-        engine.train(recipe)  # the same command again, no signal
+        train_as_the_command_does(recipe)  # the same command again, no signal
     # ends as the uninterrupted run: weights, each epoch's figures, each scalar logged once
     weights = ckpt.load(last)["model"]
     for key, value in ckpt.load(uninterrupted / "last.pth")["model"].items():

@@ -66,9 +66,9 @@ def batch_clock(marks: list):
 
 
 def run_engine(recipe: Recipe, steps: int) -> float:
-    """Mean training loss of `steps` engine steps (fast_dev_run: nothing is written)."""
+    """Mean training loss of `steps` engine steps (a fast dev run, max_steps: nothing is written)."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        summary = train(recipe, fast_dev_run=steps)
+        summary = train(recipe, max_steps=steps)
     return summary["final_train_loss"]
 
 

@@ -52,7 +52,7 @@ def engine_row(ctx: Context, root: Path) -> Row:
     output = io.StringIO()
     start = time.perf_counter()
     with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-        summary = train(recipe, fast_dev_run=ctx.sizes.engine_steps)
+        summary = train(recipe, max_steps=ctx.sizes.engine_steps)
     seconds = time.perf_counter() - start
     ok = (summary["updates"] == ctx.sizes.engine_steps
           and math.isfinite(summary["final_train_loss"]))

@@ -120,7 +120,7 @@ def _main(items: list[str], compare_name: str | None, fast_dev_run: int,
             say(f"== {recipe.source}: fast dev run, up to {fast_dev_run} step(s) and "
                 f"{fast_dev_run} test batch(es), nothing saved", flush=True)
             outcome = _train_or_exit_code(
-                lambda r, stop: train(r, fast_dev_run=fast_dev_run, stop=stop), recipe, stop)
+                lambda r, stop: train(r, max_steps=fast_dev_run, stop=stop), recipe, stop)
             if isinstance(outcome, int):
                 return outcome
             summary = outcome

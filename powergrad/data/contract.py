@@ -5,7 +5,7 @@ both protocols.
 `eval_shard` is the one split of an evaluation set between ranks that they all use."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -22,6 +22,9 @@ class EvalLoader(Protocol):
     @property
     def num_classes(self) -> int: ...
 
+    @property
+    def skipped_images(self) -> int: ...  # unreadable ones passed over so far (data.bad_images)
+
     def __len__(self) -> int: ...  # batches per epoch (per process)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
@@ -34,6 +37,9 @@ class TrainLoader(EvalLoader, Protocol):
     epoch (progressive resizing)."""
 
     resolution: int  # of the current epoch's images, px
+    # applied by the training step to each normalised batch it trains on (not to batches
+    # replayed on resume): random erasing (data.reprob), else None
+    batch_augment: Callable[[torch.Tensor], torch.Tensor] | None
 
     def set_epoch(self, epoch: int) -> None: ...
 

@@ -18,6 +18,8 @@ class ImageBatches:
     neither cupy (ffcv's GPU NormalizeImage) nor per-sample work in the CPU workers.
     """
 
+    bad_images = None  # a BadImageTally where the backend can pass over unreadable images
+
     def __init__(self, batches: Iterable, *, device: torch.device, mean, std,
                  channels_last: bool, class_names: list[str]):
         self.batches = batches
@@ -32,6 +34,10 @@ class ImageBatches:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def skipped_images(self) -> int:
+        return self.bad_images.count if self.bad_images is not None else 0
 
     def __len__(self) -> int:
         assert isinstance(self.batches, Sized)
@@ -84,8 +90,6 @@ class TrainImageBatches(ImageBatches):
         super().__init__(batches, mean=cfg.mean, std=cfg.std, **kwargs)
         from powergrad.data.augment import batch_erasing
 
-        # A function of a normalised batch the engine applies to each batch it trains on (and
-        # not to batches replayed on resume): random erasing (data.reprob), else None.
         self.batch_augment = batch_erasing(cfg, self.device)
         self.cfg = cfg
         self.seed = seed

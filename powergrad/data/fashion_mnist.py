@@ -116,6 +116,8 @@ class FashionMNISTLoader:
 
     num_classes = len(CLASS_NAMES)
     class_names = list(CLASS_NAMES)
+    skipped_images = 0  # the arrays hold no unreadable image
+    batch_augment = None  # the shift and flip happen in __iter__
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
                  train: bool, seed: int = 0, device: torch.device | str = "cpu", pad: int = 2,

@@ -12,6 +12,7 @@ import math
 import signal
 from pathlib import Path
 
+import torch
 from timm.utils import distribute_bn
 
 from powergrad.config.schema import Recipe
@@ -24,87 +25,87 @@ from powergrad.training.resume import check_checkpoint_recipe, restore, save
 from powergrad.training.rundir import RunLock, check_same_recipe, run_dir_for
 from powergrad.training.runlog import EPOCH_TAGS, RESULT_FIELDS, RunLog, train_img_per_sec
 from powergrad.training.setup import Training, build_training
-from powergrad.training.step import EpochRun, NonFiniteError, TrainState, train_one_epoch
+from powergrad.training.step import NonFiniteError, TrainState, train_one_epoch
 
 
-def train(recipe: Recipe, run_dir: Path | None = None, fast_dev_run: int = 0,
+def train(recipe: Recipe, run_dir: Path | None = None, *, max_steps: int | None = None,
           stop: StopRequest | None = None) -> dict:
     """Train `recipe` into run_dir (default: log.output/experiment) and return its summary.
-    fast_dev_run=N instead trains N optimizer steps and evaluates N batches, writing nothing.
 
-    stop: a StopRequest the caller entered before its own set-up (the CLI's, so a signal
-    during preflight is not lost); by default one covering this call.
+    max_steps: a fast dev run: one epoch of at most max_steps optimizer steps, evaluated on as
+    many batches, reading and writing no run folder. stop: the command's StopRequest (entered
+    before its set-up, so a signal during preflight is not lost); None: signals are not
+    this function's to handle.
 
-    Raises Preempted after saving on SIGTERM, SIGUSR1 or SIGUSR2 (the CLI exits 75; before
-    the first step it ends at once, see _stopped_in_setup), RunDirError when
-    the run directory is in use or holds another recipe's run, CheckpointError for a
-    checkpoint that cannot be resumed, NonFiniteError when training diverges (nothing
-    non-finite is saved)."""
-    run_dir = Path(run_dir) if run_dir else run_dir_for(recipe)
-    own_stop = stop is None
-    stop = StopRequest() if own_stop else stop
-    # The handlers go in first: a signal during set-up ends the run cleanly (releasing the
-    # lock, saying what was saved) instead of killing it.
-    with stop if own_stop else contextlib.nullcontext():
-        if fast_dev_run:
-            return _train(recipe, run_dir, fast_dev_run, stop)
+    Raises Preempted after saving when `stop` is requested (the CLI exits 75; before the
+    first step it ends at once, see _stopped_in_setup), RunDirError when the run directory
+    is in use or holds another recipe's run, CheckpointError for a checkpoint that cannot be
+    resumed, NonFiniteError when training diverges (nothing non-finite is saved)."""
+    threads = torch.get_num_threads()  # train.threads sets the process's count: put it back
+    try:
+        if max_steps is not None:
+            return _train(recipe, None, max_steps, stop)
+        run_dir = Path(run_dir) if run_dir else run_dir_for(recipe)
         check_same_recipe(run_dir, recipe)
         lock = RunLock(run_dir, recipe.log.lock_stale_after)  # one per run, held by rank 0
         with lock if world_from_env().is_main else contextlib.nullcontext():
-            return _train(recipe, run_dir, fast_dev_run, stop)
+            return _train(recipe, run_dir, None, stop)
+    finally:
+        torch.set_num_threads(threads)
 
 
-def _train(recipe: Recipe, run_dir: Path, fast_dev_run: int, stop: StopRequest) -> dict:
-    saving = recipe.log.checkpoint and not fast_dev_run
+def _train(recipe: Recipe, run_dir: Path | None, max_steps: int | None,
+           stop: StopRequest | None) -> dict:
+    """run_dir None: a fast dev run, which resumes, logs and saves nothing."""
+    stop = stop or StopRequest(world_size=1)  # never requested: no handler is installed
+    saving = run_dir is not None and recipe.log.checkpoint
+    save_dir = run_dir if saving else None
     try:
         t = build_training(recipe, stop=stop)
     except StoppedWhileGathering:
-        raise _stopped_in_setup(run_dir if saving else None, stop) from None
+        raise _stopped_in_setup(save_dir, stop) from None
     say = print if t.dist_info.is_main else (lambda *args, **kwargs: None)
     for note in t.notes:
         say(f"note: {note}", flush=True)
     state, total_epochs = TrainState(), t.total_epochs
-    if not fast_dev_run:
+    if run_dir is not None:
         state = _resume(t, run_dir, say)
         if state.epoch >= total_epochs:  # nothing to do, so nothing is written
             say(f"{run_dir}: already trained for {total_epochs} epochs; nothing written",
                 flush=True)
             return _final_summary(recipe, state, run_dir, t.fit)
     if stop.agreed(t.device):  # signalled while loading: nothing of this attempt to save
-        raise _stopped_in_setup(run_dir if saving else None, stop)
+        raise _stopped_in_setup(save_dir, stop)
     t.wrap()
-    log = RunLog(run_dir, recipe, enabled=t.dist_info.is_main and not fast_dev_run,
-                 ran_with=t.fit.record())
-    run = EpochRun(log=log, stop=stop, max_updates=fast_dev_run or None,
-                   save_step=(lambda st: save(t, st, run_dir, step=True))
-                   if saving and recipe.log.checkpoint_every else None)
+    log = RunLog(run_dir or Path(), recipe, ran_with=t.fit.record(),
+                 enabled=t.dist_info.is_main and run_dir is not None)
     workers = f", {t.fit.data.workers} worker(s)" if t.fit.data.dataset == "imagefolder" else ""
     say(f"data: {t.fit.loader} loader{workers}; autocast {t.fit.amp_dtype}; device {t.device}",
         flush=True)
     say(f"batch: {t.plan.describe()}; lr {recipe.optim.lr:g} at its peak; {total_epochs} epochs"
         f"{_cooldown_words(recipe, total_epochs)} ({t.updates_per_epoch} steps each)", flush=True)
-    if fast_dev_run:  # one short epoch: a broken data path shows in a minute
-        total_epochs = min(total_epochs, state.epoch + 1)
+    if max_steps is not None:  # one short epoch: a broken data path shows in a minute
+        total_epochs = 1
 
     for epoch in range(state.epoch, total_epochs):
         try:
-            run_epoch(t, run, epoch, state, run_dir if saving else None)
+            run_epoch(t, epoch, state, log, stop=stop, max_steps=max_steps, save_dir=save_dir)
             # signalled in the epoch's save (in its evaluation, evaluate raised already);
             # after the last epoch's save the run has finished and ends as finished
             if epoch + 1 < total_epochs and stop.agreed(t.device):
                 raise Preempted
         except Preempted:
-            raise _preempted(t, run, state, run_dir if saving else None, stop) from None
+            raise _preempted(t, log, state, save_dir, stop, max_steps) from None
         except NonFiniteError as err:
             log.scalars({"numerics/non_finite_stop": 1.0}, state.num_updates)
             log.close()
-            good = ckpt.training_checkpoints(run_dir) if saving else []
+            good = ckpt.training_checkpoints(save_dir) if save_dir else []
             raise NonFiniteError(f"{err}; stopped, nothing of it saved; last good "
                                  f"checkpoint: {good[0] if good else 'none'}") from None
 
-    summary = _final_summary(recipe, state, run_dir, t.fit)
-    if fast_dev_run:
-        summary["eval_batches"] = min(fast_dev_run, len(t.eval_loader))
+    summary = _final_summary(recipe, state, run_dir or run_dir_for(recipe), t.fit)
+    if max_steps is not None:
+        summary["eval_batches"] = min(max_steps, len(t.eval_loader))
     log.hparams(recipe, {"final_top1": summary["final_test_top1"],
                          "best_top1": summary["best_test_top1"]})
     log.final(summary)
@@ -131,21 +132,25 @@ def _resume(t: Training, run_dir: Path, say) -> TrainState:
     return state
 
 
-def run_epoch(t: Training, run: EpochRun, epoch: int, state: TrainState,
-              run_dir: Path | None) -> None:
-    """Train one epoch, evaluate (the bare model, and its EMA), log, checkpoint (when run_dir
-    is given)."""
-    cfg, log = t.recipe.train, run.log
+def run_epoch(t: Training, epoch: int, state: TrainState, log: RunLog, *,
+              stop: StopRequest, max_steps: int | None, save_dir: Path | None) -> None:
+    """Train one epoch, evaluate (the bare model, and its EMA), log, checkpoint (into
+    save_dir, when given)."""
+    cfg = t.recipe.train
     t.train_loader.set_epoch(epoch)
-    bad_before = _bad_images_seen(t.train_loader, t.eval_loader)
-    train_stats = train_one_epoch(t, epoch, state, run)
+    bad_before = t.train_loader.skipped_images + t.eval_loader.skipped_images
+    save_step = None
+    if save_dir is not None and t.recipe.log.checkpoint_every:
+        save_step = lambda st: save(t, st, save_dir, step=True)  # noqa: E731
+    train_stats = train_one_epoch(t, epoch, state, log, stop=stop, save_step=save_step,
+                                  max_steps=max_steps)
     if t.dist_info.enabled:  # average BN running statistics so every rank evaluates one model
         distribute_bn(t.model, t.dist_info.world_size, reduce=True)
     # Both evaluations before anything is logged: a stop in either (Preempted) leaves the
     # epoch unlogged, and the resumed run evaluates it and logs it once.
     eval_stats = evaluate(t.model, t.eval_loader, t.device, t.amp_dtype, cfg.tta_flip,
-                          max_batches=run.max_updates, stop=run.stop)
-    if not math.isfinite(eval_stats["loss"]) and run.max_updates is not None:
+                          max_batches=max_steps, stop=stop)
+    if not math.isfinite(eval_stats["loss"]) and max_steps is not None:
         # A fast dev run evaluates after a few steps, when BatchNorm's running statistics
         # have barely moved from their start and deep nets without zero-initialised blocks
         # can overflow: that is not divergence, and nothing is saved anyway.
@@ -156,10 +161,11 @@ def run_epoch(t: Training, run: EpochRun, epoch: int, state: TrainState,
                              f"test loss {eval_stats['loss']}: the weights diverged in the "
                              f"epoch's last steps (optimizer step {state.num_updates})")
     bad_images = int(all_reduce_sum(  # before the EMA's pass skips the same images again
-        [float(_bad_images_seen(t.train_loader, t.eval_loader) - bad_before)], t.device)[0])
+        [float(t.train_loader.skipped_images + t.eval_loader.skipped_images - bad_before)],
+        t.device)[0])
     ema_stats = None if t.ema is None else evaluate(
         t.ema.module, t.eval_loader, t.device, t.amp_dtype, cfg.tta_flip,
-        max_batches=run.max_updates, stop=run.stop)
+        max_batches=max_steps, stop=stop)
     log.scalars({f"eval/{k}": eval_stats[k] for k in EVAL_TAGS}, state.num_updates)
     if ema_stats is not None:
         log.scalars({f"eval_ema/{k}": ema_stats[k] for k in EVAL_TAGS}, state.num_updates)
@@ -182,23 +188,23 @@ def run_epoch(t: Training, run: EpochRun, epoch: int, state: TrainState,
               + (f" | {bad_images} unreadable image(s) skipped" if bad_images else ""),
               flush=True)
     state.epoch, state.batch_in_epoch, state.epoch_totals = epoch + 1, 0, {}
-    if run_dir is not None:
-        save(t, state, run_dir, is_best=_best_row(state.history) is row)
+    if save_dir is not None:
+        save(t, state, save_dir, is_best=_best_row(state.history) is row)
     barrier()
 
 
-def _preempted(t: Training, run: EpochRun, state: TrainState, run_dir: Path | None,
-               stop: StopRequest) -> Preempted:
+def _preempted(t: Training, log: RunLog, state: TrainState, save_dir: Path | None,
+               stop: StopRequest, max_steps: int | None) -> Preempted:
     """Save the place (when checkpoints are on) and say what the next command will do."""
     where = _place(t, state)
-    if run_dir is not None:
-        save(t, state, run_dir)
+    if save_dir is not None:
+        save(t, state, save_dir)
     barrier()
-    run.log.close()
-    if run_dir is not None:
-        return Preempted(f"preempted: saved {run_dir / 'last.pth'} at {where}; run the same "
+    log.close()
+    if save_dir is not None:
+        return Preempted(f"preempted: saved {save_dir / 'last.pth'} at {where}; run the same "
                          "command to resume")
-    why = "--fast-dev-run" if run.max_updates is not None else "log.checkpoint is false"
+    why = "--fast-dev-run" if max_steps is not None else "log.checkpoint is false"
     code = exit_code_unsaved(stop.signum or signal.SIGTERM)
     return Preempted(f"preempted at {where}: nothing saved ({why}), so this run cannot "
                      f"resume; exit code {code}", code)
@@ -223,11 +229,6 @@ def _place(t: Training, state: TrainState) -> str:
     if state.batch_in_epoch >= t.updates_per_epoch * t.plan.accum_steps:
         return f"the end of epoch {state.epoch + 1}, before its evaluation"
     return f"epoch {state.epoch + 1}, batch {state.batch_in_epoch}"
-
-
-def _bad_images_seen(*loaders) -> int:
-    """Unreadable images the loaders skipped so far (data.bad_images: skip), this process."""
-    return sum(loader.bad_images.count for loader in loaders if hasattr(loader, "bad_images"))
 
 
 def _best_row(history: list[dict]) -> dict | None:

@@ -1,8 +1,6 @@
 """Evaluation: test loss, top-1 and top-5 over every rank's share of the evaluation set."""
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -11,13 +9,6 @@ from powergrad.system.distributed import all_reduce_min, all_reduce_sum
 from powergrad.system.preemption import Preempted, StopRequest
 
 EVAL_TAGS = ("loss", "top1", "top5")  # logged as eval/<tag> (and eval_ema/<tag>)
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """torch.autocast on the device in `dtype`; no autocast for None (float32)."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 @torch.no_grad()
@@ -42,7 +33,7 @@ def evaluate(model: nn.Module, loader, device, amp_dtype, tta_flip: bool = False
             break
         if batch_index < agreed_within and stop.should_stop(batch_index, device):
             raise Preempted
-        with autocast(device, amp_dtype):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)
             if tta_flip:
                 logits = (logits + model(images.flip(-1))) / 2

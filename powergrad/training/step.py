@@ -1,8 +1,10 @@
-"""One optimizer step and the epoch that repeats it, as nanoGPT's loop reads: the epoch walks
-over accumulation groups; `train_step` runs one group's forwards and backwards and the
-optimizer step; `after_step` is the one place for logging, the stop check and step
-checkpoints. `RunningSums` keeps the epoch's and the log window's sums exactly (float64 on
-the device between log steps: no host sync per step), so a resumed epoch reports the same.
+"""One optimizer step and the epoch that repeats it, read as nanoGPT's loop: the epoch walks
+over accumulation groups; `train_step` runs one group's forwards and backwards (under
+autocast) and the optimizer step; after it, in the same loop, the scalar log, the stop check
+and step checkpoints. What the step trains with (`t`: the model, its optimizer, scaler, loss
+and loaders) is setup.py's `Training`. `RunningSums` keeps the epoch's and the log window's
+sums exactly (float64 on the device between log steps: no host sync per step), so a resumed
+epoch reports the same.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from powergrad.system.distributed import all_reduce_sum
 from powergrad.system.preemption import Preempted, StopRequest
 from powergrad.system.progress import Progress
 from powergrad.training.clipping import clip_gradients
+from powergrad.training.runlog import RunLog
 from powergrad.training.setup import Training
 from powergrad.transform import logit_stats
 
@@ -146,7 +149,8 @@ def train_step(t: Training, micro_batches: Iterator, sums: RunningSums | None, s
         last = index == accum - 1
         no_sync = not last and t.dist_info.enabled
         with model.no_sync() if no_sync else contextlib.nullcontext():
-            with t.autocast():
+            with torch.autocast(t.device.type, dtype=t.amp_dtype,
+                                enabled=t.amp_dtype is not None):
                 logits = model(images)
                 loss = t.loss_fn(logits, targets)
             t.scaler.scale(loss / accum).backward()
@@ -169,38 +173,61 @@ def train_step(t: Training, micro_batches: Iterator, sums: RunningSums | None, s
     return diagnostics
 
 
-@dataclass
-class EpochRun:
-    """How the epoch ends its steps: the run log, the stop request and step checkpoints."""
-    log: object  # runlog.RunLog
-    stop: StopRequest | None = None
-    save_step: Callable[[TrainState], None] | None = None  # step-N.pth every checkpoint_every
-    max_updates: int | None = None  # fast_dev_run: stop the epoch after this many steps
-
-
-def train_one_epoch(t: Training, epoch: int, state: TrainState, run: EpochRun) -> dict:
+def train_one_epoch(t: Training, epoch: int, state: TrainState, log: RunLog, *,
+                    stop: StopRequest | None = None,
+                    save_step: Callable[[TrainState], None] | None = None,
+                    max_steps: int | None = None) -> dict:
+    """Train epoch `epoch` from state.batch_in_epoch on: after each optimizer step, the scalar
+    log every log.log_interval steps, the stop check (`stop` agreed: the place goes into
+    state, then Preempted), `save_step(state)` every log.checkpoint_every steps, the progress
+    line. max_steps: end the epoch after that many steps (a fast dev run). Returns the
+    epoch's loss, top-1, images, seconds and rates over every process."""
     loader, accum, log_every = t.train_loader, t.plan.accum_steps, t.recipe.log.log_interval
     t.model_to_train().train()
     groups = len(loader) // accum  # a partial accumulation group at the end is dropped
-    if run.max_updates is not None:
-        groups = min(groups, run.max_updates)
+    if max_steps is not None:
+        groups = min(groups, max_steps)
     sums = RunningSums(t.device, state.epoch_totals)
     done = state.batch_in_epoch // accum  # > 0 when resuming a preempted epoch
-    progress = Progress(len(loader) - state.batch_in_epoch,
-                        f"epoch {epoch + 1}/{t.total_epochs}", enabled=t.dist_info.is_main and done < groups,
-                        every=log_every)
+    progress = Progress(len(loader) - state.batch_in_epoch, f"epoch {epoch + 1}/{t.total_epochs}",
+                        enabled=t.dist_info.is_main and done < groups, every=log_every)
     # Stopped after the epoch had trained (in its evaluation): nothing to replay or train.
     batches = timed(iter(loader)) if done < groups else iter(())
     for _ in itertools.islice(batches, state.batch_in_epoch):
         pass  # replayed, not trained: the loader's order and augmentation stay in step
+
+    def where(batches_done: int) -> str:  # names the place in an error message
+        return (f"epoch {epoch + 1}/{t.total_epochs}, batch {batches_done}/{len(loader)} "
+                f"(optimizer step {state.num_updates})")
+
     for group in range(done, groups):
         measure = t.recipe.log.diagnostics and (state.num_updates + 1) % log_every == 0
         diagnostics = train_step(t, itertools.islice(batches, accum), sums, state, measure,
-                                 getattr(loader, "batch_augment", None))
-        after_step(t, run, state, sums, diagnostics, progress,
-                   where=f"epoch {epoch + 1}/{t.total_epochs}, batch {(group + 1) * accum}/"
-                         f"{len(loader)} (optimizer step {state.num_updates})",
-                   batches_done=(group + 1) * accum, last=group == groups - 1)
+                                 loader.batch_augment)
+        batches_done, last = (group + 1) * accum, group == groups - 1
+        if state.num_updates % log_every == 0:  # the scalar log: one host sync
+            sums.fold(where(batches_done))
+            scalars = sums.window_scalars(t.optimizer.param_groups[0]["lr"],
+                                          t.dist_info.world_size)
+            scalars.update(diagnostics)
+            if t.filters is not None:
+                scalars.update(t.filters.counts())
+            log.scalars(scalars, state.num_updates)
+            sums.reset_window()
+        if stop is not None and stop.should_stop(state.num_updates, t.device):
+            sums.fold(where(batches_done))
+            state.batch_in_epoch, state.epoch_totals = batches_done, sums.to_save()
+            progress.close()
+            raise Preempted
+        if (save_step is not None and not last
+                and state.num_updates % t.recipe.log.checkpoint_every == 0):
+            sums.fold(where(batches_done))  # a kill loses at most checkpoint_every steps
+            state.batch_in_epoch, state.epoch_totals = batches_done, sums.to_save()
+            save_step(state)
+            state.batch_in_epoch, state.epoch_totals = 0, {}
+        if last:  # the epoch's last progress line shows all of it
+            sums.fold(where(batches_done))
+        progress.update(sums.progress_values(), steps=accum)
     sums.fold(f"epoch {epoch + 1}/{t.total_epochs}, end (optimizer step {state.num_updates})")
     # the epoch has trained: a stop in its evaluation saves this place (engine.run_epoch
     # clears it once the epoch is evaluated and counted)
@@ -220,34 +247,3 @@ def train_one_epoch(t: Training, epoch: int, state: TrainState, run: EpochRun) -
     # seconds: the whole epoch's, so the run's rate (runlog.train_img_per_sec) counts each once
     return {**means, "img_per_sec": seen_now / seconds_now if seen_now else float("nan"),
             "data_wait_frac": totals["wait"] / seconds, "seconds": seconds, "images": int(seen)}
-
-
-def after_step(t: Training, run: EpochRun, state: TrainState, sums: RunningSums,
-               diagnostics: dict, progress: Progress, where: str, batches_done: int,
-               last: bool) -> None:
-    """Everything that happens between optimizer steps: the scalar log every log_interval
-    steps, the stop check (raises Preempted, its place saved in state), step checkpoints, and
-    the progress line."""
-    recipe = t.recipe
-    if state.num_updates % recipe.log.log_interval == 0:
-        sums.fold(where)
-        scalars = sums.window_scalars(t.optimizer.param_groups[0]["lr"], t.dist_info.world_size)
-        scalars.update(diagnostics)
-        if t.filters is not None:
-            scalars.update(t.filters.counts())
-        run.log.scalars(scalars, state.num_updates)
-        sums.reset_window()
-    if run.stop is not None and run.stop.should_stop(state.num_updates, t.device):
-        sums.fold(where)
-        state.batch_in_epoch, state.epoch_totals = batches_done, sums.to_save()
-        progress.close()
-        raise Preempted
-    if (run.save_step is not None and not last
-            and state.num_updates % recipe.log.checkpoint_every == 0):
-        sums.fold(where)  # a kill loses at most checkpoint_every steps
-        state.batch_in_epoch, state.epoch_totals = batches_done, sums.to_save()
-        run.save_step(state)
-        state.batch_in_epoch, state.epoch_totals = 0, {}
-    if last:  # the epoch's last progress line shows all of it
-        sums.fold(where)
-    progress.update(sums.progress_values(), steps=t.plan.accum_steps)
