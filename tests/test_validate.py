@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_images import tiny_folder
 
 from powergrad.commands.cli import main as cli_main
 
@@ -101,6 +102,18 @@ def test_a_missing_source_or_data_is_named_and_a_missing_out_folder_is_made(fini
     blocked.write_text("")
     assert cli_main(["validate", str(run), "--out", str(blocked / "v.json")]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_data_whose_classes_do_not_fit_the_model_is_one_line_naming_the_setting(
+        finished, tmp_path, capsys):
+    """--data checked against the model as training's preflight checks a recipe (the one
+    place of that check): a 2-class folder for the run's 10-class model."""
+    run, _ = finished
+    folder = tiny_folder(tmp_path / "two_classes")
+    assert cli_main(["validate", str(run), "--data", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.num_classes" in err and "has 2 classes; expected 2" in err, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
 
 
 @pytest.mark.slow

@@ -65,35 +65,23 @@ def resolve(source: str, recipe_path: str | None, overrides: list[str],
 
 def validate(source: str, overrides: list[str], *, checkpoint: str = "last", ema: bool = False,
              recipe_path: str | None = None, data: str | None = None) -> dict:
-    """The scores of `source`'s weights, with what was measured and how."""
-    import torch
-
-    from powergrad.data import build_loaders
-    from powergrad.system.distributed import init_distributed, process_device, world_from_env
-    from powergrad.training.builders import AMP_DTYPES, pick_device
+    """The scores of `source`'s weights, with what was measured and how: the device,
+    processes, machine fit, model and evaluation loader as training builds them
+    (build_training's evaluation-only form), and training's own evaluate()."""
     from powergrad.training.evaluate import evaluate
-    from powergrad.training.machine_fit import fit_to_machine
-    from powergrad.training.models import build_model
+    from powergrad.training.preflight_data import check_data_matches_model, inspect_data
+    from powergrad.training.setup import build_training
     from powergrad.training.weights import load_weights, read_state_dict, weights_file
 
     source_path, recipe = resolve(source, recipe_path, overrides, data)
     path = weights_file(source_path, (f"{checkpoint}.pth", "model.safetensors"))
-    model = build_model(recipe.model)
-    load_weights(model, read_state_dict(path, ema=ema), path,
-                 f"the recipe's {recipe.model.model}")
-    device = pick_device(recipe.train.device)
-    if device.type == "cuda":  # the one device rule, as training's set-up applies it
-        device = process_device("cuda", world_from_env(), torch.cuda.device_count())
-    dist_info = init_distributed(device)
-    fit = fit_to_machine(recipe, device, recipe.train.eval_batch_size)
-    model = model.to(device)
-    if recipe.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    _, eval_loader = build_loaders(fit.data, batch_size=1,
-                                   eval_batch_size=recipe.train.eval_batch_size,
-                                   seed=recipe.train.seed, device=device, dist_info=dist_info,
-                                   channels_last=recipe.train.channels_last)
-    stats = evaluate(model, eval_loader, device, AMP_DTYPES[fit.amp_dtype], recipe.train.tta_flip)
+    weights = read_state_dict(path, ema=ema)  # a damaged file fails before any data loads
+    # the data's classes and channels against the model: preflight's check, as training's
+    check_data_matches_model(recipe, inspect_data(recipe))
+    t = build_training(recipe, with_weights=False, evaluation_only=True)
+    load_weights(t.model, weights, path, f"the recipe's {recipe.model.model}")
+    stats = evaluate(t.model, t.eval_loader, t.device, t.amp_dtype, recipe.train.tta_flip)
+    fit, dist_info = t.fit, t.dist_info
     return {"weights": str(path), "ema": ema, "recipe": recipe.source, "data": fit.loader,
             "eval_data": recipe.data.val_dir or recipe.data.val_beton or recipe.data.root,
             "processes": dist_info.world_size, "images": stats["images"],
