@@ -20,16 +20,6 @@ DEPTH, DIM, CLASSES = 3, 32, 10
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tensors this small gain nothing from a second thread, and OpenMP threads spinning
-    beside another busy process make each test 50x slower on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_vit(seed=0, **kwargs):
     torch.manual_seed(seed)
     return timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=7, in_chans=1,
