@@ -333,3 +333,23 @@ def test_the_memory_check_counts_the_ema_and_the_evaluation_batch(monkeypatch):
                                           f"evaluation of {too_many} images"):
         preflight(load_recipe("recipes/fashion_mnist/resnet_pgt.yaml",
                               [*base, f"train.eval_batch_size={too_many}"]), 1)
+
+
+def test_more_processes_than_gpus_is_refused_by_the_one_device_rule(tmp_path, recipe_file,
+                                                                     monkeypatch):
+    """Preflight refuses a launch with fewer visible GPUs than processes on the node with the
+    words of distributed.process_device, the rule set-up applies (not a second message)."""
+    from powergrad.system import gpus
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(gpus, "refuse_unusable_gpu", lambda: None)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    path = recipe_file(train={"device": "cuda"})
+    with pytest.raises(RecipeError, match=r"train\.device: got 'cuda': local rank 2 of 3 "
+                                          r"process\(es\) on this node, but only 2 GPU\(s\) "
+                                          r"are visible"):
+        preflight(load_recipe(path), 3)

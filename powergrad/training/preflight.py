@@ -19,7 +19,7 @@ from powergrad.config.batching import BatchPlan, BatchPlanError, plan_batch
 from powergrad.config.loading import fail_on
 from powergrad.config.schema import Recipe
 from powergrad.errors import one_line
-from powergrad.system.distributed import cuda_index, world_from_env
+from powergrad.system.distributed import LaunchError, process_device, world_from_env
 from powergrad.training.preflight_data import (DataFacts, check_data_matches_model, image_sizes,
                                                inspect_data)
 
@@ -148,11 +148,10 @@ def check_device(recipe: Recipe) -> None:
         fail_on(recipe, "train.device", "got 'cuda', but torch sees no CUDA device; expected "
                                       "cpu or auto on this machine")
     if name != "cpu" and torch.cuda.is_available():  # the launcher gives each process one GPU
-        local_rank, count = world_from_env().local_rank, torch.cuda.device_count()
-        if cuda_index(local_rank, count) is None:
-            fail_on(recipe, "train.device", f"got {name!r} in the process with LOCAL_RANK "
-                                          f"{local_rank}, but only {count} CUDA device(s) are "
-                                          f"visible; expected at most {count} processes per node")
+        try:  # the rule build_training applies, refused here before any work
+            process_device("cuda", world_from_env(), torch.cuda.device_count())
+        except LaunchError as err:
+            fail_on(recipe, "train.device", f"got {name!r}: {err}")
 
 
 def check_batch_plan(recipe: Recipe, world_size: int) -> BatchPlan:
@@ -275,7 +274,8 @@ def _device_memory(recipe: Recipe) -> tuple[int | None, str]:
     import torch
 
     if recipe.train.device != "cpu" and torch.cuda.is_available():
-        index = cuda_index(world_from_env().local_rank, torch.cuda.device_count()) or 0
+        # check_device ran first: the rule gives this process a device
+        index = process_device("cuda", world_from_env(), torch.cuda.device_count()).index
         free, _ = torch.cuda.mem_get_info(index)  # what other processes left of it
         return free, f"cuda:{index}'s free memory"
     try:
