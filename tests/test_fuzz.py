@@ -37,17 +37,6 @@ ODD_VALUES = [None, True, "text", "", [], [1, 2], {}, {"a": 1}, 10**30, -1, 0, -
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """A finished 1-epoch run on 40 Fashion-MNIST images, for compare's and export's options."""
-    out = tmp_path_factory.mktemp("runs")
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert cli_main(["train", str(REPO / "recipes/fashion_mnist/resnet_pgt.yaml"),
-                         "data.train_subset=40", "data.eval_subset=20", "train.batch_size=20",
-                         "train.epochs=1", "sched.cooldown_epochs=0", f"log.output={out}"]) == 0
-    return out / "resnet_pgt"
-
-
-@pytest.fixture(scope="module")
 def tiny_imagenet(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_imagenet")
     textured_folder(root / "train", per_class=4)
@@ -217,7 +206,8 @@ COMMANDS = {  # every command's options, and the positional arguments they are t
     "compare": (["--target", "--out"], ["RUN"]),
     "export": (["--checkpoint", "--out"], ["RUN"]),
     "check-data": (["--workers"], ["DIR"]),
-    "study": (["--max-minutes", "--claims", "--runs", "--records"], ["PLAN", "--status"]),
+    "study": (["--max-minutes", "--claims", "--runs", "--records", "--sbatch", "--array-limit",
+               "--only"], ["PLAN", "--status"]),
 }
 # `powergrad torchrun`'s own options (torchrun's, before the subcommand)
 TORCHRUN_OPTIONS = ["--nproc_per_node", "--nnodes", "--max_restarts", "--monitor_interval",
@@ -269,7 +259,7 @@ def outcome(call) -> tuple[int, str]:
 def test_hostile_options_get_one_error_naming_the_option(chunk, tmp_path, tiny_imagenet,
                                                         finished_run, monkeypatch):
     """Commands with fast paths only: a --fast-dev-run value that is legal trains on 40
-    images, compare/export get a tiny finished run. They run in a scratch folder: a value
+    images, compare/export get a copy of the suite's finished tiny run (tests/conftest.py). They run in a scratch folder: a value
     such as `x` or `nan` is a legal relative output path, and must not land in the checkout."""
     monkeypatch.chdir(tmp_path)
     failures = []
