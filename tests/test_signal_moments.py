@@ -101,14 +101,19 @@ def test_a_signal_at_any_moment_stops_the_run_resumably_or_says_nothing_was_save
             phase, at)
         train_as_the_command_does(recipe)  # the same command again, no signal
     # ends as the uninterrupted run: weights, each epoch's figures, each scalar logged once
-    weights = ckpt.load(last)["model"]
+    assert_same_run(tmp_path / "resnet_pgt", uninterrupted)
+    assert read_scalars(tmp_path / "resnet_pgt")["eval/top1"] == read_scalars(
+        uninterrupted)["eval/top1"]
+
+
+def assert_same_run(run_dir: Path, uninterrupted: Path) -> None:
+    """The same final weights and the same figures in every epoch's summary row."""
+    weights = ckpt.load(run_dir / "last.pth")["model"]
     for key, value in ckpt.load(uninterrupted / "last.pth")["model"].items():
         assert torch.equal(weights[key], value), key
     columns = ["train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "train_images"]
-    assert ([[row[c] for c in columns] for row in read_csv(tmp_path / "resnet_pgt")]
+    assert ([[row[c] for c in columns] for row in read_csv(run_dir)]
             == [[row[c] for c in columns] for row in read_csv(uninterrupted)])
-    assert read_scalars(tmp_path / "resnet_pgt")["eval/top1"] == read_scalars(
-        uninterrupted)["eval/top1"]
 
 
 def read_csv(run_dir: Path) -> list[dict]:
@@ -161,9 +166,4 @@ def test_a_signal_on_one_of_two_processes_stops_both_at_one_place_and_resumes_ex
     assert (state["num_updates"], state["epoch"], state["batch_in_epoch"]) == place_saved
     codes, said = two_processes(tmp_path)
     assert codes == [0, 0], said
-    weights = ckpt.load(last)["model"]
-    for key, value in ckpt.load(uninterrupted_two / "last.pth")["model"].items():
-        assert torch.equal(weights[key], value), key
-    columns = ["train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "train_images"]
-    assert ([[row[c] for c in columns] for row in read_csv(tmp_path / "resnet_pgt")]
-            == [[row[c] for c in columns] for row in read_csv(uninterrupted_two)])
+    assert_same_run(tmp_path / "resnet_pgt", uninterrupted_two)
