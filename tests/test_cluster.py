@@ -462,7 +462,7 @@ def test_an_epoch_finished_after_a_requeue_reports_its_own_rate_and_the_whole_ti
     signalled_at_step(monkeypatch, signal.SIGUSR1, 8)
     recipe = load_recipe(FASHION, TINY + [f"log.output={tmp_path}"])
     with pytest.raises(Preempted):
-        engine.train(recipe)
+        train_as_the_command_does(recipe)
     saved = ckpt.read_training(tmp_path / "resnet_pgt" / "last.pth")
     assert saved["state"]["batch_in_epoch"] == 8
     first_allocation = saved["rank_states"][0]["epoch_totals"]["seconds"]
