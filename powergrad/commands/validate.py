@@ -81,12 +81,11 @@ def validate(source: str, overrides: list[str], *, checkpoint: str = "last", ema
     t = build_training(recipe, with_weights=False, evaluation_only=True)
     load_weights(t.model, weights, path, f"the recipe's {recipe.model.model}")
     stats = evaluate(t.model, t.eval_loader, t.device, t.amp_dtype, recipe.train.tta_flip)
-    fit, dist_info = t.fit, t.dist_info
-    return {"weights": str(path), "ema": ema, "recipe": recipe.source, "data": fit.loader,
+    return {"weights": str(path), "ema": ema, "recipe": recipe.source, "data": t.fit.loader,
             "eval_data": recipe.data.val_dir or recipe.data.val_beton or recipe.data.root,
-            "processes": dist_info.world_size, "images": stats["images"],
-            "test_loss": stats["loss"],
-            "test_top1": stats["top1"], "test_top5": stats["top5"], "ran_with": fit.record()}
+            "processes": t.dist_info.world_size, "images": stats["images"],
+            "test_loss": stats["loss"], "test_top1": stats["top1"], "test_top5": stats["top5"],
+            "ran_with": t.fit.record()}
 
 
 def main(source: str, overrides: list[str], *, checkpoint: str, ema: bool,

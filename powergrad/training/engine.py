@@ -90,10 +90,6 @@ def _train(recipe: Recipe, run_dir: Path | None, max_steps: int | None,
     for epoch in range(state.epoch, total_epochs):
         try:
             run_epoch(t, epoch, state, log, stop=stop, max_steps=max_steps, save_dir=save_dir)
-            # signalled in the epoch's save (in its evaluation, evaluate raised already);
-            # after the last epoch's save the run has finished and ends as finished
-            if epoch + 1 < total_epochs and stop.agreed(t.device):
-                raise Preempted
         except Preempted:
             raise _preempted(t, log, state, save_dir, stop, max_steps) from None
         except NonFiniteError as err:
@@ -102,6 +98,11 @@ def _train(recipe: Recipe, run_dir: Path | None, max_steps: int | None,
             good = ckpt.training_checkpoints(save_dir) if save_dir else []
             raise NonFiniteError(f"{err}; stopped, nothing of it saved; last good "
                                  f"checkpoint: {good[0] if good else 'none'}") from None
+        # signalled in the epoch's save (in its evaluation, evaluate raised already): that
+        # checkpoint holds this place, so it is not written twice; after the last epoch's
+        # save the run has finished and ends as finished
+        if epoch + 1 < total_epochs and stop.agreed(t.device):
+            raise _preempted(t, log, state, save_dir, stop, max_steps, saved=True)
 
     summary = _final_summary(recipe, state, run_dir or run_dir_for(recipe), t.fit)
     if max_steps is not None:
@@ -194,10 +195,11 @@ def run_epoch(t: Training, epoch: int, state: TrainState, log: RunLog, *,
 
 
 def _preempted(t: Training, log: RunLog, state: TrainState, save_dir: Path | None,
-               stop: StopRequest, max_steps: int | None) -> Preempted:
-    """Save the place (when checkpoints are on) and say what the next command will do."""
+               stop: StopRequest, max_steps: int | None, saved: bool = False) -> Preempted:
+    """Save the place (when checkpoints are on and `saved` says last.pth does not hold it
+    yet) and say what the next command will do."""
     where = _place(t, state)
-    if save_dir is not None:
+    if save_dir is not None and not saved:
         save(t, state, save_dir)
     barrier()
     log.close()
